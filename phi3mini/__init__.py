@@ -1,0 +1,13 @@
+"""phi3mini: Microsoft's Phi-3-mini in plain PyTorch, loading and saving Hugging Face checkpoints."""
+from .config import ConfigError, Phi3Config
+from .generation import PHI3_STOP_IDS, default_stop_ids, generate, sample_next
+from .model import KVCache, Phi3
+from .weights import CheckpointError
+
+try:  # TEMPORARY while the tokenizer module is being written
+    from .tokenizer import StreamDecoder, Tokenizer
+except ImportError:
+    pass
+
+__all__ = ["Phi3Config", "ConfigError", "Phi3", "KVCache", "CheckpointError", "generate", "sample_next",
+           "default_stop_ids", "PHI3_STOP_IDS", "Tokenizer", "StreamDecoder"]

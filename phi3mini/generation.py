@@ -1,0 +1,113 @@
+"""Generation: prefill the prompt, then decode one token at a time against a KV cache.
+
+Left-padded batches carry an attention mask and position ids counted over real tokens only, so each row decodes
+exactly as it would alone. With LongRoPE, keys cached with the short factors become wrong once the sequence
+crosses original_max_position_embeddings: at that step the whole sequence is run again with the long factors, as
+transformers does (its Phi-3 `prepare_inputs_for_generation`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .model import KVCache, Phi3
+
+# Phi-3's end-of-turn and end-of-text tokens; generation_config.json may add more.
+PHI3_STOP_IDS = (32007, 32000)
+
+
+def default_stop_ids(model: Phi3) -> list[int]:
+    ids = list(PHI3_STOP_IDS)
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    for i in eos if isinstance(eos, list) else [eos]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # mask (B, S) of 1 on real tokens -> positions counted over real tokens (pads get 0, never used)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def generate(model: Phi3, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, stop_ids: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, on_token: Callable[[int], None] | None = None):
+    """Generate up to max_new_tokens after input_ids and return the new token ids.
+
+    input_ids: a list of ints or a 1-D tensor (returns a list of ints), or a 2-D left-padded batch (B, T) with its
+    attention_mask (returns one list per row). Generation of a row ends at the first stop id (included in the
+    result); stop_ids=None means Phi-3's (<|end|>, <|endoftext|>) plus generation_config.json's eos ids.
+    on_token(id) is called for each new token of a single sequence as soon as it is chosen (for streaming).
+    """
+    single = not (torch.is_tensor(input_ids) and input_ids.dim() == 2)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    ids = ids[None] if single else ids
+    B, T = ids.shape
+    if T == 0:
+        raise ValueError("generate needs at least one prompt token")
+    mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long())
+    stops = torch.tensor(default_stop_ids(model) if stop_ids is None else list(stop_ids), device=device)
+    max_len = T + max_new_tokens
+    dtype = next(model.parameters()).dtype
+
+    def prefill(all_ids, all_mask):
+        cache = KVCache(model.config, B, max_len, dtype, device)
+        logits = model(all_ids, attention_mask=all_mask, position_ids=_positions(all_mask), cache=cache,
+                       logits_to_keep=1)
+        return cache, logits[:, -1]
+
+    was_training = model.training
+    model.eval()
+    cache, logits = prefill(ids, mask)
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)  # finished rows feed a dummy token, dropped below
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if single and on_token is not None:
+            on_token(int(nxt[0]))
+        done = done | torch.isin(nxt, stops)
+        if bool(done.all()) or out.shape[1] == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        pos = _positions(mask)[:, -1:]  # (B, 1)
+        if model.rotary.uses_long(int(pos.max())) and not cache.long_rope:
+            # crossing original_max_position_embeddings: recompute every cached key with the long factors
+            cache, logits = prefill(torch.cat([ids, out], dim=1), mask)
+            continue
+        logits = model(nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]
+    model.train(was_training)
+
+    rows = []
+    for b in range(B):
+        row = out[b].tolist()
+        for i, t in enumerate(row):
+            if t in stops.tolist():
+                row = row[: i + 1]
+                break
+        rows.append(row)
+    return rows[0] if single else rows

@@ -1,0 +1,348 @@
+"""Phi-3 in plain PyTorch: RMSNorm, (Long)RoPE, attention over the fused qkv_proj, SwiGLU MLP over the fused
+gate_up_proj, pre-norm blocks, KV cache.
+
+Module and parameter names are the checkpoint's own (model.layers.N.self_attn.qkv_proj, ...), so Hugging Face
+weights load by identity. The math follows transformers' modeling_phi3.py (RMSNorm in fp32, half-rotation RoPE,
+fp32 softmax) with these deliberate differences:
+- attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU);
+- the sliding window keeps keys with q_idx - k_idx < sliding_window, counted in cache slots like transformers;
+- LongRoPE picks the short or long factors from the largest position in the call (transformers does the same);
+- with `labels`, the loss can be computed chunk by chunk without ever holding the (B, T, vocab) fp32 logits.
+Optional Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy) are switched on with `set_kernels`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import Phi3Config
+
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.use_kernel = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel:
+            from kernels.rmsnorm import rms_norm
+            return rms_norm(x, self.weight, self.eps)
+        # as transformers: normalise in fp32, cast back, then scale (the order matters in bf16)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE (https://arxiv.org/abs/2104.09864), with LongRoPE's two factor sets
+    (https://arxiv.org/abs/2402.13753): short factors while every position < original_max_position_embeddings,
+    long factors beyond, cos and sin scaled by the attention factor."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq_short", torch.empty(config.rotary_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_long", torch.empty(config.rotary_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, device=None):
+        c = self.config
+        device = device if device is not None else self.inv_freq_short.device
+        if device.type == "meta":
+            return
+        exponent = torch.arange(0, c.rotary_dim, 2, dtype=torch.int64, device=device).float() / c.rotary_dim
+        base = 1.0 / (c.rope_theta ** exponent)  # (rotary_dim/2,)
+        short = long = torch.ones_like(base)
+        if c.rope_scaling is not None:
+            short = torch.tensor(c.rope_scaling["short_factor"], dtype=torch.float32, device=device)
+            long = torch.tensor(c.rope_scaling["long_factor"], dtype=torch.float32, device=device)
+        self.inv_freq_short = base / short
+        self.inv_freq_long = base / long
+
+    def uses_long(self, max_position: int) -> bool:
+        c = self.config
+        return c.rope_scaling is not None and max_position + 1 > c.original_max_position_embeddings
+
+    def forward(self, position_ids: torch.Tensor, long: bool, dtype: torch.dtype):
+        # position_ids (B, T) -> cos, sin (B, T, rotary_dim), angles in fp32
+        inv_freq = self.inv_freq_long if long else self.inv_freq_short
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.config.rope_attention_factor
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, R); only the first R dims of each head rotate."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, R)
+    r = cos.shape[-1]
+
+    def rot(x):
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    return rot(q), rot(k)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, Hkv, max_len, D) each; `length` slots are filled."""
+
+    def __init__(self, config: Phi3Config, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0  # slots filled by earlier calls
+        self.long_rope = False  # whether the cached keys were rotated with LongRoPE's long factors
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v (B, Hkv, T_new, D) -> all keys and values so far (B, Hkv, length + T_new, D)
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # rows [q | k | v]
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.use_rope_kernel = False
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.use_rope_kernel:
+            from kernels.rope import apply_rope as apply_rope_kernel
+            q, k = apply_rope_kernel(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        if mask is None:  # plain causal over a fresh sequence: lets SDPA pick the flash kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, Hq*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # [gate | up]
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.use_kernel = False
+
+    def forward(self, x):
+        gate_up = self.gate_up_proj(x)  # (B, T, 2I)
+        if self.use_kernel:
+            from kernels.swiglu import swiglu
+            return self.down_proj(swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi3Model(nn.Module):
+    """The decoder stack; named `model` inside `Phi3` as in the checkpoints."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def build_attention_mask(q_len: int, kv_len: int, cache_start: int, sliding_window: int | None,
+                         attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, device):
+    """Boolean mask (B or 1, 1, q_len, kv_len), True where a query may attend, or None for plain causal.
+
+    Indices are cache slots: query i sits in slot cache_start + i. attention_mask (B, kv_len) is 1 on real tokens
+    (0 on padding); document_ids (B, q_len) separate packed examples (only without a cache).
+    """
+    window_cuts = sliding_window is not None and kv_len > sliding_window
+    if attention_mask is None and document_ids is None and not window_cuts and cache_start == 0 and q_len == kv_len:
+        return None
+    q_idx = torch.arange(cache_start, cache_start + q_len, device=device)[:, None]  # (Tq, 1)
+    k_idx = torch.arange(kv_len, device=device)[None, :]  # (1, Tk)
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (q_idx - k_idx < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    # a query that may see nothing (a left-pad slot) would make softmax NaN: let it see everything; its output
+    # is never used (no label, no later token attends to it)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class Phi3(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.fused_ce = False
+        self.generation_config: dict = {}
+
+    # ----- switches ---------------------------------------------------------------------------------------------
+    def set_kernels(self, enabled: bool | None = None, **which: bool) -> "Phi3":
+        """Turn the Triton kernels on or off: set_kernels(True), or set_kernels(rmsnorm=True, fused_ce=False, ...).
+        Names: rmsnorm, rope, swiglu, fused_ce."""
+        unknown = set(which) - set(KERNEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown kernel names {sorted(unknown)}; choose from {KERNEL_NAMES}")
+        flags = {n: which.get(n, enabled) for n in KERNEL_NAMES}
+        for m in self.modules():
+            if isinstance(m, RMSNorm) and flags["rmsnorm"] is not None:
+                m.use_kernel = flags["rmsnorm"]
+            if isinstance(m, Attention) and flags["rope"] is not None:
+                m.use_rope_kernel = flags["rope"]
+            if isinstance(m, MLP) and flags["swiglu"] is not None:
+                m.use_kernel = flags["swiglu"]
+        if flags["fused_ce"] is not None:
+            self.fused_ce = flags["fused_ce"]
+        return self
+
+    # ----- forward ----------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, document_ids: torch.Tensor | None = None,
+                loss_reduction: str = "mean", logits_to_keep: int = 0):
+        """input_ids (B, T) -> logits (B, T, vocab) in fp32 compute dtype of the head, or a loss when labels given.
+
+        attention_mask (B, S): 1 for real tokens, 0 for padding, S = cached + T slots. A right-padded training
+        batch needs no mask (causality already hides the trailing pads from real tokens).
+        position_ids (B, T): default cached + arange(T); pass them for left-padded or packed batches.
+        labels (B, T): aligned with input_ids and shifted inside (token t predicts labels[t+1]), -100 ignored;
+        returns the mean ("mean") or summed ("sum") cross-entropy over target tokens.
+        document_ids (B, T): packed examples attend only within their own document.
+        logits_to_keep: if > 0, only the last that many positions go through lm_head (generation).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids (packing) cannot be combined with a KV cache")
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        long = self.rotary.uses_long(int(position_ids.max()))
+        cos, sin = self.rotary(position_ids, long, x.dtype)  # (B, T, rotary_dim)
+        mask = build_attention_mask(T, start + T, start, self.config.sliding_window, attention_mask,
+                                    document_ids, x.device)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: a frozen base still passes gradients through to the LoRA weights
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+            cache.long_rope = long
+        x = self.model.norm(x)
+        if labels is not None:
+            return self.loss(x, labels, loss_reduction)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy from the final hidden states (B, T, H) and unshifted labels (B, T)."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+        y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+        if self.fused_ce:
+            from kernels.cross_entropy import fused_linear_cross_entropy
+            return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=-100, reduction=reduction)
+        return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction=reduction)
+
+    # ----- weights ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype: torch.dtype | None = None, device=None) -> "Phi3":
+        """Load a Hugging Face Phi-3 checkpoint (local folder or Hub id) straight into dtype and device."""
+        from .weights import load_pretrained
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
+        """Write config.json + safetensors (sharded above max_shard_bytes) in the Hugging Face layout."""
+        from .weights import save_pretrained
+        save_pretrained(self, out_dir, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_name(cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **overrides):
+        """A randomly initialised model from a preset (e.g. "tiny"), deterministic for a seed."""
+        model = cls(Phi3Config.from_name(name, **overrides))
+        model.init_weights(seed)
+        return model.to(dtype=dtype, device=device)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Model FLOPs per token at seq_len: 2 per matmul weight forward, 2 more in a LoRA backward (through the
+        activations only, no weight gradient), plus attention's scores and values (2·2·T·d per layer, halved by
+        causality). Embedding lookups are not FLOPs."""
+        c = self.config
+        n = self.num_parameters() - (0 if c.tie_word_embeddings else self.model.embed_tokens.weight.numel())
+        attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len / 2
+        if not training:
+            return 2 * n + attn
+        return 4 * n + 3 * attn  # attention's backward costs twice its forward (dQ, dK, dV, dP)
+
+
+__all__ = ["Phi3", "Phi3Config", "KVCache", "RMSNorm", "RotaryEmbedding", "Attention", "MLP", "Block",
+           "build_attention_mask", "apply_rope", "rotate_half"]

@@ -1,0 +1,238 @@
+"""Hugging Face weight I/O: find a checkpoint (folder or Hub id), load it strictly, save it in the HF layout.
+
+Loading builds the model on the meta device and assigns each tensor as it is read, converted to the requested
+dtype and device, so no second full copy of the weights ever exists. Tensors are read from the safetensors file
+with plain file reads (format: 8-byte little-endian header length, JSON header, raw little-endian data) rather
+than a memory map, so the process's resident memory grows by the weights alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, Phi3Config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file or tensors."""
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# ----- finding the files ----------------------------------------------------------------------------------------
+def resolve_checkpoint(path_or_hub_id) -> Path:
+    """A local folder as is; otherwise a Hub id, downloading only config, safetensors and tokenizer files."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()
+    if looks_local:
+        raise CheckpointError(f"{text}: no such checkpoint folder")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(
+            f"could not get {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
+            f"Without network access, pass a local folder that holds config.json and the *.safetensors files "
+            f"(for instance one made elsewhere with `huggingface-cli download {text} --local-dir DIR`), "
+            f"or --model tiny for the built-in demo model.") from None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by model.safetensors.index.json, or the one file."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard(s) {missing} named in {index.name} are missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {pickles}: pickle files are not loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{folder}: no *.safetensors weight files{hint}")
+    return files
+
+
+# ----- reading safetensors ------------------------------------------------------------------------------------
+def read_header(path: Path) -> tuple[dict, int]:
+    """Header entries {name: {dtype, shape, data_offsets}} and the byte offset where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 1024**2):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported entry {info!r}")
+        start, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if end - start != numel * _DTYPES[info["dtype"]].itemsize or data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} data is truncated or its size disagrees with its shape "
+                                  f"(the file may be corrupt or incompletely downloaded)")
+    return header, data_start
+
+
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """One tensor as stored (CPU, its own dtype); the bytes are read straight into the tensor's storage."""
+    start, end = info["data_offsets"]
+    dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(end - start)
+    f.seek(data_start + start)
+    f.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (small files: adapters, optimizer-free states)."""
+    path = Path(path)
+    header, data_start = read_header(path)
+    with open(path, "rb") as f:
+        return {name: read_tensor(f, info, data_start).to(device) for name, info in header.items()}
+
+
+# ----- loading a model -----------------------------------------------------------------------------------------
+def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+    folder = resolve_checkpoint(path_or_hub_id)
+    try:
+        config = Phi3Config.from_hf(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = checkpoint_files(folder)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    # check names and shapes of every file before reading any data
+    headers = {}
+    found: dict[str, tuple[Path, tuple]] = {}
+    for path in files:
+        headers[path] = read_header(path)
+        for name, info in headers[path][0].items():
+            found[name] = (path, tuple(info["shape"]))
+    if config.tie_word_embeddings:
+        found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k}: checkpoint {found[k][1]} ({found[k][0].name}) vs model {expected[k]}"
+                  for k in sorted(set(expected) & set(found)) if found[k][1] != expected[k]]
+    if missing or unexpected or mismatched:
+        lines = [f"{folder}: checkpoint does not match the Phi-3 model built from its config.json"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        if mismatched:
+            lines.append("  shape mismatches:\n    " + "\n    ".join(mismatched[:20]))
+        raise CheckpointError("\n".join(lines))
+
+    state = {}
+    for path in files:
+        header, data_start = headers[path]
+        with open(path, "rb") as f:
+            for name, info in header.items():
+                if name not in expected:
+                    continue
+                t = read_tensor(f, info, data_start)
+                if t.is_floating_point():
+                    t = t.to(dtype) if dtype is not None else t
+                state[name] = t.to(device)  # a no-op on CPU: the tensor keeps the bytes it was read into
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.reset_parameters(device)
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        try:
+            model.generation_config = json.loads(gen_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen_path}: not valid JSON ({e})") from None
+    model.name_or_path = str(path_or_hub_id)
+    return model.eval()
+
+
+# ----- saving ----------------------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    # split into shards in key order, each at most max_shard_bytes (a single larger tensor gets its own)
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    # write everything under temporary names first, then rename: a crash never leaves a half-written checkpoint
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
+    config = model.config.to_hf()
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
+    for name in names:
+        os.replace(out / (name + ".tmp"), out / name)
+    index = out / "model.safetensors.index.json"
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif index.exists():
+        index.unlink()
+    for stale in out.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    _atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    if model.generation_config:
+        _atomic_write_text(out / "generation_config.json", json.dumps(model.generation_config, indent=2))

@@ -1,0 +1,43 @@
+"""Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code."""
+from pathlib import Path
+
+import torch
+
+TINY_HF = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=256,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2, sliding_window=None,
+    tie_word_embeddings=False, attn_implementation="eager",
+)
+
+
+def hf_config(**overrides):
+    from transformers import Phi3Config as HFPhi3Config
+
+    kw = dict(TINY_HF)
+    kw.update(overrides)
+    attn = kw.pop("attn_implementation")
+    cfg = HFPhi3Config(**kw)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def make_hf_model(seed=0, **overrides):
+    """A transformers Phi3ForCausalLM in fp32 with random weights (norm weights randomised too)."""
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(hf_config(**overrides)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def save_hf_checkpoint(model, path, **save_kw):
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True, **save_kw)
+    return path

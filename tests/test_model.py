@@ -1,0 +1,249 @@
+"""phi3mini against transformers' Phi3ForCausalLM: same random weights, saved by transformers, loaded by our loader."""
+import json
+
+import pytest
+import torch
+
+from helpers import make_hf_model, save_hf_checkpoint
+from phi3mini import CheckpointError, ConfigError, Phi3, Phi3Config, generate
+
+ATOL = 1e-4
+LONGROPE = dict(max_position_embeddings=128, original_max_position_embeddings=32,
+                rope_scaling={"type": "longrope",
+                              "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                              "long_factor": [1.0 + 0.7 * i for i in range(8)]})
+CONFIGS = {
+    "sliding_window": dict(sliding_window=7),  # shorter than the 24-token sequences below
+    "longrope": LONGROPE,
+    "gqa": dict(num_key_value_heads=2),
+    "partial_rotary_tied": dict(num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=True),
+}
+
+
+def pair(tmp_path, seed=0, **overrides):
+    hf = make_hf_model(seed=seed, **overrides)
+    ours = Phi3.from_pretrained(save_hf_checkpoint(hf, tmp_path / "ckpt"))
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    hf, ours = pair(tmp_path, **CONFIGS[name])
+    lengths = (20, 50) if name == "longrope" else (24,)  # LongRoPE: below and above original_max (32)
+    for T in lengths:
+        ids = torch.randint(0, 320, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            ref = hf(ids).logits
+            out = ours(ids)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    if name == "longrope":  # the two factor sets really differ: the long run must not equal a short-factor run
+        assert ours.rotary.uses_long(49) and not ours.rotary.uses_long(31)
+
+
+def test_padded_batches_match_transformers(tmp_path):
+    hf, ours = pair(tmp_path, sliding_window=9)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 320, (3, 16), generator=g)
+    lens = torch.tensor([16, 11, 5])
+    right = (torch.arange(16)[None] < lens[:, None]).long()  # real tokens first
+    left = right.flip(1)  # real tokens last
+    for mask in (right, left):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+            out = ours(ids, attention_mask=mask, position_ids=pos)
+        real = mask.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
+        # and each row equals that row alone, unpadded
+        for b in range(3):
+            alone = ids[b][real[b]][None]
+            with torch.no_grad():
+                torch.testing.assert_close(out[b][real[b]], ours(alone)[0], atol=ATOL, rtol=0)
+
+
+def test_gradients_match_transformers(tmp_path):
+    hf, ours = pair(tmp_path, num_key_value_heads=2, sliding_window=6)
+    hf.train(), ours.train()
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    hf(ids, labels=labels).loss.backward()
+    ours(ids, labels=labels).backward()
+    hf_grads = dict(hf.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        ref = hf_grads[name].grad
+        rel = (p.grad - ref).abs().max() / ref.abs().max().clamp(min=1e-12)
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+        checked += 1
+    assert checked == len(hf_grads)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    hf, ours = pair(tmp_path, sliding_window=12)
+    prompt = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      min_new_tokens=20)[0, 9:].tolist()
+    assert generate(ours, prompt[0], max_new_tokens=20, stop_ids=[]) == ref
+
+
+def _recompute_greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(nxt)
+            out.append(nxt)
+    return out
+
+
+def test_kv_cache_equals_recompute_and_longrope_crossing(tmp_path):
+    hf, ours = pair(tmp_path, **LONGROPE)
+    prompt = torch.randint(3, 320, (26,), generator=torch.Generator().manual_seed(6)).tolist()
+    # 26 + 14 tokens crosses original_max_position_embeddings (32): the cache is rebuilt with the long factors
+    cached = generate(ours, prompt, max_new_tokens=14, stop_ids=[])
+    assert cached == _recompute_greedy(ours, prompt, 14)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=14)[0, 26:].tolist()
+    assert cached == ref
+
+
+def test_left_padded_batch_generation_equals_each_alone(tmp_path):
+    _, ours = pair(tmp_path, sliding_window=10)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (12, 5, 8)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    batch = generate(ours, ids, max_new_tokens=10, attention_mask=mask, stop_ids=[])
+    for p, row in zip(prompts, batch):
+        assert row == generate(ours, p, max_new_tokens=10, stop_ids=[])
+
+
+def test_generation_stops_on_stop_ids_and_sampling_is_seeded(tmp_path):
+    _, ours = pair(tmp_path)
+    prompt = [5, 6, 7]
+    free = generate(ours, prompt, max_new_tokens=12, stop_ids=[])
+    stop = free[3]
+    assert generate(ours, prompt, max_new_tokens=12, stop_ids=[stop]) == free[: free.index(stop) + 1]
+    a = generate(ours, prompt, 10, temperature=0.8, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    b = generate(ours, prompt, 10, temperature=0.8, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert a == b and len(a) == 10
+
+
+def test_our_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf, ours = pair(tmp_path, **LONGROPE)
+    ours.save_pretrained(tmp_path / "ours", max_shard_bytes=60_000)  # force a sharded checkpoint
+    assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").float().eval()
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
+    again = Phi3.from_pretrained(tmp_path / "ours")  # and our own loader reads the shards
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
+
+
+def test_load_dtype_and_fresh_lora_free_model_is_eval(tmp_path):
+    _, ours = pair(tmp_path)
+    bf = Phi3.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+    assert not bf.training and bf.rotary.inv_freq_short.device.type == "cpu"
+
+
+# ----- bad input -------------------------------------------------------------------------------------------------
+def test_missing_shard_is_a_clear_error(tmp_path):
+    hf = make_hf_model()
+    save_hf_checkpoint(hf, tmp_path / "c", max_shard_size="100KB")
+    shards = sorted((tmp_path / "c").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=shards[-1].name):
+        Phi3.from_pretrained(tmp_path / "c")
+
+
+def test_wrong_shape_and_missing_tensor_are_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = make_hf_model()
+    path = save_hf_checkpoint(hf, tmp_path / "c")
+    sd = load_file(path / "model.safetensors")
+    sd["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 65)
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    sd["model.layers.1.extra.weight"] = torch.zeros(3)
+    save_file(sd, path / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        Phi3.from_pretrained(path)
+    msg = str(e.value)
+    assert "model.layers.0.self_attn.o_proj.weight: checkpoint (64, 65)" in msg
+    assert "missing tensors (1): model.layers.1.mlp.down_proj.weight" in msg
+    assert "unexpected tensors (1): model.layers.1.extra.weight" in msg
+
+
+def test_other_model_type_and_corrupt_file_are_clear_errors(tmp_path):
+    hf = make_hf_model()
+    path = save_hf_checkpoint(hf, tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        Phi3.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Phi3.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        Phi3.from_pretrained(tmp_path / "nowhere")
+
+
+def test_offline_hub_id_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="local folder"):
+        Phi3.from_pretrained("microsoft/Phi-3-mini-4k-instruct-does-not-exist")
+
+
+# ----- config.json forms ---------------------------------------------------------------------------------------
+PHI3_MINI_4K = {  # microsoft/Phi-3-mini-4k-instruct config.json (fields that matter)
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.2", "use_cache": True, "vocab_size": 32064,
+}
+
+
+def test_from_hf_reads_the_hub_forms():
+    c = Phi3Config.from_hf(PHI3_MINI_4K)
+    assert c == Phi3Config()  # the defaults are Phi-3-mini-4k-instruct's
+    with torch.device("meta"):
+        n = Phi3(c).num_parameters()
+    assert n == 3_821_079_552
+    for kind in ("su", "longrope"):
+        long = {**PHI3_MINI_4K, "max_position_embeddings": 131072, "sliding_window": 262144,
+                "rope_scaling": {"type": kind, "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+        c = Phi3Config.from_hf(long)
+        assert c.rope_scaling["type"] == "longrope"
+        assert abs(c.rope_attention_factor - (1 + torch.log(torch.tensor(32.0)) / torch.log(torch.tensor(4096.0))).sqrt()) < 1e-6
+    phi4 = {**PHI3_MINI_4K, "num_attention_heads": 24, "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+            "tie_word_embeddings": True, "vocab_size": 200064, "hidden_size": 3072,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48},
+            "max_position_embeddings": 131072}
+    c = Phi3Config.from_hf(phi4)
+    assert (c.head_dim, c.rotary_dim, c.num_key_value_heads) == (128, 96, 8)
+
+
+def test_from_hf_refuses_what_it_cannot_honour():
+    with pytest.raises(ConfigError, match="hidden_act"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "hidden_act": "gelu"})
+    with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="short_factor needs 48"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "rope_scaling": {"type": "su", "short_factor": [1.0] * 47,
+                                                            "long_factor": [1.0] * 48}})
+    with pytest.raises(ConfigError, match="resid_pdrop"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "resid_pdrop": 0.1})
