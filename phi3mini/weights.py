@@ -7,6 +7,7 @@ than a memory map, so the process's resident memory grows by the weights alone.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -102,16 +103,40 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
-    """One tensor as stored (CPU, its own dtype); the bytes are read straight into the tensor's storage."""
+def _read_into(f, t: torch.Tensor) -> None:
+    """Fill a contiguous CPU tensor with the next bytes of f, straight into its storage."""
+    nbytes = t.numel() * t.element_size()
+    view = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    if f.readinto(view) != nbytes:
+        raise CheckpointError(f"{f.name}: unexpected end of file")
+
+
+def read_tensor(f, info: dict, data_start: int, dtype=None, device="cpu", staging: list | None = None):
+    """One tensor, converted to dtype (floating tensors only) and moved to device.
+
+    As stored on the CPU the bytes land directly in the result. Otherwise they pass through one reusable staging
+    buffer (staging = [uint8 tensor]), so converting or moving never leaves freed tensor-sized holes behind
+    (glibc keeps such holes, and the process would grow to about twice the weights).
+    """
     start, end = info["data_offsets"]
-    dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-    if end == start:
-        return torch.empty(shape, dtype=dtype)
-    buf = bytearray(end - start)
+    stored, shape = _DTYPES[info["dtype"]], info["shape"]
+    if dtype is None or not stored.is_floating_point:
+        dtype = stored
+    device = torch.device(device)
     f.seek(data_start + start)
-    f.readinto(buf)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    if end == start:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype == stored and device.type == "cpu":
+        out = torch.empty(shape, dtype=stored)
+        _read_into(f, out)
+        return out
+    if staging is None:
+        staging = [torch.empty(0, dtype=torch.uint8)]
+    if staging[0].numel() < end - start:
+        staging[0] = torch.empty(end - start, dtype=torch.uint8)
+    raw = staging[0][: end - start]
+    _read_into(f, raw)
+    return raw.view(stored).reshape(shape).to(device=device, dtype=dtype, copy=True)
 
 
 def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
@@ -119,7 +144,7 @@ def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     header, data_start = read_header(path)
     with open(path, "rb") as f:
-        return {name: read_tensor(f, info, data_start).to(device) for name, info in header.items()}
+        return {name: read_tensor(f, info, data_start, device=device) for name, info in header.items()}
 
 
 # ----- loading a model -----------------------------------------------------------------------------------------
@@ -162,16 +187,15 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
         raise CheckpointError("\n".join(lines))
 
     state = {}
+    staging: list = [torch.empty(0, dtype=torch.uint8)]
     for path in files:
         header, data_start = headers[path]
         with open(path, "rb") as f:
             for name, info in header.items():
                 if name not in expected:
                     continue
-                t = read_tensor(f, info, data_start)
-                if t.is_floating_point():
-                    t = t.to(dtype) if dtype is not None else t
-                state[name] = t.to(device)  # a no-op on CPU: the tensor keeps the bytes it was read into
+                state[name] = read_tensor(f, info, data_start, dtype, device, staging)
+    del staging
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
