@@ -224,7 +224,15 @@ def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # A model with LoRA layers (the lora package) saves as a plain Phi-3 only once the adapters are folded in:
+    # the lora_A / lora_B tensors are not part of the Hugging Face layout, and dropping them unmerged would
+    # silently lose the adapter.
+    unmerged = [n for n, m in model.named_modules() if getattr(m, "r", 0) > 0 and not getattr(m, "merged", True)]
+    if unmerged:
+        raise CheckpointError(f"{len(unmerged)} LoRA layers are not merged (first: {unmerged[0]}): call "
+                              "lora.merge(model) before save_pretrained, or save the adapter alone with "
+                              "lora.save_adapter")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" not in k.rsplit(".", 1)[-1]}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     # split into shards in key order, each at most max_shard_bytes (a single larger tensor gets its own)
