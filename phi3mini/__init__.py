@@ -2,12 +2,8 @@
 from .config import ConfigError, Phi3Config
 from .generation import PHI3_STOP_IDS, default_stop_ids, generate, sample_next
 from .model import KVCache, Phi3
+from .tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from .weights import CheckpointError
 
-try:  # TEMPORARY while the tokenizer module is being written
-    from .tokenizer import StreamDecoder, Tokenizer
-except ImportError:
-    pass
-
 __all__ = ["Phi3Config", "ConfigError", "Phi3", "KVCache", "CheckpointError", "generate", "sample_next",
-           "default_stop_ids", "PHI3_STOP_IDS", "Tokenizer", "StreamDecoder"]
+           "default_stop_ids", "PHI3_STOP_IDS", "Tokenizer", "StreamDecoder", "TokenizerError"]

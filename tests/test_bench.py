@@ -29,3 +29,15 @@ def test_load_memory_smoke():
     # reports weights and added memory in a plausible ratio
     out, result = run_bench("load_memory.py", "--hidden", "256", "--layers", "4", "--vocab", "4096", "--shard-mb", "8")
     assert result["weights_bytes"] > 0 and result["added_bytes"] > 0, result
+
+
+def test_train_step_smoke():
+    # our LoRA training step against transformers + peft on the same small model; CPU fp32 here
+    out, result = run_bench("train_step.py", "--seq", "64", "--steps", "1", "--warmup", "1", "--checkpointing", "off",
+                            "--no-longest")
+    systems = {r["system"] for r in result["rows"]}
+    assert systems == {"ours", "theirs"}, result
+    for r in result["rows"]:
+        assert r["step_s"] > 0 and 0 < r["loss"] < 20, r  # a finite cross-entropy near ln(vocab) = 8.3
+    (ratio,) = result["ratios"]
+    assert ratio["step_time_ratio"] > 0 and "ours / theirs step time" in out

@@ -1,0 +1,289 @@
+"""Put LoRA into an existing model by swapping modules in place: `LoraConfig`, `inject`, `merge`, `unmerge`.
+
+Each targeted nn.Linear / nn.Embedding is replaced by a LoRA layer that holds the very same weight Parameter (no
+copy; the new layer is built on the meta device, so no second weight is ever allocated). On Phi-3, qkv_proj
+becomes a MergedLinear with one adapter per enabled q / k / v slice (slice sizes from the model config, unequal
+under grouped-query attention); every other target becomes a Linear (or Embedding).
+
+Choices, documented here once:
+- LoRA parameters get the base weight's dtype (fp32 on an fp32 model, bf16 on a bf16 one) unless `inject(...,
+  dtype=)` says otherwise; the layers cast them to the input's dtype in forward, so a trainer may keep them in fp32.
+- Injected layers have merge_weights=False: eval() does not fold the adapter into the weights (which in bf16
+  would change the frozen weights a little on every eval/train round trip). Merge explicitly with `merge(model)`.
+- `inject` freezes everything but the adapters (and the biases config.bias names), as peft does.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .layers import ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
+from .utils import BIAS_MODES, mark_only_lora_as_trainable
+
+ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear except the output layer (lm_head)
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how. target_modules are last name components ("qkv_proj" matches
+    model.layers.N.self_attn.qkv_proj), or "all-linear"; enable_lora switches the q, k, v slices of qkv_proj."""
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    enable_lora: tuple = (True, True, True)
+    bias: str = "none"
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        self.enable_lora = tuple(self.enable_lora)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules must be a non-empty list of module names, "
+                             f"got {self.target_modules!r}")
+        if not self.enable_lora or not all(isinstance(e, bool) for e in self.enable_lora):
+            raise ValueError(f"LoraConfig.enable_lora must be booleans (q, k, v), got {self.enable_lora!r}")
+        if not any(self.enable_lora):
+            raise ValueError("LoraConfig.enable_lora is all False: qkv_proj would get no adapter")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"], d["enable_lora"] = list(self.target_modules), list(self.enable_lora)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LoraConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class LayerSpec:
+    """One LoRA layer as built by inject, enough to build it again (adapter files record these)."""
+    kind: str  # "Linear" | "MergedLinear" | "Embedding"
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    enable_lora: tuple | None = None  # MergedLinear only
+    slice_sizes: tuple | None = None  # MergedLinear only
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("enable_lora", "slice_sizes"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSpec":
+        d = dict(d)
+        for k in ("enable_lora", "slice_sizes"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @classmethod
+    def of(cls, m: LoRALayer) -> "LayerSpec":
+        """The spec of an existing layer (fan_in_fan_out and conv layers have none: inject never builds them)."""
+        p = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
+        if isinstance(m, ConvLoRA) or getattr(m, "fan_in_fan_out", False):
+            kind = type(m).__name__ + ("(fan_in_fan_out)" if getattr(m, "fan_in_fan_out", False) else "")
+            return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
+        if isinstance(m, MergedLinear):
+            return cls("MergedLinear", m.r, m.lora_alpha, p, m.use_rslora, tuple(m.enable_lora), tuple(m.slice_sizes))
+        return cls(type(m).__name__, m.r, m.lora_alpha, p, m.use_rslora)
+
+    def same_adapter(self, other: "LayerSpec") -> bool:
+        """Equal in everything that decides the tensors' meaning (dropout aside)."""
+        a, b = self.to_dict(), other.to_dict()
+        a.pop("lora_dropout"), b.pop("lora_dropout")
+        return a == b and math.isclose(self.lora_alpha, other.lora_alpha, rel_tol=1e-12)
+
+
+# ----- finding things ---------------------------------------------------------------------------------------------
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    """(name, layer) for every LoRA layer in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, LoRALayer)}
+
+
+def _last(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def qkv_slice_sizes(model: nn.Module, out_features: int) -> list[int]:
+    """[q, k, v] row counts of a fused qkv projection: from the model config (heads, kv heads, head_dim),
+    else three equal slices."""
+    c = getattr(model, "config", None)
+    heads = getattr(c, "num_attention_heads", None)
+    if heads:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+        if sum(sizes) == out_features:
+            return sizes
+        raise ValueError(f"qkv_proj has {out_features} outputs but the config says q, k, v = {sizes}")
+    if out_features % 3:
+        raise ValueError(f"qkv_proj has {out_features} outputs, not three equal slices, and the model has no "
+                         "config to read the q/k/v sizes from")
+    return [out_features // 3] * 3
+
+
+def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
+    """{module name: LayerSpec} for every module the config targets; a target matching nothing is an error."""
+    candidates = _adaptable(model)
+    targets = set(config.target_modules)
+    if ALL_LINEAR in targets:
+        if targets != {ALL_LINEAR}:
+            raise ValueError(f"target_modules {sorted(targets)}: '{ALL_LINEAR}' cannot be combined with names")
+        chosen = [n for n, m in candidates.items() if isinstance(m, nn.Linear) and _last(n) != "lm_head"]
+        if not chosen:
+            raise ValueError("target_modules 'all-linear': the model has no nn.Linear module besides lm_head")
+    else:
+        chosen = [n for n in candidates if _last(n) in targets]
+        missing = sorted(targets - {_last(n) for n in chosen})
+        if missing:
+            others = {_last(n): type(m).__name__ for n, m in model.named_modules() if n}
+            wrong_type = [f"{t} (a {others[t]})" for t in missing if t in others]
+            raise ValueError(
+                f"target_modules {missing} match no nn.Linear / nn.Embedding module of the model"
+                + (f" ({', '.join(wrong_type)} cannot take LoRA)" if wrong_type else "")
+                + f"; its linear and embedding modules are named: {sorted({_last(n) for n in candidates})}")
+    specs = {}
+    for name in chosen:
+        m = candidates[name]
+        common = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora)
+        if isinstance(m, nn.Embedding):
+            specs[name] = LayerSpec("Embedding", **common)  # loralib's Embedding has no dropout
+        elif _last(name) == "qkv_proj":
+            if len(config.enable_lora) != 3:
+                raise ValueError(f"enable_lora needs three flags (q, k, v) for qkv_proj, got {config.enable_lora}")
+            specs[name] = LayerSpec("MergedLinear", lora_dropout=config.lora_dropout,
+                                    enable_lora=tuple(config.enable_lora),
+                                    slice_sizes=tuple(qkv_slice_sizes(model, m.out_features)), **common)
+        else:
+            specs[name] = LayerSpec("Linear", lora_dropout=config.lora_dropout, **common)
+    return specs
+
+
+# ----- swapping modules --------------------------------------------------------------------------------------------
+def build_layer(old: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = None) -> LoRALayer:
+    """A LoRA layer around old's own weight (and bias) Parameter; fresh A and B on the weight's device."""
+    weight = old.weight
+    kw = dict(r=spec.r, lora_alpha=spec.lora_alpha, merge_weights=False, use_rslora=spec.use_rslora)
+    with torch.device("meta"):  # no second weight is allocated or initialised
+        if spec.kind == "Embedding":
+            if not isinstance(old, nn.Embedding):
+                raise ValueError(f"an Embedding adapter needs an nn.Embedding, not {type(old).__name__}")
+            new = Embedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
+                            max_norm=old.max_norm, norm_type=old.norm_type,
+                            scale_grad_by_freq=old.scale_grad_by_freq, sparse=old.sparse, **kw)
+        elif spec.kind in ("Linear", "MergedLinear"):
+            if not isinstance(old, nn.Linear):
+                raise ValueError(f"a {spec.kind} adapter needs an nn.Linear, not {type(old).__name__}")
+            kw.update(lora_dropout=spec.lora_dropout, bias=old.bias is not None)
+            if spec.kind == "Linear":
+                new = Linear(old.in_features, old.out_features, **kw)
+            else:
+                new = MergedLinear(old.in_features, old.out_features, enable_lora=list(spec.enable_lora),
+                                   slice_sizes=list(spec.slice_sizes), **kw)
+        else:
+            raise ValueError(f"cannot build a LoRA layer of kind {spec.kind!r}")
+    new.weight = weight
+    if getattr(old, "bias", None) is not None:
+        new.bias = old.bias
+    lora_dtype = dtype if dtype is not None else (weight.dtype if weight.is_floating_point() else torch.float32)
+    new._materialize_lora(weight.device, lora_dtype)
+    if new.has_lora:
+        weight.requires_grad_(False)
+    new.train(old.training)
+    return new
+
+
+def apply_specs(model: nn.Module, specs: dict[str, LayerSpec], dtype: torch.dtype | None = None) -> None:
+    for name, spec in specs.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, build_layer(getattr(parent, child), spec, dtype))
+
+
+def inject(model: nn.Module, config: LoraConfig, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every module whose last name component is in config.target_modules for its LoRA layer, in place;
+    freeze all but the adapters (and config.bias's biases); record config as model.lora_config. Returns model.
+
+    The new layers keep the old weight Parameters (no copy) and start with B = 0 (Embedding: A = 0), so the model
+    computes exactly what it did. LoRA parameters take the weight's dtype unless dtype is given."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora.LoraConfig, got {type(config).__name__}")
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(f"the model already has LoRA layers ({existing[0][0]}, ...): inject into a fresh model, "
+                         "or load an adapter into this one with lora.load_adapter")
+    apply_specs(model, plan(model, config), dtype)
+    mark_only_lora_as_trainable(model, config.bias)
+    model.lora_config = config
+    return model
+
+
+# ----- merging -----------------------------------------------------------------------------------------------------
+def _check_not_shared(model: nn.Module, layers) -> None:
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for name, m in layers:
+        if m.has_lora and uses[id(m._base_weight())] > 1:
+            raise ValueError(f"{name}'s weight is shared with another module (tied embeddings?): merging its "
+                             "adapter would change that module too")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W += s·B·A, computed in fp32, rounded once). Merging a merged layer
+    does nothing. The forward pass then costs what the base model's does."""
+    layers = lora_layers(model)
+    _check_not_shared(model, [(n, m) for n, m in layers if not m.merged])
+    for _, m in layers:
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of its weight again (W -= s·B·A; exact in fp32 up to rounding)."""
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print peft's summary line and return (trainable, total) parameter counts (shared tensors counted once)."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    pct = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+    return trainable, total

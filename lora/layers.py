@@ -1,0 +1,409 @@
+"""LoRA layers with the API of microsoft/LoRA's loralib 0.1.2 (https://github.com/microsoft/LoRA).
+
+    h = x·W₀ᵀ + s·dropout(x)·Aᵀ·Bᵀ,   A (r, in), B (out, r), s = lora_alpha / r     (https://arxiv.org/abs/2106.09685)
+
+Same as loralib: class names, constructor signatures and defaults (r=0, lora_alpha=1, lora_dropout=0,
+merge_weights=True), bare `lora_A` / `lora_B` parameters (so state-dict keys and `mark_only_lora_as_trainable`
+match), initialisation (Linear, MergedLinear, Conv: A Kaiming-uniform a=sqrt(5), B zeros; Embedding: A zeros,
+B normal), the pretrained weight frozen when r > 0, `fan_in_fan_out`, dropout on the low-rank path only, and
+eval() merging ΔW into the weight / train() taking it out again when merge_weights, tracked by `merged`.
+
+Deliberate differences:
+- MergedLinear takes `slice_sizes` (unequal slices, e.g. q, k, v under grouped-query attention; default: equal
+  slices as loralib), and its forward never builds ΔW: x·Aᵀ once, then each enabled slice's B on its own rows.
+  With no enabled slice (or r=0) it is a plain linear layer (loralib fails in forward).
+- `use_rslora` on every layer: s = lora_alpha / sqrt(r) (rsLoRA, https://arxiv.org/abs/2312.03732).
+- Merging computes s·ΔW in fp32 (fp64 for an fp64 weight) and rounds once into the weight's dtype; unmerging
+  subtracts the same fp32 delta. (loralib adds B·A in the weight's dtype: bf16 merges drift, peft #1388.)
+- Explicit `merge()` / `unmerge()` methods, which work whatever merge_weights says; `train()` returns self.
+- MergedLinear's `lora_ind` is a non-persistent buffer, so it follows `.to(device)` (loralib's does not).
+- No dropout is `nn.Identity` rather than a lambda, so layers pickle.
+- A and B are cast to the input's dtype in forward, so fp32 adapters run on a bf16 model without autocast.
+- On CUDA, Linear and MergedLinear run `kernels.lora_linear` (the low-rank term fused into the base GEMM) unless
+  `lora.layers.USE_TRITON = False` or PHI3LORA_NO_TRITON=1; elsewhere plain torch.
+- Conv1d / Conv3d size A as (r·k, in·k^(d-1)) so that B·A has the weight's size for any kernel size k (loralib's
+  only work for k=1); Conv2d is loralib's exactly. As in loralib, conv layers ignore lora_dropout.
+- Invalid arguments raise ValueError / TypeError (loralib: assert, NotImplementedError).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Fused Triton forward/backward on CUDA; set False (or PHI3LORA_NO_TRITON=1) to run plain torch everywhere.
+USE_TRITON = True
+
+
+def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # the kernel wants x and the frozen weight in one dtype; under autocast with an fp32 input plain torch runs
+    return (USE_TRITON and x.is_cuda and x.dtype == weight.dtype
+            and os.environ.get("PHI3LORA_NO_TRITON") != "1")
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for an fp64 weight: the precision merges are computed in."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+class LoRALayer:
+    """State shared by every LoRA layer (a mixin, as in loralib: the nn.Module comes from the other base)."""
+
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, use_rslora: bool = False):
+        if isinstance(r, bool) or int(r) != r or r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.merged = False
+        self.merge_weights = merge_weights
+        self.scaling = (lora_alpha / (math.sqrt(r) if use_rslora else r)) if r > 0 else 0.0
+
+    # --- hooks each layer provides ---
+    def _base_weight(self) -> nn.Parameter:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·ΔW in the merge precision (fp32), shaped like the stored weight."""
+        raise NotImplementedError
+
+    def reset_lora_parameters(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def has_lora(self) -> bool:
+        return self.r > 0 and hasattr(self, "lora_A")
+
+    # --- merging ---
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B·A into the weight (fp32 sum, one rounding to the weight's dtype); no-op if already merged."""
+        if not self.merged:
+            if self.has_lora:
+                self._fold(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take s·B·A out of the weight again; no-op if not merged."""
+        if self.merged:
+            if self.has_lora:
+                self._fold(-1.0)
+            self.merged = False
+
+    def _fold(self, sign: float) -> None:
+        w = self._base_weight()
+        delta = self.delta_weight()
+        if w.dtype == delta.dtype:
+            w.add_(delta, alpha=sign)
+        else:
+            w.copy_(w.to(delta.dtype).add_(delta, alpha=sign))  # copy_ rounds to nearest, once
+
+    def _merge_for_mode(self, mode: bool) -> None:
+        # loralib's train(): eval merges, train unmerges, only when merge_weights
+        if self.merge_weights:
+            self.unmerge() if mode else self.merge()
+
+    # --- building without touching the pretrained weight (used by lora.inject) ---
+    def _materialize_lora(self, device, dtype) -> None:
+        """Give lora_A / lora_B fresh storage on device in dtype (the layer was built on the meta device) and
+        initialise them; rebuild index buffers."""
+        for name in ("lora_A", "lora_B"):
+            p = getattr(self, name, None)
+            if p is not None:
+                setattr(self, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype)))
+        if self.has_lora:
+            self.reset_lora_parameters()
+        self._build_buffers(device)
+
+    def _build_buffers(self, device) -> None:
+        pass
+
+
+class Embedding(nn.Embedding, LoRALayer):
+    """nn.Embedding + LoRA: ΔW = (B·A)ᵀ, A (r, num_embeddings) zeros, B (embedding_dim, r) normal; no dropout."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights,
+                           use_rslora=use_rslora)
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.Embedding.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def delta_weight(self):
+        cd = _compute_dtype(self.weight)
+        return (self.lora_B.to(cd) @ self.lora_A.to(cd)).transpose(0, 1) * self.scaling  # (num, dim)
+
+    def train(self, mode: bool = True):
+        nn.Embedding.train(self, mode)
+        self._merge_for_mode(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = nn.Embedding.forward(self, x)  # (..., dim)
+        if not self.has_lora or self.merged:
+            return result
+        A, B = self.lora_A.to(result.dtype), self.lora_B.to(result.dtype)
+        # rows of Aᵀ (num, r) looked up like the embedding itself
+        after_A = F.embedding(x, A.transpose(0, 1), self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)  # (..., r)
+        return result + (after_A @ B.transpose(0, 1)) * self.scaling
+
+
+class Linear(nn.Linear, LoRALayer):
+    """nn.Linear + LoRA: y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; A (r, in), B (out, r).
+
+    fan_in_fan_out=True: the weight is stored (in, out), as GPT-2's Conv1D does."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 use_rslora: bool = False, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        # A as nn.Linear initialises its weight, B zero: the layer starts as the pretrained one
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _T(self, w):
+        return w.transpose(0, 1) if self.fan_in_fan_out else w
+
+    def delta_weight(self):
+        cd = _compute_dtype(self.weight)
+        return self._T(self.lora_B.to(cd) @ self.lora_A.to(cd)) * self.scaling  # like the stored weight
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._merge_for_mode(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._T(self.weight)  # (out, in)
+        if not self.has_lora or self.merged:
+            return F.linear(x, weight, self.bias)
+        lx = self.lora_dropout(x)  # the low-rank path's input; the base path always sees x
+        if _use_triton(x, weight):
+            from kernels.lora_linear import lora_linear
+            return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                               lora_x=None if lx is x else lx)
+        xa = F.linear(lx, self.lora_A.to(x.dtype))  # (..., r)
+        return F.linear(x, weight, self.bias) + F.linear(xa, self.lora_B.to(x.dtype)) * self.scaling
+
+
+class MergedLinear(nn.Linear, LoRALayer):
+    """A fused projection (qkv, gate_up) whose output rows split into slices, each with its own rank-r adapter
+    when enable_lora[i] is true.
+
+    lora_A (r·n_enabled, in) stacks the enabled slices' A blocks, lora_B (rows of the enabled slices, r) their B
+    blocks, in slice order (loralib's layout). `slice_sizes` (our addition) gives unequal slices, e.g.
+    [heads·d, kv_heads·d, kv_heads·d]; None splits out_features equally into len(enable_lora) slices.
+    Forward computes xa = dropout(x)·Aᵀ (…, r·n_enabled) once and adds s·xa_e·B_eᵀ to each enabled slice's
+    columns: ΔW (out, in) is never built."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, enable_lora=(False,), fan_in_fan_out: bool = False,
+                 merge_weights: bool = True, slice_sizes=None, use_rslora: bool = False, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        enable_lora = [bool(e) for e in enable_lora]
+        if not enable_lora:
+            raise ValueError("enable_lora needs at least one entry")
+        if slice_sizes is None:
+            if out_features % len(enable_lora):
+                raise ValueError(f"The length of enable_lora ({len(enable_lora)}) must divide out_features "
+                                 f"({out_features}); pass slice_sizes for unequal slices")
+            slice_sizes = [out_features // len(enable_lora)] * len(enable_lora)
+        slice_sizes = [int(s) for s in slice_sizes]
+        if len(slice_sizes) != len(enable_lora) or sum(slice_sizes) != out_features or min(slice_sizes) <= 0:
+            raise ValueError(f"slice_sizes {slice_sizes} must be {len(enable_lora)} positive sizes (one per "
+                             f"enable_lora entry) summing to out_features {out_features}")
+        self.enable_lora = enable_lora
+        self.slice_sizes = slice_sizes
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0 and any(enable_lora):
+            n_enabled = sum(enable_lora)
+            enabled_rows = sum(s for s, on in zip(slice_sizes, enable_lora) if on)
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * n_enabled, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((enabled_rows, r)))
+            self.weight.requires_grad = False
+            self._build_buffers(self.weight.device)
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def _build_buffers(self, device):
+        if not self.has_lora:
+            return
+        # lora_ind (out,): True on the rows of enabled slices (loralib's name; here a buffer that follows .to())
+        ind = torch.cat([torch.full((s,), on, dtype=torch.bool, device=device)
+                         for s, on in zip(self.slice_sizes, self.enable_lora)])
+        self.register_buffer("lora_ind", ind, persistent=False)
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _T(self, w):
+        return w.transpose(0, 1) if self.fan_in_fan_out else w
+
+    def _enabled_slices(self):
+        """(e, i, row_start, size) for each enabled slice: the e-th adapter sits on slice i, output rows
+        [row_start, row_start + size)."""
+        out, start, e = [], 0, 0
+        for i, (size, on) in enumerate(zip(self.slice_sizes, self.enable_lora)):
+            if on:
+                out.append((e, i, start, size))
+                e += 1
+            start += size
+        return out
+
+    def full_B(self, dtype=None) -> torch.Tensor:
+        """Block-structured B (out, r·n_enabled): x·Aᵀ·full_Bᵀ is this layer's low-rank term (zero rows for
+        disabled slices)."""
+        from kernels.lora_linear import expand_merged_B
+        B = self.lora_B if dtype is None else self.lora_B.to(dtype)
+        return expand_merged_B(B, self.slice_sizes, self.enable_lora, self.r)
+
+    def delta_weight(self):
+        cd = _compute_dtype(self.weight)
+        return self._T(self.full_B(cd) @ self.lora_A.to(cd)) * self.scaling  # like the stored weight
+
+    def merge_AB(self):
+        """loralib's name: ΔW without the scaling, transposed when fan_in_fan_out."""
+        return self._T(self.full_B() @ self.lora_A)
+
+    def zero_pad(self, x):
+        """loralib's helper: rows of the enabled slices (n_enabled_rows, ...) -> (out, ...) with zeros elsewhere."""
+        result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
+        result[self.lora_ind] = x
+        return result
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._merge_for_mode(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._T(self.weight)  # (out, in)
+        if not self.has_lora or self.merged:
+            return F.linear(x, weight, self.bias)
+        lx = self.lora_dropout(x)
+        if _use_triton(x, weight):
+            from kernels.lora_linear import lora_linear
+            return lora_linear(x, weight, self.bias, self.lora_A, self.full_B(), self.scaling,
+                               lora_x=None if lx is x else lx)
+        result = F.linear(x, weight, self.bias)  # (..., out)
+        xa = F.linear(lx, self.lora_A.to(x.dtype))  # (..., r·n_enabled)
+        B = self.lora_B.to(x.dtype)
+        r = self.r
+        b_row = 0
+        for e, _, start, size in self._enabled_slices():
+            # slice e: (..., r) · (size, r)ᵀ -> (..., size), added to its own output columns only
+            part = F.linear(xa[..., e * r:(e + 1) * r], B[b_row:b_row + size])
+            result[..., start:start + size] += part * self.scaling
+            b_row += size
+        return result
+
+
+class ConvLoRA(nn.Module, LoRALayer):
+    """A convolution + LoRA on its weight viewed as a matrix: ΔW = (B·A).view(weight.shape), A (r·k, in·k^(d-1)),
+    B (out/groups·k, r·k) for kernel size k (an int) in d spatial dims. The conv is `self.conv`, as in loralib."""
+
+    def __init__(self, conv_module, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
+                 merge_weights=True, use_rslora=False, **kwargs):
+        nn.Module.__init__(self)
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        if not isinstance(kernel_size, int):
+            raise TypeError(f"kernel_size must be an int for LoRA convolutions, got {kernel_size!r}")
+        if r > 0:
+            k, spatial = kernel_size, self.conv.weight.dim() - 2
+            self.lora_A = nn.Parameter(self.conv.weight.new_zeros((r * k, in_channels * k ** (spatial - 1))))
+            self.lora_B = nn.Parameter(self.conv.weight.new_zeros((out_channels // self.conv.groups * k, r * k)))
+            self.conv.weight.requires_grad = False
+        self.reset_parameters()
+        self.merged = False
+
+    def _base_weight(self):
+        return self.conv.weight
+
+    def reset_parameters(self):
+        self.conv.reset_parameters()
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self):
+        cd = _compute_dtype(self.conv.weight)
+        return (self.lora_B.to(cd) @ self.lora_A.to(cd)).view(self.conv.weight.shape) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)
+        self._merge_for_mode(mode)
+        return self
+
+    def forward(self, x):
+        if self.has_lora and not self.merged:
+            w = self.conv.weight
+            delta = (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)).view(w.shape) * self.scaling
+            return self.conv._conv_forward(x, w + delta, self.conv.bias)
+        return self.conv(x)
+
+
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv1d, *args, **kwargs)
+
+
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv2d, *args, **kwargs)
+
+
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv3d, *args, **kwargs)

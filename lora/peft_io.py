@@ -1,0 +1,323 @@
+"""PEFT interop: write our adapters as peft LoRA folders and read peft LoRA folders into our model, exactly.
+
+peft's format (adapter_config.json + adapter_model.safetensors): one adapter per module, keys
+base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r) (embeddings: .lora_embedding_A (r, num),
+.lora_embedding_B (dim, r)), scaling lora_alpha / r (rsLoRA: / sqrt(r)), per-module r and alpha through
+rank_pattern / alpha_pattern (regex keys matched against the end of the module name).
+
+Our MergedLinear has no one-to-one peft form: it carries one rank-r adapter per enabled slice of a fused
+projection (q, k, v of qkv_proj). It is the same map as a single adapter of rank r' = r·n_enabled with
+    A' = lora_A (r·n, in)           the enabled slices' A blocks, stacked (as MergedLinear already stores them)
+    B' = block-structured (out, r·n): slice e's rows hold its B in columns [e·r, (e+1)·r), disabled slices are zero
+    alpha' = s·r'  (rsLoRA: s·sqrt(r')), so that peft's scaling alpha'/r' equals ours, s,
+since x·A'ᵀ·B'ᵀ puts slice e's x·A_eᵀ·B_eᵀ on its own rows and nothing elsewhere. export_peft writes that, with
+r' and alpha' in rank_pattern / alpha_pattern when they differ from the config's r and lora_alpha.
+
+split_fused=True writes qkv_proj as q_proj / k_proj / v_proj and gate_up_proj as gate_proj / up_proj (for servers
+that refuse LoRA on fused modules, vllm #4915): a plain adapter's A is copied to each part and B sliced by rows; a
+MergedLinear slice keeps its own A_e, B_e (rank r) and a disabled slice gets no adapter. transformers' Phi-3 has
+no split modules, so such a folder is for other runtimes; `load_peft` reads it back (fusing the parts again).
+
+`load_peft` injects one layer per peft adapter: a plain Linear (rank from the tensors) on qkv_proj, gate_up_proj
+and every other linear, an Embedding on embeddings; split q/k/v or gate/up adapters with one rank and alpha become
+a MergedLinear on the fused module. Features it cannot honour are refused, naming the field: DoRA, lora_bias,
+trained biases, modules_to_save, trainable tokens, layer replication and the other non-LoRA variants.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import (AdapterError, assign_tensors, check_existing_layers, check_tensors, expected_shapes,
+                      read_json, read_tensors, save_tensors, write_dir_atomically)
+from .inject import LayerSpec, LoraConfig, _adaptable, _last, apply_specs, lora_layers, qkv_slice_sizes
+from .layers import ConvLoRA, Embedding, Linear, MergedLinear
+from .utils import lora_state_dict, mark_only_lora_as_trainable
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel wraps the LoraModel which wraps the transformers model
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
+# peft config fields that ask for more than plain LoRA: refused when set
+REFUSED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
+           "alora_invocation_tokens", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
+           "velora_config", "monteclora_config", "megatron_config")
+
+
+def _number(x: float):
+    """An int when x is (nearly) integral, for tidy JSON."""
+    return int(round(x)) if math.isclose(x, round(x), rel_tol=0, abs_tol=1e-9) else x
+
+
+def _fused_slices(model: nn.Module, name: str, m) -> list[int]:
+    if isinstance(m, MergedLinear):
+        return list(m.slice_sizes)
+    out = m.out_features
+    if _last(name) == "qkv_proj":
+        return qkv_slice_sizes(model, out)
+    if out % 2:
+        raise ValueError(f"{name}: {out} outputs cannot split into gate and up halves")
+    return [out // 2, out // 2]
+
+
+def _peft_adapters(model: nn.Module, split_fused: bool):
+    """[(module name, is_embedding, A, B, r, scaling)] in peft's terms, one entry per peft adapter."""
+    out = []
+    for name, m in lora_layers(model):
+        if not m.has_lora:
+            continue
+        if isinstance(m, ConvLoRA) or getattr(m, "fan_in_fan_out", False):
+            raise ValueError(f"{name}: {type(m).__name__} (fan_in_fan_out={getattr(m, 'fan_in_fan_out', False)}) "
+                             "has no peft equivalent this exporter writes")
+        A, B, s = m.lora_A.detach(), m.lora_B.detach(), m.scaling
+        parent, _, last = name.rpartition(".")
+        prefix = parent + "." if parent else ""
+        split = split_fused and last in FUSED
+        if isinstance(m, Embedding):
+            out.append((name, True, A, B, m.r, s))
+        elif isinstance(m, MergedLinear):
+            if split and len(FUSED[last]) == len(m.slice_sizes):
+                # each enabled slice keeps its own rank-r adapter; a disabled slice has none
+                b_row = 0
+                for e, i, _, size in m._enabled_slices():
+                    out.append((prefix + FUSED[last][i], False, A[e * m.r:(e + 1) * m.r], B[b_row:b_row + size],
+                                m.r, s))
+                    b_row += size
+            else:
+                n = sum(m.enable_lora)
+                out.append((name, False, A, m.full_B(), m.r * n, s))  # the rank r·n block form (module docstring)
+        elif isinstance(m, Linear):
+            if split:
+                start = 0
+                for part, size in zip(FUSED[last], _fused_slices(model, name, m)):
+                    out.append((prefix + part, False, A, B[start:start + size], m.r, s))  # A copied, B by rows
+                    start += size
+            else:
+                out.append((name, False, A, B, m.r, s))
+        else:
+            raise ValueError(f"{name}: cannot export a {type(m).__name__}")
+    return out
+
+
+def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_model_name_or_path: str | None = None,
+                split_fused: bool = False) -> Path:
+    """Write the model's adapters as a peft LoRA folder (adapter_config.json + adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(transformers Phi3ForCausalLM, dir)` loads with the same outputs. MergedLinear
+    becomes a rank r·n_enabled adapter with a block-structured B (module docstring). Written atomically."""
+    config = config if config is not None else getattr(model, "lora_config", None)
+    if lora_state_dict(model, config.bias if config else "none").keys() - lora_state_dict(model).keys():
+        raise ValueError(f"bias={config.bias!r}: exporting trained biases to peft is not supported")
+    adapters = _peft_adapters(model, split_fused)
+    if not adapters:
+        raise ValueError("the model has no LoRA layers to export (call lora.inject first)")
+    rslora = config.use_rslora if config else False
+
+    def peft_alpha(r, s):  # alpha that gives scaling s at rank r under peft's rule
+        return s * (math.sqrt(r) if rslora else r)
+
+    if config is not None:
+        r0, alpha0 = config.r, config.lora_alpha
+    else:  # the most common (r, alpha) becomes the default
+        (r0, alpha0), _ = Counter((r, _number(peft_alpha(r, s))) for _, _, _, _, r, s in adapters).most_common(1)[0]
+
+    # rank_pattern / alpha_pattern: a module-name suffix when all its modules agree, else full module names
+    rank_pattern, alpha_pattern = {}, {}
+    groups: dict[str, list] = {}
+    for name, _, _, _, r, s in adapters:
+        groups.setdefault(_last(name), []).append((name, r, peft_alpha(r, s)))
+    for suffix, members in groups.items():
+        uniform = len({(r, round(a, 9)) for _, r, a in members}) == 1
+        for name, r, a in (members[:1] if uniform else members):
+            key = suffix if uniform else name
+            if r != r0:
+                rank_pattern[key] = r
+            if not math.isclose(a, alpha0, rel_tol=1e-12):
+                alpha_pattern[key] = _number(a)
+
+    tensors = {}
+    for name, emb, A, B, _, _ in adapters:
+        if emb:
+            tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = A, B
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+        "revision": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": _number(alpha0),
+        "lora_dropout": config.lora_dropout if config else 0.0,
+        "target_modules": sorted(groups),
+        "exclude_modules": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": rslora,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+    def write(tmp: Path):
+        save_tensors(tensors, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
+
+    return write_dir_atomically(dir, write)
+
+
+# ----- reading ------------------------------------------------------------------------------------------------------
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rule: the first pattern key k (a regex) with re.match(rf"(.*\\.)?({k})$", module) decides."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
+    """peft keys -> ({module: {"A", "B", "embedding"}}, {module: base weight}); unknown keys are an error."""
+    suffixes = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
+                ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+    adapters, base, unexpected = {}, {}, []
+    for key, t in tensors.items():
+        rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        for suffix, (which, emb) in suffixes.items():
+            if rest is not None and rest.endswith(suffix):
+                entry = adapters.setdefault(rest[: -len(suffix)], {"embedding": emb})
+                entry[which] = t
+                break
+        else:
+            if rest is not None and rest.endswith(".base_layer.weight"):
+                base[rest[: -len(".base_layer.weight")]] = t
+            else:
+                unexpected.append(key)
+    incomplete = [f"{PREFIX}{m}.lora_{'B' if 'A' in e else 'A'}" for m, e in adapters.items()
+                  if not ("A" in e and "B" in e)]
+    if unexpected or incomplete or not adapters:
+        lines = [f"{where}: not a LoRA adapter this loader understands"]
+        if unexpected:
+            lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
+        if incomplete:
+            lines.append(f"missing tensors: {', '.join(sorted(incomplete)[:20])}")
+        if not adapters:
+            lines.append("no LoRA tensors")
+        raise AdapterError("\n  ".join(lines))
+    return adapters, base
+
+
+def load_peft(model: nn.Module, dir) -> nn.Module:
+    """Load a peft LoRA folder into model (fresh, or already holding the same layers); returns model.
+    The result computes what peft computes on the transformers model with the same weights."""
+    dir = Path(dir)
+    if not dir.is_dir():
+        raise AdapterError(f"{dir}: no such adapter folder")
+    cfg_path = dir / CONFIG_NAME
+    cfg = read_json(cfg_path)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load")
+    for field in REFUSED:
+        if cfg.get(field) not in (None, False, [], {}, ""):
+            raise AdapterError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (trained biases); only 'none'")
+    try:
+        r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_path}: r / lora_alpha missing or invalid ({e})") from None
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    weights = dir / WEIGHTS_NAME
+    adapters, base = _parse_keys(weights, read_tensors(weights))
+    modules = dict(model.named_modules())
+    for name, w in base.items():  # peft saves embedding / lm_head base weights alongside: they must be the model's
+        m = modules.get(name)
+        if m is None or not hasattr(m, "weight") or m.weight.shape != w.shape or not torch.equal(
+                m.weight.detach().cpu(), w.to(m.weight.dtype)):
+            raise AdapterError(f"{weights}: {PREFIX}{name}.base_layer.weight differs from the model's weight "
+                               "(the adapter was trained with changed base weights, e.g. resized embeddings); "
+                               "this loader keeps the model's weights and cannot honour it")
+
+    # one LayerSpec and our tensors per module; split parts grouped onto their fused module
+    specs, ours, problems = {}, {}, []
+    groups: dict[str, dict] = {}
+    for name, e in adapters.items():
+        r = e["A"].shape[0]
+        r_cfg = _pattern_value(rank_pattern, name, r0)
+        if r != r_cfg:
+            problems.append(f"{name}: lora_A has rank {r} but the config gives r={r_cfg}")
+        alpha = float(_pattern_value(alpha_pattern, name, alpha0))
+        spec = LayerSpec("Embedding" if e["embedding"] else "Linear", r, alpha,
+                         0.0 if e["embedding"] else dropout, rslora)
+        parent, _, last = name.rpartition(".")
+        fused = (parent + "." if parent else "") + PART_OF.get(last, "")
+        if name not in modules and last in PART_OF and fused in modules:
+            groups.setdefault(fused, {})[last] = (spec, e)
+            continue
+        if name not in modules:
+            candidates = sorted({_last(n) for n in _adaptable(model)} | {_last(n) for n, _ in lora_layers(model)})
+            problems.append(f"{name}: the adapter has LoRA for it, the model has no such module "
+                            f"(its linear and embedding modules are named {candidates})")
+            continue
+        specs[name], ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = spec, e["A"], e["B"]
+
+    for fused, parts in groups.items():
+        names = FUSED[_last(fused)]
+        kinds = {(s.r, s.lora_alpha) for s, _ in parts.values()}
+        if len(kinds) != 1:
+            problems.append(f"{fused}: its split adapters {sorted(parts)} have different r / alpha {sorted(kinds)}; "
+                            "only equal ones fuse exactly")
+            continue
+        spec0 = next(iter(parts.values()))[0]
+        m = modules[fused]
+        sizes = _fused_slices(model, fused, m) if isinstance(m, nn.Linear) else None
+        if sizes is None or len(sizes) != len(names):
+            problems.append(f"{fused}: not a fused linear module the split adapters can go onto")
+            continue
+        enable = tuple(n in parts for n in names)
+        for n, size, on in zip(names, sizes, enable):
+            if on and parts[n][1]["B"].shape[0] != size:
+                key = f"{PREFIX}{fused.rpartition('.')[0]}.{n}.lora_B.weight"
+                problems.append(f"{key}: adapter {tuple(parts[n][1]['B'].shape)} vs model ({size}, {spec0.r})")
+        specs[fused] = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes))
+        ours[f"{fused}.lora_A"] = torch.cat([parts[n][1]["A"] for n in names if n in parts])
+        ours[f"{fused}.lora_B"] = torch.cat([parts[n][1]["B"] for n in names if n in parts])
+    if problems:
+        raise AdapterError(f"{dir}: the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems[:20]))
+
+    found = {k: tuple(v.shape) for k, v in ours.items()}
+    fresh, problems = not lora_layers(model), []
+    if fresh:
+        expected, problems = expected_shapes(model, specs, "none")
+    else:
+        check_existing_layers(cfg_path, model, specs)
+        expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    check_tensors(weights, found, expected, problems)
+
+    qkv = [s.enable_lora for n, s in specs.items() if s.kind == "MergedLinear" and _last(n) == "qkv_proj"]
+    try:
+        config = LoraConfig(r=r0, lora_alpha=_number(alpha0), lora_dropout=dropout,
+                            target_modules=tuple(sorted({_last(n) for n in specs})),
+                            enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=rslora)
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: {e}") from None
+    if fresh:
+        apply_specs(model, specs)
+        mark_only_lora_as_trainable(model, "none")
+    model.lora_config = config
+    assign_tensors(model, ours)
+    return model

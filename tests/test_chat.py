@@ -1,0 +1,254 @@
+"""chat.py on the built-in tiny model: one-shot and scripted sessions run in-process through `chat.main`, plus real
+subprocess runs. Where a test needs replies of a known shape (special tokens, interrupts, truncation) it swaps
+`chat.generate` for a fake that streams chosen token ids; everything else goes through the real model."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import chat  # noqa: E402
+import lora  # noqa: E402
+from phi3mini import Phi3, Tokenizer  # noqa: E402
+
+MARKERS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.tiny()
+
+
+def run(argv, stdin_text="", stdin=None):
+    """chat.main in-process -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = chat.main(argv, stdin=stdin if stdin is not None else io.StringIO(stdin_text), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def prompts(monkeypatch):
+    """Record the prompt ids of every generate call (the real generate still runs)."""
+    seen = []
+    real = chat.generate
+
+    def recording(model, input_ids, *a, **kw):
+        seen.append(list(input_ids))
+        return real(model, input_ids, *a, **kw)
+
+    monkeypatch.setattr(chat, "generate", recording)
+    return seen
+
+
+def fake_generate(monkeypatch, replies, seen=None):
+    """Replace generate: the n-th call streams the token ids replies[n] (a list of ids, or a callable)."""
+    calls = iter(replies)
+
+    def fake(model, input_ids, max_new_tokens, on_token=None, **kw):
+        if seen is not None:
+            seen.append(list(input_ids))
+        ids = next(calls)
+        for t in ids:
+            on_token(t)
+        return list(ids)
+
+    monkeypatch.setattr(chat, "generate", fake)
+
+
+def make_adapter(path, seed=0, **model_overrides):
+    """An adapter for the tiny model (or a differently shaped one) with random, non-zero lora_B."""
+    model = Phi3.from_name("tiny", seed=0, **model_overrides)
+    config = lora.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    lora.inject(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    lora.save_adapter(model, path, config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+# ----- one-shot ---------------------------------------------------------------------------------------------------
+def test_one_shot_prints_one_reply(prompts, tok):
+    code, out, err = run(["--model", "tiny", "--prompt", "hello there", "--max-new-tokens", "12"])
+    assert code == 0, err
+    assert out.endswith("\n") and out.count("\n") == 1 and out.strip()
+    assert not any(m in out for m in MARKERS)
+    assert prompts == [tok.encode_chat([{"role": "user", "content": "hello there"}], add_generation_prompt=True)]
+
+
+def test_reply_never_shows_chat_markers(monkeypatch, tok):
+    # special tokens as ids, and the same markers spelled out in plain-text pieces across token boundaries
+    spelled = tok.encode("x <|user|> y <|assistant|>", add_special_tokens=False) if "add_special_tokens" in \
+        Tokenizer.encode.__code__.co_varnames else tok.encode("x <|user|> y <|assistant|>")
+    ids = tok.encode("Hi") + [32001, 32010] + tok.encode(" there <|en") + tok.encode("d|> friend") + spelled + [32007]
+    fake_generate(monkeypatch, [ids])
+    code, out, err = run(["--model", "tiny", "--prompt", "hello"])
+    assert code == 0, err
+    assert not any(m in out for m in MARKERS), out
+    assert "Hi" in out and "friend" in out
+
+
+def test_stats_on_stderr():
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "5", "--stats"])
+    assert code == 0
+    assert "time to first token" in err and "tokens/s" in err
+    assert "tokens/s" not in out
+
+
+# ----- sessions through standard input ------------------------------------------------------------------------------
+def test_scripted_session_keeps_history(prompts, tok):
+    script = "/system You are terse.\nhello\nhow are you?\n/reset\nagain\n/exit\nnever answered\n"
+    code, out, err = run(["--model", "tiny", "--max-new-tokens", "6"], script)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(prompts) == 3
+    assert not out.startswith(">") and "chatting with" not in out  # no prompt decoration on a pipe
+    sys_msg = {"role": "system", "content": "You are terse."}
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    assert prompts[0] == tok.encode_chat([sys_msg, user("hello")], add_generation_prompt=True)
+    # the second turn's prompt holds the first turn and the reply that was printed for it
+    reply1 = out.split("\n")[0]
+    assert prompts[1] == tok.encode_chat(
+        [sys_msg, user("hello"), {"role": "assistant", "content": reply1}, user("how are you?")],
+        add_generation_prompt=True)
+    assert prompts[1][:len(prompts[0])] == prompts[0]
+    # /reset: the history is gone, the system message stays
+    assert prompts[2] == tok.encode_chat([sys_msg, user("again")], add_generation_prompt=True)
+    assert len(lines) == 3 or out.count("\n") == 3
+
+
+def test_session_commands(monkeypatch, tok):
+    seen = []
+    fake_generate(monkeypatch, [tok.encode("one") + [32007], tok.encode("two") + [32007]], seen)
+    code, out, err = run(["--model", "tiny"], "hi\n/system Be kind.\n\n/bogus\nyo\n")  # EOF ends the session
+    assert code == 0
+    assert out == "one\ntwo\n"
+    assert "unknown command /bogus" in err
+    assert seen[1] == tok.encode_chat([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "yo"}],
+                                      add_generation_prompt=True)
+
+
+def test_prompt_prefix_matches_training_encoding(tok):
+    # the prompt chat.py builds for a conversation is exactly the prefix train.py trains on for it
+    conv = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "bonjour"}, {"role": "user", "content": "what is LoRA? é ü 日本"},
+            {"role": "assistant", "content": "Une adaptation de rang faible."}]
+    turns = [("hello", "bonjour")]
+    prompt, dropped = chat.fit_prompt(tok, "Answer in French.", turns, conv[3]["content"], limit=10_000)
+    assert dropped == 0
+    ids, labels = tok.encode_for_training(conv, train_on="assistant")
+    ids, labels = list(ids), list(labels)
+    assert ids[:len(prompt)] == prompt
+    # the new user turn and the assistant header are never targets (the earlier reply is: it is an assistant turn) ...
+    last_user = max(i for i, t in enumerate(ids[:len(prompt)]) if t == tok.token_to_id("<|user|>"))
+    assert all(l == -100 for l in labels[last_user:len(prompt)])
+    assert any(l != -100 for l in labels[:last_user])  # "bonjour" is trained on
+    assert labels[len(prompt)] != -100  # ... and the reply starts right after it
+    assert tok.decode(ids[len(prompt):]).strip().startswith("Une adaptation")
+
+
+def test_ctrl_c_stops_the_reply_and_the_session_goes_on(monkeypatch, tok):
+    class Interrupted(list):
+        def __iter__(self):
+            yield from tok.encode("partial")
+            raise KeyboardInterrupt
+
+    fake_generate(monkeypatch, [Interrupted(), tok.encode("next") + [32007]])
+    code, out, err = run(["--model", "tiny"], "first\nsecond\n")
+    assert code == 0
+    assert out == "partial\nnext\n"
+    assert "interrupted" in err
+
+
+def test_ctrl_c_at_the_prompt_exits_cleanly():
+    class CtrlC(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    code, out, err = run(["--model", "tiny"], stdin=CtrlC())
+    assert code == 0 and "Traceback" not in err
+
+
+def test_history_truncation_drops_oldest_turn(monkeypatch, tok):
+    seen = []
+    reply = tok.encode("a fairly long reply of many words to fill the context") + [32007]
+    fake_generate(monkeypatch, [reply] * 6, seen)
+    argv = ["--model", "tiny", "--system", "SYS", "--max-context", "100", "--max-new-tokens", "20"]
+    code, out, err = run(argv, "".join(f"question number {i}\n" for i in range(6)))
+    assert code == 0, err
+    assert out.count("\n") == 6
+    assert "dropped the oldest" in err
+    assert all(len(p) <= 80 for p in seen)
+    last = tok.decode(seen[-1], skip_special_tokens=False)
+    assert "SYS" in last and "question number 5" in last and "question number 0" not in last
+    sys_prefix = tok.encode_chat([{"role": "system", "content": "SYS"}, {"role": "user", "content": "x"}])
+    assert seen[-1][:3] == sys_prefix[:3]
+
+
+def test_message_longer_than_context_is_an_error():
+    code, out, err = run(["--model", "tiny", "--max-context", "40", "--max-new-tokens", "20",
+                          "--prompt", "word " * 100])
+    assert code == 2 and "error: the message is too long" in err
+
+
+# ----- adapters -----------------------------------------------------------------------------------------------------
+def test_adapter_changes_reply_and_merge_keeps_it(adapter):
+    base = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16"])
+    tuned = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter)])
+    merged = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter),
+                  "--merge"])
+    assert base[0] == tuned[0] == merged[0] == 0, (tuned[2], merged[2])
+    assert tuned[1] != base[1]
+    assert merged[1] == tuned[1]
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path):
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(tmp_path / "nope")])
+    assert code == 2 and out == ""
+    assert err.startswith("error: --adapter") and "nope" in err and "Traceback" not in err
+
+
+def test_adapter_for_another_model_is_a_clear_error(tmp_path):
+    path = make_adapter(tmp_path / "other", hidden_size=32, intermediate_size=96)
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(path)])
+    assert code == 2 and out == ""
+    assert err.startswith("error: --adapter") and "shape" in err.lower()
+
+
+def test_bad_model_is_a_clear_error(tmp_path):
+    code, out, err = run(["--model", str(tmp_path / "missing"), "--prompt", "hi"])
+    assert code == 2 and err.startswith("error: --model") and "no such checkpoint folder" in err
+
+
+def test_bad_arguments_exit_2():
+    assert run(["--model", "tiny", "--top-p", "0"])[0] == 2
+    assert run(["--model", "tiny", "--merge"])[0] == 2
+
+
+# ----- real processes -----------------------------------------------------------------------------------------------
+def _subprocess(args, stdin=""):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_subprocess_pipe_and_errors():
+    p = _subprocess(["--model", "tiny", "--max-new-tokens", "8"], "hello\n/reset\nwhat is lora?\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("\n") == 2 and "Traceback" not in p.stderr
+    p = _subprocess(["--model", "microsoft/Phi-3-mini-4k-instruct", "--prompt", "hi"])
+    assert p.returncode == 2 and p.stderr.startswith("error: --model") and "Traceback" not in p.stderr
+    assert "local folder" in p.stderr

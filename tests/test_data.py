@@ -1,0 +1,242 @@
+"""phi3mini.data: reading the three JSONL forms, validation messages, label masks, truncation, batching, packing."""
+import json
+import re
+
+import pytest
+import torch
+
+from phi3mini import Phi3, Tokenizer
+from phi3mini.data import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
+                           parse_phi3_text, read_conversations, split_eval)
+
+ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
+CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is LoRA?"},
+    {"role": "assistant", "content": "A low-rank update."},
+    {"role": "user", "content": "And r?"},
+    {"role": "assistant", "content": "Its rank."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.tiny()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def assistant_spans(ids, tok):
+    """Positions each assistant reply covers, found from the token ids alone: after <|assistant|> (and its
+    newline, if the tokenizer keeps it as a token) up to and including the next <|end|>."""
+    spans = []
+    for i, t in enumerate(ids):
+        if t == ASSISTANT:
+            start = i + 1
+            if tok.decode([ids[start]]) == "\n":
+                start += 1
+            end = ids.index(END, start)
+            spans.append(range(start, end + 1))
+    return spans
+
+
+def check_mask(ids, labels, tok, contents):
+    """labels equal the ids exactly on the assistant replies and their <|end|>, -100 everywhere else."""
+    spans = assistant_spans(ids, tok)
+    assert len(spans) == len(contents)
+    trained = {p for s in spans for p in s}
+    for p, (t, y) in enumerate(zip(ids, labels)):
+        assert y == (t if p in trained else IGNORE), f"position {p}: token {t}, label {y}"
+    for span, content in zip(spans, contents):
+        assert ids[span[-1]] == END
+        assert tok.decode([ids[p] for p in span][:-1]).strip() == content
+
+
+def test_label_mask_token_by_token_through_padding_and_packing(tmp_path, tok):
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}, {"messages": short}])
+    (ex, ex2), stats = load_dataset(path, tok, max_seq_len=512)
+    assert stats.kept == 2 and ex.source.endswith("d.jsonl:1")
+    check_mask(ex.input_ids, ex.labels, tok, ["A low-rank update.", "Its rank."])
+    check_mask(ex2.input_ids, ex2.labels, tok, ["Hello there."])
+    assert ex.input_ids.count(BOS) <= 1 and BOS not in ex.input_ids[1:]  # one BOS at most, only first
+    assert ex.n_target == sum(y != IGNORE for y in ex.labels[1:]) > 0
+
+    # padded batch: the pad id fills the ids, labels are -100 on padding (never derived from the pad id)
+    batch = collate([ex, ex2], [[0], [1]], tok.pad_id)
+    n2 = len(ex2)
+    assert batch.input_ids[1, n2:].eq(tok.pad_id).all() and batch.labels[1, n2:].eq(IGNORE).all()
+    assert batch.labels[0].tolist() == ex.labels and batch.labels[1, :n2].tolist() == ex2.labels
+    assert batch.n_target == int((batch.labels[:, 1:] != IGNORE).sum()) == ex.n_target + ex2.n_target
+    assert batch.n_tokens == len(ex) + n2
+    # EOS == pad: a trained <|end|> survives, and the mask does not depend on which token is the pad
+    other = collate([ex, ex2], [[0], [1]], pad_id=0)
+    assert torch.equal(other.labels, batch.labels)
+
+    # packed row: both examples in one row, positions restart, document ids separate them, the second example's
+    # first token is not a target of the first example
+    packed = collate([ex, ex2], [[1, 0]], tok.pad_id, packed=True)
+    n = len(ex)
+    assert packed.input_ids[0].tolist() == ex2.input_ids + ex.input_ids
+    assert packed.labels[0].tolist() == ex2.labels + [IGNORE] + ex.labels[1:]
+    assert packed.position_ids[0].tolist() == list(range(n2)) + list(range(n))
+    assert packed.document_ids[0].tolist() == [1] * n2 + [2] * n
+    assert packed.n_target == int((packed.labels[:, 1:] != IGNORE).sum()) == batch.n_target
+
+
+def test_formats_give_the_same_ids_and_labels(tmp_path, tok):
+    text = tok.apply_chat_template(CONV)
+    single = CONV[:3]
+    rows = [
+        {"messages": CONV},
+        {"text": text},
+        {"text": "<s>" + text},  # a leading BOS in the text does not make a second one
+        {"prompt": CONV[:2], "completion": CONV[2:]},  # conversational prompt-completion
+        {"messages": single},
+        {"prompt": [CONV[0], CONV[1]], "completion": CONV[2]["content"]},
+    ]
+    examples, _ = load_dataset(write_jsonl(tmp_path / "f.jsonl", rows), tok, max_seq_len=512)
+    full, single_ex = examples[0], examples[4]
+    for ex in examples[1:4]:
+        assert (ex.input_ids, ex.labels) == (full.input_ids, full.labels), ex.source
+    assert (examples[5].input_ids, examples[5].labels) == (single_ex.input_ids, single_ex.labels)
+    # string prompt-completion is one user turn and one reply
+    plain, _ = load_dataset(write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "What is LoRA?", "completion": "A low-rank update."},
+        {"messages": CONV[1:3]}]), tok, max_seq_len=512)
+    assert (plain[0].input_ids, plain[0].labels) == (plain[1].input_ids, plain[1].labels)
+
+
+def test_parse_phi3_text_round_trip_and_errors(tok):
+    assert parse_phi3_text(tok.apply_chat_template(CONV)) == CONV
+    with pytest.raises(ValueError, match="unknown role tag <|tool|>"):
+        parse_phi3_text("<|user|>\nhi<|end|>\n<|tool|>\nx<|end|>\n")
+    with pytest.raises(ValueError, match="not in Phi-3's chat format"):
+        parse_phi3_text("just some text")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "d.jsonl:2: malformed JSON"),
+    ('{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+     "d.jsonl:2: message 0 has unknown role 'tool'"),
+    ('{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}',
+     "d.jsonl:2: message 0 (user) has empty content"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}',
+     "d.jsonl:2: message 1 (assistant) content must be a string"),
+    ('{"question": "x"}', 'd.jsonl:2: expected a "messages", "text" or "prompt" + "completion" field'),
+    ('[1, 2]', "d.jsonl:2: expected a JSON object"),
+    ('{"text": "no chat markers here"}', "d.jsonl:2: text is not in Phi-3's chat format"),
+])
+def test_bad_lines_stop_with_file_and_line(tmp_path, tok, line, message):
+    good = {"messages": CONV}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, line, good])
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset(path, tok, max_seq_len=512)
+
+
+def test_every_bad_line_is_listed(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", ["{", {"messages": CONV}, '{"x": 1}'])
+    with pytest.raises(DataError, match=r"(?s)2 bad lines in .*d.jsonl:1: malformed JSON.*d.jsonl:3: expected") as e:
+        load_dataset(path, tok, max_seq_len=512)
+    assert "\n" in str(e.value)
+
+
+def test_skipped_and_counted(tmp_path, tok):
+    rows = [{"messages": CONV}, {"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": CONV[:2]}, "", {"messages": CONV}]
+    examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=512)
+    assert len(examples) == 2 and stats.lines == 4 and stats.no_assistant == 2
+    assert "2 of 4 examples kept" in stats.summary() and "2 skipped (no assistant turn)" in stats.summary()
+    assert stats.examples[0].endswith("d.jsonl:2: no assistant turn")
+
+
+def test_empty_and_all_skipped_datasets(tmp_path, tok):
+    with pytest.raises(DataError, match="empty.jsonl: the dataset is empty"):
+        load_dataset(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]), tok, max_seq_len=512)
+    with pytest.raises(DataError, match="no usable examples.*2 skipped \\(no assistant turn\\)"):
+        load_dataset(write_jsonl(tmp_path / "q.jsonl", [{"messages": CONV[:2]}] * 2), tok, max_seq_len=512)
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        load_dataset(tmp_path / "nope.jsonl", tok, max_seq_len=512)
+
+
+def test_no_trained_token_is_skipped(tok):
+    class Masked:  # a tokenizer whose labels train nothing: the example must be skipped, not trained at loss 0
+        def encode_for_training(self, messages, train_on="assistant"):
+            ids, _ = tok.encode_for_training(messages, train_on)
+            return ids, [IGNORE] * len(ids)
+    assert encode_example(Masked(), CONV, 512) == (None, "no_target")
+
+
+def test_truncation_keeps_whole_replies(tok):
+    full, _ = encode_example(tok, CONV, 512)
+    spans = assistant_spans(full.input_ids, tok)
+    first_end, second_end = spans[0][-1], spans[1][-1]
+    # a limit inside the second reply: cut right after the first reply's <|end|>
+    ex, status = encode_example(tok, CONV, max_seq_len=second_end)
+    assert status == "truncated" and len(ex) == first_end + 1 and ex.input_ids[-1] == END
+    assert ex.labels == full.labels[:first_end + 1] and ex.labels[-1] == END
+    # a limit inside the first reply: nothing whole fits, skipped as too long
+    assert encode_example(tok, CONV, max_seq_len=first_end) == (None, "too_long")
+    # the limit exactly at the full length keeps everything
+    assert encode_example(tok, CONV, max_seq_len=len(full))[1] == "ok"
+    # train_on="all" cuts at the same place and trains every token after the first
+    ex_all, status = encode_example(tok, CONV, max_seq_len=second_end, train_on="all")
+    assert status == "truncated" and ex_all.input_ids == ex.input_ids
+    assert all(y == t for y, t in zip(ex_all.labels[1:], ex_all.input_ids[1:]))
+
+
+def test_too_long_and_truncated_counted_in_stats(tmp_path, tok):
+    long_reply = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 200}]
+    rows = [{"messages": CONV[1:]}, {"messages": CONV[1:3]}, {"messages": long_reply}]
+    short, _ = encode_example(tok, CONV[1:3], 512)
+    examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=len(short))
+    assert len(examples) == 2 and (stats.truncated, stats.too_long) == (1, 1)
+    assert "1 skipped (too long)" in stats.summary() and "1 truncated" in stats.summary()
+    assert examples[0].input_ids == short.input_ids[:len(examples[0])]
+
+
+def test_plans_are_seeded_and_packing_fits(tok):
+    examples = [encode_example(tok, [{"role": "user", "content": "q" * (i + 1)},
+                                     {"role": "assistant", "content": "a" * (3 * i + 1)}], 512)[0]
+                for i in range(10)]
+    p0 = epoch_plan(examples, 3, seed=1, epoch=0)
+    assert p0 == epoch_plan(examples, 3, seed=1, epoch=0) != epoch_plan(examples, 3, seed=1, epoch=1)
+    assert sorted(i for mb in p0 for row in mb for i in row) == list(range(10))
+    assert [len(mb) for mb in p0] == [3, 3, 3, 1]
+    limit = max(len(e) for e in examples) + 5
+    rows = pack_rows([len(e) for e in examples], list(range(10)), limit)
+    assert all(sum(len(examples[i]) for i in row) <= limit for row in rows)
+    assert sorted(i for row in rows for i in row) == list(range(10)) and len(rows) < 10
+    train, held = split_eval(examples, 0.2, seed=0)
+    assert len(held) == 2 and len(train) == 8 and not {id(e) for e in held} & {id(e) for e in train}
+    with pytest.raises(DataError, match="leaves nothing to train on"):
+        split_eval(examples[:1], 0.5, seed=0)
+
+
+def test_packed_examples_do_not_see_each_other(tok):
+    """Packed logits of every example equal its logits alone: attention and positions stay inside it."""
+    model = Phi3.from_name("tiny", seed=0).eval()
+    convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]]
+    examples = [encode_example(tok, c, 512)[0] for c in convs]
+    batch = collate(examples, [[0, 1, 2]], tok.pad_id, packed=True)
+    with torch.no_grad():
+        packed = model(batch.input_ids, position_ids=batch.position_ids, document_ids=batch.document_ids)
+        start = 0
+        for ex in examples:
+            alone = model(torch.tensor([ex.input_ids]))
+            torch.testing.assert_close(packed[0, start:start + len(ex)], alone[0], atol=1e-5, rtol=0)
+            start += len(ex)
+        # and the packed loss equals the summed unpacked losses
+        loss = model(**batch.model_kwargs(), loss_reduction="sum")
+        unpacked = collate(examples, [[0], [1], [2]], tok.pad_id)
+        ref = model(**unpacked.model_kwargs(), loss_reduction="sum")
+    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-5)
+
+
+def test_read_conversations_reports_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ["", {"messages": CONV}])
+    (where, messages), = read_conversations(path)
+    assert where.endswith("d.jsonl:2") and messages == CONV

@@ -1,0 +1,343 @@
+"""train.py end to end on the tiny model (in-process through train.main): learning, exact resume, crash safety,
+bad inputs, NaN, Ctrl-C, gradient accumulation, activation checkpointing, overfit-then-generate, merge/export."""
+import json
+import math
+import os
+import signal
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora  # noqa: E402
+import train  # noqa: E402
+from phi3mini import Phi3, Tokenizer, generate  # noqa: E402
+from phi3mini.data import collate, encode_example  # noqa: E402
+
+END = 32007
+# The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without
+# it the loss could not fall much below ~9.
+TARGETS = "qkv_proj,o_proj,gate_up_proj,down_proj,lm_head"
+TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+        "--lora-target-modules", TARGETS, "--lora-r", "8", "--lora-alpha", "16", "--log-every", "1000"]
+QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."),
+      ("2 + 2?", "4."), ("Who made Phi-3?", "Microsoft.")]
+
+
+def conv(q, a, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return {"messages": msgs + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def losses(out):
+    recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+def tiny_cfg(**training):
+    cfg = train.parse_config(TINY + ["--lora-dropout", "0"])
+    cfg["training"].update(training)
+    return cfg
+
+
+# ----- learning, outputs, overfit + generation ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("overfit")
+    data = write_jsonl(tmp / "qa.jsonl", [conv(q, a) for q, a in QA])
+    out = tmp / "out"
+    rc = train.main(TINY + ["--data", data, "--eval-data", data, "--out", str(out), "--max-steps", "60",
+                            "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "3", "--lora-dropout", "0",
+                            "--save-every", "10", "--eval-every", "20", "--keep-last", "2",
+                            "--export-peft", "--merge"])
+    assert rc == 0
+    return out
+
+
+def test_loss_halves_and_outputs_are_written(overfit_run):
+    out = overfit_run
+    steps = losses(out)
+    assert [s for s, _, _ in steps] == list(range(1, 61))
+    first, last = steps[0][1], steps[-1][1]
+    assert last <= first / 2, (first, last)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 0 and "eval_loss" in recs[0]  # eval before training
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60] and evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 2
+    assert math.isclose(evals[-1]["eval_ppl"], math.exp(evals[-1]["eval_loss"]))
+    for key in ("lr", "grad_norm", "tokens_per_s", "target_tokens"):
+        assert key in recs[-1]
+    assert (out / "loss.svg").read_text().startswith("<svg") and "polyline" in (out / "loss.svg").read_text()
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["training"]["max_steps"] == 60 and resolved["lora"]["target_modules"] == TARGETS.split(",")
+    assert train.parse_config(["--config", str(out / "config.toml")]) == \
+        {"training": resolved["training"], "lora": resolved["lora"]}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000050", "step-0000060"]
+    for name in ("adapter", "adapter-peft", "merged"):
+        assert (out / name).is_dir() and any((out / name).iterdir()), name
+    assert (out / "merged" / "config.json").exists()
+
+
+def test_overfit_then_greedy_generation_reproduces_replies(overfit_run):
+    tok = Tokenizer.tiny()
+    model = Phi3.from_name("tiny", seed=0)
+    lora.load_adapter(model, overfit_run / "adapter")
+    merged = Phi3.from_pretrained(overfit_run / "merged")
+    for q, a in QA:
+        prompt = tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+        want = tok.encode(a)
+        for m in (model, merged):
+            got = generate(m.eval(), prompt, max_new_tokens=len(want) + 5)
+            assert got[-1] == END, (q, tok.decode(got))
+            assert tok.decode(got[:-1]).strip() == a
+
+
+# ----- resume -------------------------------------------------------------------------------------------------------
+N = 8
+RESUME_ARGS = ["--max-steps", str(N), "--batch-size", "2", "--grad-accum", "2", "--lr", "5e-3",
+               "--lora-dropout", "0.1", "--save-every", "2", "--keep-last", "3"]
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    rows = [conv(q, a * (i + 1), system="Be brief." if i % 2 else None) for i, (q, a) in enumerate(QA)]
+    rows.append(conv("Longest question of them all, with several words?", "A reply."))
+    data = write_jsonl(tmp / "d.jsonl", rows)  # 5 examples, 3 micro-batches, 2 steps an epoch: epochs turn over
+    out = tmp / "reference"
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out)]) == 0
+    return data, losses(out)
+
+
+def count_micro_steps(monkeypatch, at: int, action):
+    """Run `action` when micro-step number `at` (1-based) starts."""
+    calls = {"n": 0}
+    real = train.micro_step
+
+    def wrapped(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            action()
+        return real(*args, **kw)
+    monkeypatch.setattr(train, "micro_step", wrapped)
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path, monkeypatch, resume_data, capsys):
+    data, reference = resume_data
+    assert len(reference) == N
+    out = str(tmp_path / "out")
+    # Ctrl-C during step 4 (micro-steps per step: 2, 1, 2, 1, ...; step 4 is the 6th): it finishes, is saved,
+    # and the run exits with 130
+    count_micro_steps(monkeypatch, 6, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out]) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+    assert losses(out) == reference[:4]
+    assert (Path(out) / "checkpoints" / "step-0000004").is_dir()
+    monkeypatch.undo()
+    # a plain re-run refuses to mix with the old checkpoints; changing the data order on resume is refused
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--resume", "--batch-size", "3"]) == 2
+    assert "changed since: batch_size" in capsys.readouterr().err
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--resume"]) == 0
+    assert losses(out) == reference  # identical losses and gradient norms, bit for bit
+
+
+def test_keyboard_interrupt_inside_a_step_saves_the_last_completed_step(tmp_path, monkeypatch, resume_data):
+    data, reference = resume_data
+    out = str(tmp_path / "out")
+
+    def interrupt():
+        raise KeyboardInterrupt
+    count_micro_steps(monkeypatch, 5, interrupt)  # the second micro-step of step 3: step 3 is lost, 2 kept
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--save-every", "0"]) == 130
+    assert [p.name for p in (Path(out) / "checkpoints").iterdir()] == ["step-0000002"]
+    monkeypatch.undo()
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--resume"]) == 0
+    assert losses(out) == reference
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, resume_data):
+    data, reference = resume_data
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **kw):  # the adapter of step 6 is written, then the process "dies"
+        if "step-0000006.tmp" in str(f):
+            raise RuntimeError("simulated crash")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out)])
+    monkeypatch.undo()
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step-0000006.tmp" / "adapter").is_dir()  # half written
+    assert [s for s, _ in train.list_checkpoints(ckpts)] == [2, 4]
+    # the previous checkpoint loads
+    cfg = tiny_cfg()
+    model, _, params = train.build_model(cfg["training"], train.parse_config(TINY + RESUME_ARGS)["lora"],
+                                            torch.device("cpu"), torch.float32)
+    opt = torch.optim.AdamW(params)
+    state = train.load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
+    assert state["step"] == 4 and all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    # resume removes the partial folder and reproduces the uninterrupted run
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
+    assert not (ckpts / "step-0000006.tmp").exists()
+    assert losses(out) == reference
+
+
+# ----- bad inputs and NaN -------------------------------------------------------------------------------------------
+def test_bad_data_is_a_clean_error(tmp_path, capsys):
+    good = conv("q", "a")
+    cases = {
+        "malformed.jsonl": ([good, '{"messages": [}'], "malformed.jsonl:2: malformed JSON"),
+        "role.jsonl": ([good, {"messages": [{"role": "bot", "content": "x"}]}], "role.jsonl:2: message 0 has unknown role 'bot'"),
+        "empty_content.jsonl": ([{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}],
+                                "empty_content.jsonl:1: message 0 (user) has empty content"),
+        "empty.jsonl": ([], "empty.jsonl: the dataset is empty"),
+        "no_reply.jsonl": ([{"messages": [{"role": "user", "content": "q"}]}], "1 skipped (no assistant turn)"),
+    }
+    for name, (rows, message) in cases.items():
+        data = write_jsonl(tmp_path / name, rows)
+        assert train.main(TINY + ["--data", data, "--out", str(tmp_path / "o"), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    # skipped lines are counted and reported when the rest is usable
+    data = write_jsonl(tmp_path / "mixed.jsonl", [good, {"messages": [{"role": "user", "content": "q"}]}, good])
+    assert train.main(TINY + ["--data", data, "--out", str(tmp_path / "m"), "--max-steps", "1"]) == 0
+    assert "2 of 3 examples kept, 1 skipped (no assistant turn)" in capsys.readouterr().err
+
+
+def test_bad_config_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[training]\nlearning_rate = 1e-4\n')
+    assert train.main(["--config", str(bad)]) == 2
+    assert "unknown key 'learning_rate' in [training]" in capsys.readouterr().err
+    bad.write_text('[training]\nbatch_size = "four"\n')
+    assert train.main(["--config", str(bad)]) == 2
+    assert "batch_size must be int" in capsys.readouterr().err
+    assert train.main(TINY + ["--batch-size", "0"]) == 2
+    assert "batch_size (--batch-size) must be > 0" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, resume_data):
+    data, reference = resume_data
+    out = tmp_path / "out"
+    real_forward = Phi3.forward
+    calls = {"n": 0}
+
+    def nan_forward(self, *args, **kw):
+        loss = real_forward(self, *args, **kw)
+        if kw.get("labels") is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 7:  # first micro-step of step 5
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(Phi3, "forward", nan_forward)
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: loss nan at step 5" in err and "step-0000004" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [2, 4]
+    assert losses(out) == reference[:4]
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
+    assert losses(out) == reference
+
+
+# ----- gradients ----------------------------------------------------------------------------------------------------
+def lora_model_with_random_b(**training):
+    cfg = tiny_cfg(**training)
+    torch.manual_seed(0)
+    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    tok = Tokenizer.tiny()
+    with torch.no_grad():  # B starts at zero (then A gets no gradient): make both matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model, tok, params
+
+
+def grads(params):
+    g = [p.grad.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    return g
+
+
+def test_batch_8_equals_8_micro_batches_of_1():
+    model, tok, params = lora_model_with_random_b()
+    examples = [encode_example(tok, conv("q" * (3 * i + 1), "answer " * (i + 1))["messages"], 512)[0]
+                for i in range(8)]
+    assert len({len(e) for e in examples}) == 8
+    amp = train.autocast(torch.device("cpu"), torch.float32)
+    whole = collate(examples, [[i] for i in range(8)], tok.pad_id)
+    n = whole.n_target
+    train.micro_step(model, whole, n, amp)
+    g_big = grads(params)
+    for i in range(8):
+        train.micro_step(model, collate(examples, [[i]], tok.pad_id), n, amp)
+    g_acc = grads(params)
+    for a, b in zip(g_big, g_acc):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the test can fail: averaging per-micro-batch means weights the tokens differently
+    for i in range(8):
+        one = collate(examples, [[i]], tok.pad_id)
+        train.micro_step(model, one, one.n_target * 8, amp)
+    g_naive = grads(params)
+    assert max((a - b).abs().max().item() for a, b in zip(g_big, g_naive)) > 1e-4
+
+
+def test_activation_checkpointing_gives_every_lora_b_a_gradient():
+    cfg = tiny_cfg(grad_checkpointing=True)
+    torch.manual_seed(0)
+    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    tok = Tokenizer.tiny()
+    assert model.gradient_checkpointing
+    batch = collate([encode_example(tok, conv("What is LoRA?", "A low-rank update.")["messages"], 512)[0]], [[0]],
+                    tok.pad_id)
+    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    b_names = [n for n in named if "lora_B" in n]
+    assert len(b_names) >= 9  # 4 projections x 2 layers + lm_head
+    for n in b_names:
+        assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
+    with_ckpt = {n: p.grad.clone() for n, p in named.items()}
+    for p in named.values():
+        p.grad = None
+    model.gradient_checkpointing = False
+    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    for n, p in named.items():
+        torch.testing.assert_close(with_ckpt[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+# ----- configuration and schedule -----------------------------------------------------------------------------------
+def test_config_precedence_and_files(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[training]\nlr = 1\nbatch_size = 3\npacking = false\n[lora]\nr = 4\n')
+    cfg = train.parse_config(["--config", str(f), "--batch-size", "5", "--lora-alpha", "7", "--packing",
+                              "--lora-enable-lora", "true,false,true"])
+    t, lc = cfg["training"], cfg["lora"]
+    assert (t["lr"], t["batch_size"], t["packing"], lc["r"], lc["lora_alpha"]) == (1.0, 5, True, 4, 7)
+    assert lc["enable_lora"] == [True, False, True] and t["grad_accum"] == train.DEFAULTS["training"]["grad_accum"]
+    cfg = train.parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
+    assert cfg == train.parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
+    assert train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
+
+
+def test_lr_schedule():
+    lr = [train.lr_at(s, 100, 20, 1e-3, 1e-5, "cosine") for s in range(100)]
+    assert lr[0] == pytest.approx(1e-3 / 20) and lr[19] == pytest.approx(1e-3) and lr[20] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lr[20:], lr[21:])) and 1e-5 < lr[-1] < 2e-5
+    lin = [train.lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
+    assert lin == pytest.approx([1 - s / 10 for s in range(10)])
+    assert train.lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
