@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Talk to Phi-3-mini (or the built-in tiny demo model), with or without a LoRA adapter.
 
-    python chat.py --model microsoft/Phi-3-mini-4k-instruct --adapter runs/tiny/adapter
+    python chat.py --model microsoft/Phi-3-mini-4k-instruct --adapter out/my-run/adapter
     python chat.py --model tiny --prompt "hello"                   # one reply, then exit
     printf 'hello\\nwhat is lora?\\n' | python chat.py --model tiny  # one reply line per input line
 

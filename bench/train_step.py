@@ -190,8 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
     ap.add_argument("--only", choices=["ours", "theirs"], default=None)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2 on GPU, 1 on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on GPU, 3 on CPU)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -202,8 +202,10 @@ def main(argv=None) -> dict:
     kernels = "none" if args.no_kernels else args.kernels
     args.kernel_list = (() if kernels == "none" or not cuda else
                         KERNEL_NAMES if kernels == "all" else tuple(k for k in kernels.split(",") if k))
-    if not cuda:
-        args.steps, args.warmup = min(args.steps, 3), 1
+    if args.steps is None:
+        args.steps = 5 if cuda else 3
+    if args.warmup is None:
+        args.warmup = 2 if cuda else 1
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     systems = [args.only] if args.only else ["ours", "theirs"]
     peak = device_peak_flops()

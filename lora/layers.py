@@ -220,8 +220,9 @@ class Linear(nn.Linear, LoRALayer):
             from kernels.lora_linear import lora_linear
             return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                lora_x=None if lx is x else lx)
-        xa = F.linear(lx, self.lora_A.to(x.dtype))  # (..., r)
-        return F.linear(x, weight, self.bias) + F.linear(xa, self.lora_B.to(x.dtype)) * self.scaling
+        result = F.linear(x, weight, self.bias)  # (..., out)
+        xa = F.linear(lx, self.lora_A.to(x.dtype)) * self.scaling  # (..., r): scale the thin product, not (..., out)
+        return result.add_(F.linear(xa, self.lora_B.to(x.dtype)))  # in place: linear's backward needs no output
 
 
 class MergedLinear(nn.Linear, LoRALayer):
@@ -297,6 +298,13 @@ class MergedLinear(nn.Linear, LoRALayer):
             start += size
         return out
 
+    def _slice_rows(self):
+        """(e, i, start, size) of each enabled slice with b_row, the slice's first row in lora_B."""
+        b_row = 0
+        for sl in self._enabled_slices():
+            yield sl, b_row
+            b_row += sl[3]
+
     def full_B(self, dtype=None) -> torch.Tensor:
         """Block-structured B (out, r·n_enabled): x·Aᵀ·full_Bᵀ is this layer's low-rank term (zero rows for
         disabled slices)."""
@@ -333,16 +341,21 @@ class MergedLinear(nn.Linear, LoRALayer):
             return lora_linear(x, weight, self.bias, self.lora_A, self.full_B(), self.scaling,
                                lora_x=None if lx is x else lx)
         result = F.linear(x, weight, self.bias)  # (..., out)
-        xa = F.linear(lx, self.lora_A.to(x.dtype))  # (..., r·n_enabled)
+        xa = F.linear(lx, self.lora_A.to(x.dtype)) * self.scaling  # (..., r·n_enabled), scaled while it is thin
         B = self.lora_B.to(x.dtype)
         r = self.r
-        b_row = 0
-        for e, _, start, size in self._enabled_slices():
-            # slice e: (..., r) · (size, r)ᵀ -> (..., size), added to its own output columns only
-            part = F.linear(xa[..., e * r:(e + 1) * r], B[b_row:b_row + size])
-            result[..., start:start + size] += part * self.scaling
-            b_row += size
-        return result
+        enabled = {i: (e, b_row) for (e, i, _, _), b_row in self._slice_rows()}  # slice -> (block, B row)
+        # one (..., out) low-rank term in slice order: slice i is xa's e-th r-block times its own B rows, a
+        # disabled slice zeros. One cat and one add (whose backward is plain slicing) instead of an indexed add
+        # per slice, which costs a zero-filled (..., out) gradient for each slice in backward.
+        pieces = []
+        for i, size in enumerate(self.slice_sizes):
+            if i in enabled:
+                e, b_row = enabled[i]
+                pieces.append(F.linear(xa[..., e * r:(e + 1) * r], B[b_row:b_row + size]))  # (..., size)
+            else:
+                pieces.append(xa.new_zeros((*xa.shape[:-1], size)))
+        return result.add_(torch.cat(pieces, dim=-1))
 
 
 class ConvLoRA(nn.Module, LoRALayer):
