@@ -169,7 +169,29 @@ class Embedding(nn.Embedding, LoRALayer):
         return result + (after_A @ B.transpose(0, 1)) * self.scaling
 
 
-class Linear(nn.Linear, LoRALayer):
+class _LinearLoRA(nn.Linear, LoRALayer):
+    """What Linear and MergedLinear share: a weight matrix (out, in), stored (in, out) when fan_in_fan_out."""
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        # A as nn.Linear initialises its weight, B zero: the layer starts as the pretrained one
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _T(self, w):
+        return w.transpose(0, 1) if self.fan_in_fan_out else w
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._merge_for_mode(mode)
+        return self
+
+
+class Linear(_LinearLoRA):
     """nn.Linear + LoRA: y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; A (r, in), B (out, r).
 
     fan_in_fan_out=True: the weight is stored (in, out), as GPT-2's Conv1D does."""
@@ -189,27 +211,9 @@ class Linear(nn.Linear, LoRALayer):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
 
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        # A as nn.Linear initialises its weight, B zero: the layer starts as the pretrained one
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _T(self, w):
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
-
     def delta_weight(self):
         cd = _compute_dtype(self.weight)
         return self._T(self.lora_B.to(cd) @ self.lora_A.to(cd)) * self.scaling  # like the stored weight
-
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
-        self._merge_for_mode(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._T(self.weight)  # (out, in)
@@ -225,7 +229,7 @@ class Linear(nn.Linear, LoRALayer):
         return result.add_(F.linear(xa, self.lora_B.to(x.dtype)))  # in place: linear's backward needs no output
 
 
-class MergedLinear(nn.Linear, LoRALayer):
+class MergedLinear(_LinearLoRA):
     """A fused projection (qkv, gate_up) whose output rows split into slices, each with its own rank-r adapter
     when enable_lora[i] is true.
 
@@ -275,18 +279,6 @@ class MergedLinear(nn.Linear, LoRALayer):
                          for s, on in zip(self.slice_sizes, self.enable_lora)])
         self.register_buffer("lora_ind", ind, persistent=False)
 
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _T(self, w):
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
-
     def _enabled_slices(self):
         """(e, i, row_start, size) for each enabled slice: the e-th adapter sits on slice i, output rows
         [row_start, row_start + size)."""
@@ -325,11 +317,6 @@ class MergedLinear(nn.Linear, LoRALayer):
         result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
         result[self.lora_ind] = x
         return result
-
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
-        self._merge_for_mode(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._T(self.weight)  # (out, in)

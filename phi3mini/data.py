@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-ROLES = ("system", "user", "assistant")
+
+from .tokenizer import ROLES, check_messages
+
 IGNORE = -100
 END_ID = 32007  # <|end|>: closes every turn; the last trained token of each assistant reply
 
@@ -99,17 +101,7 @@ def record_to_messages(obj) -> list[dict]:
             _as_messages(obj["completion"], "assistant", "completion")
     else:
         raise ValueError(f'expected a "messages", "text" or "prompt" + "completion" field, got keys {sorted(obj)}')
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"message {i} must be an object with \"role\" and \"content\", got {msg!r:.80}")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
-        if not content.strip():
-            raise ValueError(f"message {i} ({role}) has empty content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": role, "content": content} for role, content in check_messages(messages)]
 
 
 @dataclass

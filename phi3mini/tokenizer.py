@@ -67,6 +67,27 @@ END_TOKEN = "<|end|>"
 EOS_TOKEN = "<|endoftext|>"
 
 
+
+def check_messages(messages) -> list[tuple[str, str]]:
+    """A conversation [{"role", "content"}, ...] -> [(role, content), ...]; ValueError naming the bad message.
+    Roles are system, user and assistant; content a string with something besides whitespace (whitespace alone
+    would vanish into the newline after <|role|>: an empty turn). The renderer and the dataset reader share it."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"message {i} must be an object with \"role\" and \"content\", got {msg!r:.80}")
+        role, content = msg["role"], msg["content"]
+        if role not in ROLES:
+            raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise ValueError(f"message {i} ({role}) has empty content")
+        out.append((role, content))
+    return out
+
 class TokenizerError(ValueError):
     """A tokenizer folder or file that cannot be used; the message names the file."""
 
@@ -275,22 +296,7 @@ class Tokenizer:
         if missing:
             raise TokenizerError(f"{self.source}: no {', '.join(missing)} token in the vocabulary: not Phi-3's chat "
                                  "format")
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-        out = []
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r:.80}")
-            role, content = msg["role"], msg["content"]
-            if role not in ROLES:
-                raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(content, str):
-                raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
-            if not content.strip():
-                # whitespace alone would vanish into the rstrip of <|role|>: an empty turn
-                raise ValueError(f"message {i} ({role}) has empty content")
-            out.append((role, content))
-        return out
+        return check_messages(messages)
 
     @staticmethod
     def _render_message(role: str, content: str) -> str:
@@ -511,5 +517,5 @@ def tiny_tokenizer_config() -> dict:
             "model_max_length": 4096}
 
 
-__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "PHI3_CHAT_TEMPLATE", "PHI3_ADDED_TOKENS", "ROLES",
+__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "check_messages", "PHI3_CHAT_TEMPLATE", "PHI3_ADDED_TOKENS", "ROLES",
            "IGNORE", "tiny_tokenizer_json", "tiny_tokenizer_config"]

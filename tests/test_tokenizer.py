@@ -428,8 +428,8 @@ def test_vocabulary_without_chat_tokens(tmp_path):
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n "}],
      "message 1 (assistant) has empty content"),
     ([{"role": "user", "content": None}], "message 0 (user) content must be a string, got NoneType"),
-    ([{"role": "user", "content": "hi"}, "hello"], "message 1 must be a dict with 'role' and 'content'"),
-    ([{"content": "hi"}], "message 0 must be a dict with 'role' and 'content'"),
+    ([{"role": "user", "content": "hi"}, "hello"], "message 1 must be an object with \"role\" and \"content\""),
+    ([{"content": "hi"}], "message 0 must be an object with \"role\" and \"content\""),
     ("just a string", "messages must be a list"),
 ])
 def test_bad_messages_name_the_index(tok, messages, message):
