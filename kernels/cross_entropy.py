@@ -33,6 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._device import device_guard
+
 try:
     import triton
     import triton.language as tl
@@ -113,8 +115,10 @@ def _softmax_ce_grad_triton_(logits, labels, ignore_index, scale):
     C, V = logits.shape
     loss = torch.empty((C,), dtype=torch.float32, device=logits.device)
     if C:
-        _softmax_ce_grad_kernel[(C,)](logits, labels, loss, V, logits.stride(0), int(ignore_index), float(scale),
-                                      BLOCK_V=_block_v(V), num_warps=8)
+        # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+        with device_guard(logits):
+            _softmax_ce_grad_kernel[(C,)](logits, labels, loss, V, logits.stride(0), int(ignore_index), float(scale),
+                                          BLOCK_V=_block_v(V), num_warps=8)
     return loss
 
 

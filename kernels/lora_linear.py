@@ -34,6 +34,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._device import device_guard
+
 try:
     import triton
     import triton.language as tl
@@ -85,7 +87,9 @@ if HAS_TRITON:
         pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
         pid_n = (pid % num_pid_in_group) // group_size_m
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        # 64-bit rows: offs_m·stride_cm (and ·stride_am) is an int32 product otherwise, which wraps silently on
+        # the GPU once M·N reaches 2³¹ (e.g. 131072 tokens through gate_up, N = 16384). One-off address math.
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         offs_k = tl.arange(0, BLOCK_K)                    # (BLOCK_K,)
         # Rows/columns past the edge wrap around to valid ones instead of being masked in the hot loop; the
@@ -169,6 +173,8 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
         return c.to(a.dtype)
     has_lora = u is not None and u.shape[1] > 0
     R = u.shape[1] if has_lora else 0
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias_ptr + cols: unit stride assumed (no-op for a Parameter)
     if has_lora:
         assert u.shape == (M, R) and v.shape == (R, NO), (u.shape, v.shape)
         assert u.dtype == v.dtype == a.dtype == b.dtype, (u.dtype, v.dtype, a.dtype, b.dtype)
@@ -192,10 +198,12 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
 
-    if INTERPRET:
-        _matmul_lowrank_kernel[grid](*kernel_args, **meta, **_INTERPRET_META)
-    else:
-        _matmul_lowrank_tuned[grid](*kernel_args, **meta)
+    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+    with device_guard(a):
+        if INTERPRET:
+            _matmul_lowrank_kernel[grid](*kernel_args, **meta, **_INTERPRET_META)
+        else:
+            _matmul_lowrank_tuned[grid](*kernel_args, **meta)
     return c.to(a.dtype)
 
 

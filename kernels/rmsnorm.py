@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from ._device import device_guard
+
 try:
     import triton
     import triton.language as tl
@@ -118,9 +120,11 @@ def rms_norm_forward(x2, weight, eps):
     rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, rstd
+    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
     block = triton.next_power_of_2(H)
-    _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, H, x2.stride(0), y.stride(0), float(eps),
-                               BLOCK_H=block, num_warps=_num_warps(block))
+    with device_guard(x2):
+        _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, H, x2.stride(0), y.stride(0), float(eps),
+                                   BLOCK_H=block, num_warps=_num_warps(block))
     return y, rstd
 
 
@@ -138,9 +142,10 @@ def rms_norm_backward(dy2, x2, weight, rstd, need_dw):
     programs = triton.cdiv(M, rows_per_program)
     partial = torch.empty((programs, H), dtype=torch.float32, device=x2.device) if need_dw else dx  # dx: unread
     block = triton.next_power_of_2(H)
-    _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial, M, H,
-                                      dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
-                                      HAS_DW=need_dw, BLOCK_H=block, num_warps=_num_warps(block))
+    with device_guard(x2):  # see rms_norm_forward
+        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial, M, H,
+                                          dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
+                                          HAS_DW=need_dw, BLOCK_H=block, num_warps=_num_warps(block))
     dw = partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
 
@@ -159,6 +164,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         H = x.shape[-1]
+        weight = weight.contiguous()  # both kernels read w_ptr + cols: unit stride assumed (no-op for a Parameter)
         x2 = _rows(x, H)                                     # (M, H)
         y2, rstd = rms_norm_forward(x2, weight, eps)         # (M, H), (M,)
         ctx.save_for_backward(x2, weight, rstd)

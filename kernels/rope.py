@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from ._device import device_guard
+
 try:
     import triton
     import triton.language as tl
@@ -135,17 +137,19 @@ def rope_launch(q, k, cos, sin, backward=False):
     ko = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     if B * T == 0:
         return qo, ko
-    _rope_kernel[(B * T,)](
-        q, k, qo, ko, cos, sin,
-        T, Hq, Hkv, R // 2, R, D,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        cos.stride(0), cos.stride(1),
-        BACKWARD=backward,
-        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_HALF=triton.next_power_of_2(R // 2),
-        BLOCK_PASS=triton.next_power_of_2(D - R) if D > R else 0,
-        num_warps=4,
-    )
+    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+    with device_guard(q):
+        _rope_kernel[(B * T,)](
+            q, k, qo, ko, cos, sin,
+            T, Hq, Hkv, R // 2, R, D,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            cos.stride(0), cos.stride(1),
+            BACKWARD=backward,
+            BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
+            BLOCK_HALF=triton.next_power_of_2(R // 2),
+            BLOCK_PASS=triton.next_power_of_2(D - R) if D > R else 0,
+            num_warps=4,
+        )
     return qo, ko
 
 

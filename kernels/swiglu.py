@@ -27,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._device import device_guard
+
 try:
     import triton
     import triton.language as tl
@@ -105,8 +107,10 @@ def swiglu_forward(gu2):
     h = torch.empty((M, I), dtype=gu2.dtype, device=gu2.device)
     if M * I:
         block = _block(I)
-        _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](gu2, h, I, gu2.stride(0), h.stride(0), BLOCK=block,
-                                                       num_warps=4)
+        # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+        with device_guard(gu2):
+            _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](gu2, h, I, gu2.stride(0), h.stride(0), BLOCK=block,
+                                                           num_warps=4)
     return h
 
 
@@ -117,8 +121,9 @@ def swiglu_backward(dh2, gu2):
     dgu = torch.empty((M, I2), dtype=gu2.dtype, device=gu2.device)
     if M * I:
         block = _block(I)
-        _swiglu_bwd_kernel[(M, triton.cdiv(I, block))](dh2, gu2, dgu, I, dh2.stride(0), gu2.stride(0),
-                                                       dgu.stride(0), BLOCK=block, num_warps=4)
+        with device_guard(gu2):  # see swiglu_forward
+            _swiglu_bwd_kernel[(M, triton.cdiv(I, block))](dh2, gu2, dgu, I, dh2.stride(0), gu2.stride(0),
+                                                           dgu.stride(0), BLOCK=block, num_warps=4)
     return dgu
 
 
