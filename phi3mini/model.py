@@ -228,6 +228,7 @@ class Phi3(nn.Module):
         self.gradient_checkpointing = False
         self.fused_ce = False
         self.generation_config: dict = {}
+        self.name_or_path: str | None = None  # the Hub id, folder or preset it came from (adapters record it)
 
     # ----- switches ---------------------------------------------------------------------------------------------
     def set_kernels(self, enabled: bool | None = None, **which: bool) -> "Phi3":
@@ -318,6 +319,7 @@ class Phi3(nn.Module):
         """A randomly initialised model from a preset (e.g. "tiny"), deterministic for a seed."""
         model = cls(Phi3Config.from_name(name, **overrides))
         model.init_weights(seed)
+        model.name_or_path = name  # recorded in adapters trained on it
         return model.to(dtype=dtype, device=device)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
