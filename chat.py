@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from phi3mini import ConfigError, CheckpointError, Phi3, Tokenizer, default_stop_ids, generate
+from phi3mini import ConfigError, CheckpointError, Phi3, Tokenizer, TokenizerError, default_stop_ids, generate
 from phi3mini.weights import resolve_checkpoint
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -89,10 +89,10 @@ def load(args) -> tuple[Phi3, Tokenizer]:
             tokenizer = Tokenizer.tiny()
         else:
             folder = resolve_checkpoint(args.model)
+            tokenizer = Tokenizer.from_pretrained(folder)  # first: a missing tokenizer fails before gigabytes load
             model = Phi3.from_pretrained(folder, dtype=dtype, device=device)
             model.name_or_path = args.model
-            tokenizer = Tokenizer.from_pretrained(folder)
-    except (CheckpointError, ConfigError, OSError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, OSError) as e:
         raise ChatError(f"--model {args.model}: {e}") from None
     if args.adapter:
         load_adapter(model, args.adapter, merge=args.merge)
@@ -102,16 +102,14 @@ def load(args) -> tuple[Phi3, Tokenizer]:
 def load_adapter(model: Phi3, adapter_dir: str, merge: bool) -> None:
     import lora
 
-    dtype = next(model.parameters()).dtype
-    if merge and dtype != torch.float32:
-        model.float()  # merge W + s·B·A in fp32 and cast once (merging in bf16 drifts: peft #1388)
     try:
         lora.load_adapter(model, adapter_dir)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
         raise ChatError(f"--adapter {adapter_dir}: {e}") from None
     if merge:
+        # W + s·B·A is computed in fp32 inside each layer and cast once to W's dtype (a bf16 sum drifts:
+        # peft #1388); the model itself stays in its dtype, so merging needs no second copy of the weights
         lora.merge(model)
-        model.to(dtype)
 
 
 # ----- the conversation ------------------------------------------------------------------------------------------
@@ -128,7 +126,10 @@ def fit_prompt(tokenizer: Tokenizer, system: str | None, turns: list[tuple[str, 
     """Prompt ids for the next reply, and how many of the oldest turns had to go for it to fit in `limit` tokens.
     Raises ChatError when even the system message and the new message alone do not fit."""
     for dropped in range(len(turns) + 1):
-        ids = tokenizer.encode_chat(build_messages(system, turns[dropped:], user), add_generation_prompt=True)
+        try:
+            ids = tokenizer.encode_chat(build_messages(system, turns[dropped:], user), add_generation_prompt=True)
+        except ValueError as e:  # a blank --prompt: check_messages names the message
+            raise ChatError(str(e)) from None
         if len(ids) <= limit:
             return list(ids), dropped
     raise ChatError(f"the message is too long: {len(ids)} prompt tokens, but only {limit} fit "
@@ -167,7 +168,7 @@ class Chat:
     def __init__(self, model: Phi3, tokenizer: Tokenizer, args, stdout, stderr):
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.stdout, self.stderr = stdout, stderr
-        self.system: str | None = args.system
+        self.system = args.system if args.system and args.system.strip() else None  # blank: none, as with /system
         self.turns: list[tuple[str, str]] = []  # (user message, reply) pairs
         max_pos = model.config.max_position_embeddings
         context = min(args.max_context or max_pos, max_pos)
@@ -205,7 +206,10 @@ class Chat:
                         f"{dropped} turn{'s' if dropped > 1 else ''}")
             self.turns = self.turns[dropped:]
         reply = self.reply(ids)
-        self.turns.append((user, reply))
+        if reply:  # an empty assistant message cannot be rendered (check_messages): that turn is not kept
+            self.turns.append((user, reply))
+        else:
+            self.notice("empty reply: this turn is not kept in the history")
         return reply
 
     def reply(self, ids: list[int]) -> str:

@@ -181,6 +181,8 @@ def parse_config(argv=None) -> dict:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise TrainError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+            raise TrainError(f"{path}: cannot read the config file ({e})") from None
         except tomllib.TOMLDecodeError as e:
             raise TrainError(f"{path}: not valid TOML ({e})") from None
         for section, values in data.items():
@@ -245,7 +247,10 @@ def resolve_device_dtype(t: dict) -> tuple[torch.device, torch.dtype]:
     name = t["device"]
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name}: CUDA is not available on this machine")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(t["dtype"])
@@ -322,7 +327,8 @@ def build_model(t: dict, lc: dict, device: torch.device, dtype: torch.dtype):
         p.data = p.data.float()
     model.gradient_checkpointing = t["grad_checkpointing"]
     if t["kernels"] == "on" or (t["kernels"] == "auto" and device.type == "cuda"):
-        model.set_kernels(True)
+        # the fused loss multiplies by lm_head.weight itself: it would skip (and never train) an lm_head adapter
+        model.set_kernels(True, fused_ce=not isinstance(model.lm_head, lora.LoRALayer))
     if t["compile"]:
         for block in model.model.layers:
             block.compile()
@@ -544,16 +550,21 @@ def train(cfg: dict) -> int:
     device, dtype = resolve_device_dtype(t)
     if device.type == "cpu" and sys.platform == "linux":
         keep_freed_cpu_memory()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder")
     clean_partial(ckpt_root)
     checkpoints = list_checkpoints(ckpt_root)
     if t["resume"] and not checkpoints:
         raise TrainError(f"--resume: no checkpoint in {ckpt_root} to resume from")
-    if not t["resume"] and checkpoints:
-        if not t["overwrite"]:
-            raise TrainError(f"{out} already holds checkpoints (newest {checkpoints[-1][1].name}); pass --resume to "
-                             "continue that run, --overwrite to start afresh, or choose another --out")
-        for _, p in checkpoints:
-            shutil.rmtree(p)
+    if not t["resume"] and checkpoints and not t["overwrite"]:
+        raise TrainError(f"{out} already holds checkpoints (newest {checkpoints[-1][1].name}); pass --resume to "
+                         "continue that run, --overwrite to start afresh, or choose another --out")
+    try:  # now, not after minutes of loading: everything the run writes goes here
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: the folder is not writable")
     tokenizer = load_tokenizer(t["model"])
 
     # --- data
@@ -599,6 +610,9 @@ def train(cfg: dict) -> int:
     log(f"{len(train_set)} training examples, {len(plan(0))} micro-batches per epoch, {total_steps} steps "
         f"(batch {t['batch_size']} x accumulation {t['grad_accum']}{', packed' if t['packing'] else ''}), "
         f"warmup {warmup}, {t['schedule']} to {t['min_lr']:g}")
+    if t["grad_accum"] > len(plan(0)):  # a step never spans two epochs
+        log(f"note: --grad-accum {t['grad_accum']} is more than the {len(plan(0))} micro-batches of an epoch: "
+            f"each step accumulates one epoch at most")
 
     # --- resume
     step, epoch, index = 0, 0, 0  # updates done; data position: epoch and next micro-batch within it
@@ -615,6 +629,8 @@ def train(cfg: dict) -> int:
         if changed:
             raise TrainError(f"cannot resume from {path}: changed since: {'; '.join(changed)}")
         state = load_checkpoint(path, model, optimizer, device)
+        for group in optimizer.param_groups:  # load_state_dict brought back the old run's; the config wins, as for lr
+            group.update(betas=(t["adam_beta1"], t["adam_beta2"]), eps=t["adam_eps"], weight_decay=t["weight_decay"])
         step, epoch, index = state["step"], state["epoch"], state["batch_index"]
         if state["scheduler"]["total_steps"] != total_steps:
             log(f"note: the schedule now spans {total_steps} steps (the checkpoint's run planned "
@@ -623,8 +639,11 @@ def train(cfg: dict) -> int:
             records = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
             records = [r for r in records if r["step"] <= step]
         log(f"resumed from {path} at step {step} (epoch {epoch}, micro-batch {index})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg))
+    elif t["overwrite"]:  # only now that data and model loaded: a typo in a flag does not cost the old run
+        for _, p in checkpoints:
+            shutil.rmtree(p)
+    # resume/overwrite describe this invocation, not the run: the file, reused with --config, starts a new run
+    (out / "config.toml").write_text(to_toml({**cfg, "training": {**t, "resume": False, "overwrite": False}}))
     metrics_file = open(metrics_path, "w")
     for r in records:
         metrics_file.write(json.dumps(r) + "\n")
@@ -681,10 +700,7 @@ def train(cfg: dict) -> int:
                 group["lr"] = lr
             loss_sum = sum(micro_step(model, b.to(device), n_target, amp()) for b in batches)
             loss = float(loss_sum) / n_target
-            if t["max_grad_norm"] > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t["max_grad_norm"]))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t["max_grad_norm"] or math.inf))  # 0: no clip
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
                 raise TrainError(f"{what} at step {step + 1}: stopped before updating the adapter. Last good "
@@ -692,9 +708,10 @@ def train(cfg: dict) -> int:
                                  f"check the data.")
             updating = True
             optimizer.step()
+            rng = rng_state()
+            # one assignment, so a second Ctrl-C cannot land between the counters and the RNG state they go with
+            step, index, step_rng, updating = step + 1, index + len(micro), rng, False
             optimizer.zero_grad(set_to_none=True)
-            step, index, updating = step + 1, index + len(micro), False
-            step_rng = rng_state()
             dt = time.perf_counter() - t0
             n_tokens = sum(b.n_tokens for b in batches)
             rec = {"step": step, "epoch": round(epoch + index / len(plan(epoch)), 4), "loss": loss, "lr": lr,
@@ -757,6 +774,10 @@ def main(argv=None) -> int:
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the loop: while loading (nothing to save yet) or while writing the final
+        # adapter (the last step's checkpoint is complete: --resume writes the adapter again)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

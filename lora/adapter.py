@@ -2,7 +2,7 @@
 strictly.
 
     DIR/adapter.safetensors   every tensor of lora_state_dict(model, config.bias), keys as in the model's
-                              state dict (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the model's dtype
+                              state dict (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the parameters' dtype
     DIR/adapter_config.json   {"format": "phi3-lora-adapter", "format_version": 1, "lora": LoraConfig,
                                "layers": {module: LayerSpec}, "base_model": ..., "model": {sizes},
                                "tensors": {key: shape}}
@@ -40,8 +40,10 @@ class AdapterError(ValueError):
 # ----- writing a folder atomically ---------------------------------------------------------------------------------
 def write_dir_atomically(target, write) -> Path:
     """Call write(tmp_dir) on a fresh sibling DIR.tmp-XXXX, then put it in place of target: an existing target is
-    renamed aside, the new one renamed in, the old one deleted. A crash leaves target as it was (and perhaps a
-    stray .tmp-/.old- sibling). An existing target must be empty or an adapter folder (hold adapter_config.json)."""
+    renamed aside (DIR.old-XXXX), the new one renamed in, the old one deleted. An error leaves target as it was
+    (the old folder is renamed back if the new one cannot go in); a crash between the two renames leaves the old
+    adapter complete under DIR.old-XXXX (a directory cannot be swapped in one rename). An existing target must be
+    empty or an adapter folder (hold adapter_config.json)."""
     target = Path(target)
     if target.exists():
         if not target.is_dir():
@@ -64,7 +66,13 @@ def write_dir_atomically(target, write) -> Path:
         old = Path(tempfile.mkdtemp(prefix=target.name + ".old-", dir=target.parent))
         os.rmdir(old)
         os.rename(target, old)
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)  # put the previous adapter back under its name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -221,7 +229,7 @@ def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None) -> Pat
     layers = {n: m for n, m in lora_layers(model) if m.has_lora}
     if not layers:
         raise AdapterError("the model has no LoRA layers to save (call lora.inject first)")
-    tensors = {k: v for k, v in lora_state_dict(model, config.bias).items()}
+    tensors = lora_state_dict(model, config.bias)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -264,7 +272,7 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
     try:
         config = LoraConfig.from_dict(meta["lora"])
         specs = {n: LayerSpec.from_dict(d) for n, d in meta["layers"].items()}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise AdapterError(f"{where}: invalid adapter description ({type(e).__name__}: {e})") from None
     tensors = read_tensors(dir / WEIGHTS_NAME)
 

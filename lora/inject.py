@@ -118,9 +118,10 @@ class LayerSpec:
         return cls(type(m).__name__, m.r, m.lora_alpha, p, m.use_rslora)
 
     def same_adapter(self, other: "LayerSpec") -> bool:
-        """Equal in everything that decides the tensors' meaning (dropout aside)."""
+        """Equal in everything that decides the tensors' meaning (dropout aside; alpha up to float rounding)."""
         a, b = self.to_dict(), other.to_dict()
-        a.pop("lora_dropout"), b.pop("lora_dropout")
+        for d in (a, b):
+            del d["lora_dropout"], d["lora_alpha"]
         return a == b and math.isclose(self.lora_alpha, other.lora_alpha, rel_tol=1e-12)
 
 

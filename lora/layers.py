@@ -20,7 +20,8 @@ Deliberate differences:
 - No dropout is `nn.Identity` rather than a lambda, so layers pickle.
 - A and B are cast to the input's dtype in forward, so fp32 adapters run on a bf16 model without autocast.
 - On CUDA, Linear and MergedLinear run `kernels.lora_linear` (the low-rank term fused into the base GEMM) unless
-  `lora.layers.USE_TRITON = False` or PHI3LORA_NO_TRITON=1; elsewhere plain torch.
+  `lora.layers.USE_TRITON = False` or PHI3LORA_NO_TRITON=1, the weight is being trained, or autocast asks for
+  another dtype than the input's; elsewhere plain torch.
 - Conv1d / Conv3d size A as (r·k, in·k^(d-1)) so that B·A has the weight's size for any kernel size k (loralib's
   only work for k=1); Conv2d is loralib's exactly. As in loralib, conv layers ignore lora_dropout.
 - Invalid arguments raise ValueError / TypeError (loralib: assert, NotImplementedError).
@@ -39,8 +40,12 @@ USE_TRITON = True
 
 
 def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # the kernel wants x and the frozen weight in one dtype; under autocast with an fp32 input plain torch runs
+    # The kernel computes in x's dtype, which must be the weight's, and never gives the weight a gradient. So plain
+    # torch runs when autocast asks for another dtype (the kernel would skip autocast's cast: fp32 GEMMs under bf16
+    # autocast) and when the weight is being trained (the kernel would silently leave its gradient None).
     return (USE_TRITON and x.is_cuda and x.dtype == weight.dtype
+            and not (weight.requires_grad and torch.is_grad_enabled())
+            and not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != x.dtype)
             and os.environ.get("PHI3LORA_NO_TRITON") != "1")
 
 
@@ -74,7 +79,9 @@ class LoRALayer:
         raise NotImplementedError
 
     def reset_lora_parameters(self) -> None:
-        raise NotImplementedError
+        # A as nn.Linear initialises its weight, B zero: the layer starts as the pretrained one (Embedding differs)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     @property
     def has_lora(self) -> bool:
@@ -177,11 +184,6 @@ class _LinearLoRA(nn.Linear, LoRALayer):
         if hasattr(self, "lora_A"):
             self.reset_lora_parameters()
 
-    def reset_lora_parameters(self):
-        # A as nn.Linear initialises its weight, B zero: the layer starts as the pretrained one
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
     def _T(self, w):
         return w.transpose(0, 1) if self.fan_in_fan_out else w
 
@@ -261,10 +263,8 @@ class MergedLinear(_LinearLoRA):
         self.slice_sizes = slice_sizes
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0 and any(enable_lora):
-            n_enabled = sum(enable_lora)
-            enabled_rows = sum(s for s, on in zip(slice_sizes, enable_lora) if on)
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * n_enabled, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((enabled_rows, r)))
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * sum(enable_lora), in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((sum(self._enabled_sizes()), r)))
             self.weight.requires_grad = False
             self._build_buffers(self.weight.device)
         self.reset_parameters()
@@ -279,23 +279,10 @@ class MergedLinear(_LinearLoRA):
                          for s, on in zip(self.slice_sizes, self.enable_lora)])
         self.register_buffer("lora_ind", ind, persistent=False)
 
-    def _enabled_slices(self):
-        """(e, i, row_start, size) for each enabled slice: the e-th adapter sits on slice i, output rows
-        [row_start, row_start + size)."""
-        out, start, e = [], 0, 0
-        for i, (size, on) in enumerate(zip(self.slice_sizes, self.enable_lora)):
-            if on:
-                out.append((e, i, start, size))
-                e += 1
-            start += size
-        return out
-
-    def _slice_rows(self):
-        """(e, i, start, size) of each enabled slice with b_row, the slice's first row in lora_B."""
-        b_row = 0
-        for sl in self._enabled_slices():
-            yield sl, b_row
-            b_row += sl[3]
+    def _enabled_sizes(self) -> list[int]:
+        """The row counts of the enabled slices, in order: lora_B.split(_enabled_sizes()) gives their B blocks
+        (and lora_A.split(r) their A blocks)."""
+        return [size for size, on in zip(self.slice_sizes, self.enable_lora) if on]
 
     def full_B(self, dtype=None) -> torch.Tensor:
         """Block-structured B (out, r·n_enabled): x·Aᵀ·full_Bᵀ is this layer's low-rank term (zero rows for
@@ -329,19 +316,13 @@ class MergedLinear(_LinearLoRA):
                                lora_x=None if lx is x else lx)
         result = F.linear(x, weight, self.bias)  # (..., out)
         xa = F.linear(lx, self.lora_A.to(x.dtype)) * self.scaling  # (..., r·n_enabled), scaled while it is thin
-        B = self.lora_B.to(x.dtype)
-        r = self.r
-        enabled = {i: (e, b_row) for (e, i, _, _), b_row in self._slice_rows()}  # slice -> (block, B row)
-        # one (..., out) low-rank term in slice order: slice i is xa's e-th r-block times its own B rows, a
+        xa_blocks = iter(xa.split(self.r, dim=-1))  # enabled slice e: (..., r)
+        B_blocks = iter(self.lora_B.to(x.dtype).split(self._enabled_sizes()))  # enabled slice e: (size, r)
+        # one (..., out) low-rank term in slice order: an enabled slice is its xa block times its own B, a
         # disabled slice zeros. One cat and one add (whose backward is plain slicing) instead of an indexed add
         # per slice, which costs a zero-filled (..., out) gradient for each slice in backward.
-        pieces = []
-        for i, size in enumerate(self.slice_sizes):
-            if i in enabled:
-                e, b_row = enabled[i]
-                pieces.append(F.linear(xa[..., e * r:(e + 1) * r], B[b_row:b_row + size]))  # (..., size)
-            else:
-                pieces.append(xa.new_zeros((*xa.shape[:-1], size)))
+        pieces = [F.linear(next(xa_blocks), next(B_blocks)) if on else xa.new_zeros((*xa.shape[:-1], size))
+                  for size, on in zip(self.slice_sizes, self.enable_lora)]
         return result.add_(torch.cat(pieces, dim=-1))
 
 
@@ -363,7 +344,6 @@ class ConvLoRA(nn.Module, LoRALayer):
             self.lora_B = nn.Parameter(self.conv.weight.new_zeros((out_channels // self.conv.groups * k, r * k)))
             self.conv.weight.requires_grad = False
         self.reset_parameters()
-        self.merged = False
 
     def _base_weight(self):
         return self.conv.weight
@@ -372,10 +352,6 @@ class ConvLoRA(nn.Module, LoRALayer):
         self.conv.reset_parameters()
         if hasattr(self, "lora_A"):
             self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     def delta_weight(self):
         cd = _compute_dtype(self.conv.weight)

@@ -21,7 +21,8 @@ no split modules, so such a folder is for other runtimes; `load_peft` reads it b
 `load_peft` injects one layer per peft adapter: a plain Linear (rank from the tensors) on qkv_proj, gate_up_proj
 and every other linear, an Embedding on embeddings; split q/k/v or gate/up adapters with one rank and alpha become
 a MergedLinear on the fused module. Features it cannot honour are refused, naming the field: DoRA, lora_bias,
-trained biases, modules_to_save, trainable tokens, layer replication and the other non-LoRA variants.
+trained biases, modules_to_save, trainable tokens, layer replication, initialisations that rewrite the base weights
+(PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA) and the other non-LoRA variants.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
 REFUSED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
            "alora_invocation_tokens", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
            "velora_config", "monteclora_config", "megatron_config")
+# init_lora_weights values after which peft's base weights are no longer the pretrained ones: peft re-runs these
+# initialisations when it loads the folder (W - s·B₀·A₀, or a quantized W), which this loader cannot reproduce
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def _number(x: float):
@@ -85,11 +89,9 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
         elif isinstance(m, MergedLinear):
             if split and len(FUSED[last]) == len(m.slice_sizes):
                 # each enabled slice keeps its own rank-r adapter; a disabled slice has none
-                b_row = 0
-                for e, i, _, size in m._enabled_slices():
-                    out.append((prefix + FUSED[last][i], False, A[e * m.r:(e + 1) * m.r], B[b_row:b_row + size],
-                                m.r, s))
-                    b_row += size
+                parts = [part for part, on in zip(FUSED[last], m.enable_lora) if on]
+                for part, A_e, B_e in zip(parts, A.split(m.r), B.split(m._enabled_sizes())):
+                    out.append((prefix + part, False, A_e, B_e, m.r, s))
             else:
                 n = sum(m.enable_lora)
                 out.append((name, False, A, m.full_B(), m.r * n, s))  # the rank r·n block form (module docstring)
@@ -204,8 +206,8 @@ def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
                 base[rest[: -len(".base_layer.weight")]] = t
             else:
                 unexpected.append(key)
-    incomplete = [f"{PREFIX}{m}.lora_{'B' if 'A' in e else 'A'}" for m, e in adapters.items()
-                  if not ("A" in e and "B" in e)]
+    incomplete = [f"{PREFIX}{m}." + (f"lora_embedding_{w}" if e["embedding"] else f"lora_{w}.weight")
+                  for m, e in adapters.items() for w in ("A", "B") if w not in e]  # the file's own key names
     if unexpected or incomplete or not adapters:
         lines = [f"{where}: not a LoRA adapter this loader understands"]
         if unexpected:
@@ -231,6 +233,10 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
     for field in REFUSED:
         if cfg.get(field) not in (None, False, [], {}, ""):
             raise AdapterError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (plain LoRA only)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights when peft loads the "
+                           "adapter; not supported (convert it to a plain LoRA adapter with peft first)")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (trained biases); only 'none'")
     try:
@@ -289,10 +295,19 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
             problems.append(f"{fused}: not a fused linear module the split adapters can go onto")
             continue
         enable = tuple(n in parts for n in names)
-        for n, size, on in zip(names, sizes, enable):
-            if on and parts[n][1]["B"].shape[0] != size:
-                key = f"{PREFIX}{fused.rpartition('.')[0]}.{n}.lora_B.weight"
-                problems.append(f"{key}: adapter {tuple(parts[n][1]['B'].shape)} vs model ({size}, {spec0.r})")
+        # each part's shapes, checked here with the file's key names (and before torch.cat could fail on them)
+        parent, _, _ = fused.rpartition(".")
+        bad = []
+        for n, size in zip(names, sizes):
+            if n in parts:
+                for which, want in (("A", (spec0.r, m.in_features)), ("B", (size, spec0.r))):
+                    got = tuple(parts[n][1][which].shape)
+                    if got != want:
+                        bad.append(f"{PREFIX}{parent + '.' if parent else ''}{n}.lora_{which}.weight: "
+                                   f"adapter {got} vs model {want}")
+        if bad:
+            problems += bad
+            continue
         specs[fused] = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes))
         ours[f"{fused}.lora_A"] = torch.cat([parts[n][1]["A"] for n in names if n in parts])
         ours[f"{fused}.lora_B"] = torch.cat([parts[n][1]["B"] for n in names if n in parts])

@@ -45,6 +45,7 @@ END_ID = 32007  # <|end|>: closes every turn; the last trained token of each ass
 # Phi-3's special tokens absorb it anyway)
 _TURN = re.compile(r"<\|(system|user|assistant)\|>\n?(.*?)<\|end\|>\n?", re.DOTALL)
 _SPECIAL = re.compile(r"<\|[a-z0-9_]+\|>")
+_PHI3_TAG = re.compile(r"<\|(system|user|assistant|end|endoftext|placeholder\d+)\|>")  # Phi-3's special tokens
 
 
 class DataError(ValueError):
@@ -64,6 +65,10 @@ def parse_phi3_text(text: str) -> list[dict]:
     for m in _TURN.finditer(s):
         if m.start() != pos:
             break
+        tag = _PHI3_TAG.search(m.group(2))
+        if tag:  # the turn swallowed the next one: trained as reply text, the model would learn to emit <|user|>
+            raise ValueError(f"{tag.group(0)} inside the {m.group(1)} turn at character {m.start(2) + tag.start()} "
+                             f"(a missing <|end|>?)")
         messages.append({"role": m.group(1), "content": m.group(2)})
         pos = m.end()
     if pos != len(s) or not messages:
@@ -114,7 +119,7 @@ class DataStats:
     no_target: int = 0  # skipped: no trained token left
     too_long: int = 0  # skipped: not even the first assistant reply fits in max_seq_len
     truncated: int = 0  # kept, cut after the last complete assistant reply that fits
-    examples: list = field(default_factory=list, repr=False)  # file:line of each skipped example, first few
+    examples: list = field(default_factory=list, repr=False)  # "file:line: reason" of each skipped example
 
     def summary(self) -> str:
         parts = [f"{self.kept} of {self.lines} examples kept"]
@@ -138,6 +143,10 @@ def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, 
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a .jsonl file") from None
+    except OSError as e:  # permission denied, ...
+        raise DataError(f"{path}: cannot read it: {e.strerror}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one): not JSON
+        raw = raw[3:]
     out, errors = [], []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
@@ -239,7 +248,8 @@ def load_dataset(path, tokenizer, max_seq_len: int, train_on: str = "assistant")
         examples.append(ex)
     stats.kept = len(examples)
     if not examples:
-        raise DataError(f"{path}: no usable examples: {stats.summary()}")
+        hint = f" at max_seq_len {max_seq_len}" if stats.too_long else ""
+        raise DataError(f"no usable examples in {stats.summary()}{hint}")
     return examples, stats
 
 

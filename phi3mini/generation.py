@@ -27,7 +27,8 @@ def default_stop_ids(model: Phi3) -> list[int]:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy. Otherwise the logits go through temperature, top-k
+    and top-p exactly as transformers' warpers do them (same operations, so ties at the cut-offs go the same way)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -35,12 +36,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # ascending, as transformers' TopPLogitsWarper: drop the least likely tokens while their total mass is at
+        # most 1 - top_p; the most likely token always stays
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[:, -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -69,7 +70,8 @@ def generate(model: Phi3, input_ids, max_new_tokens: int, temperature: float = 0
     if T == 0:
         raise ValueError("generate needs at least one prompt token")
     mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long())
-    stops = torch.tensor(default_stop_ids(model) if stop_ids is None else list(stop_ids), device=device)
+    stop_list = default_stop_ids(model) if stop_ids is None else [int(i) for i in stop_ids]
+    stops = torch.tensor(stop_list, dtype=torch.long, device=device)
     max_len = T + max_new_tokens
     dtype = next(model.parameters()).dtype
 
@@ -81,33 +83,31 @@ def generate(model: Phi3, input_ids, max_new_tokens: int, temperature: float = 0
 
     was_training = model.training
     model.eval()
-    cache, logits = prefill(ids, mask)
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.zeros_like(nxt), nxt)  # finished rows feed a dummy token, dropped below
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if single and on_token is not None:
-            on_token(int(nxt[0]))
-        done = done | torch.isin(nxt, stops)
-        if bool(done.all()) or out.shape[1] == max_new_tokens:
-            break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        pos = _positions(mask)[:, -1:]  # (B, 1)
-        if model.rotary.uses_long(int(pos.max())) and not cache.long_rope:
-            # crossing original_max_position_embeddings: recompute every cached key with the long factors
-            cache, logits = prefill(torch.cat([ids, out], dim=1), mask)
-            continue
-        logits = model(nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]
-    model.train(was_training)
+    try:  # restore the mode even when on_token raises (Ctrl-C while streaming) or generation fails
+        cache, logits = prefill(ids, mask)
+        out = torch.empty(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.zeros_like(nxt), nxt)  # finished rows feed a dummy token, dropped below
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if single and on_token is not None:
+                on_token(int(nxt[0]))
+            done = done | torch.isin(nxt, stops)
+            if bool(done.all()) or out.shape[1] == max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            pos = _positions(mask)[:, -1:]  # (B, 1)
+            if model.rotary.uses_long(int(pos.max())) and not cache.long_rope:
+                # crossing original_max_position_embeddings: recompute every cached key with the long factors
+                cache, logits = prefill(torch.cat([ids, out], dim=1), mask)
+                continue
+            logits = model(nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
 
     rows = []
-    for b in range(B):
-        row = out[b].tolist()
-        for i, t in enumerate(row):
-            if t in stops.tolist():
-                row = row[: i + 1]
-                break
-        rows.append(row)
+    for row in out.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_list), len(row))  # through the first stop id
+        rows.append(row[:end])
     return rows[0] if single else rows

@@ -297,7 +297,9 @@ class Phi3(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
         y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-        if self.fused_ce:
+        # the fused kernel multiplies by lm_head.weight itself: only for a plain nn.Linear head (an adapter on
+        # lm_head, or a merged-away wrapper, would be skipped and never trained)
+        if self.fused_ce and type(self.lm_head) is nn.Linear:
             from kernels.cross_entropy import fused_linear_cross_entropy
             return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=-100, reduction=reduction)
         return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction=reduction)

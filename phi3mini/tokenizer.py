@@ -42,7 +42,7 @@ ROLES = ("system", "user", "assistant")
 # microsoft/Phi-3-mini-4k-instruct tokenizer_config.json "chat_template" (the July 2024 update, with system
 # messages; the April 2024 file began with {{ bos_token }} and had no system role). Phi-3.5-mini's template only
 # adds `and message['content']` to the system test, which renders the same for the non-empty contents accepted here.
-PHI3_CHAT_TEMPLATE = (  # the file's text exactly: backslash-n escapes inside the Jinja strings, no newlines
+PHI3_CHAT_TEMPLATE = (  # as the file spells it: backslash-n escapes inside the Jinja strings, no newlines
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
     "{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
@@ -52,7 +52,9 @@ PHI3_CHAT_TEMPLATE = (  # the file's text exactly: backslash-n escapes inside th
 )
 
 # Templates that render this module's format for the messages it accepts (Phi-3.5-mini / the 128k update skip empty
-# system messages, which are refused here anyway).
+# system messages, which are refused here anyway). Compared with newlines written as backslash-n: the Hub's
+# tokenizer_config.json spells '<|user|>\n' with a JSON escape, so the parsed template holds real newlines where
+# PHI3_CHAT_TEMPLATE has Jinja's backslash-n escapes; Jinja renders both the same.
 _PHI3_TEMPLATES = (PHI3_CHAT_TEMPLATE,
                    PHI3_CHAT_TEMPLATE.replace("message['role'] == 'system' %}", "message['role'] == 'system' and "
                                               "message['content'] %}"))
@@ -65,7 +67,6 @@ PHI3_ADDED_TOKENS = {
 }
 END_TOKEN = "<|end|>"
 EOS_TOKEN = "<|endoftext|>"
-
 
 
 def check_messages(messages) -> list[tuple[str, str]]:
@@ -87,6 +88,7 @@ def check_messages(messages) -> list[tuple[str, str]]:
             raise ValueError(f"message {i} ({role}) has empty content")
         out.append((role, content))
     return out
+
 
 class TokenizerError(ValueError):
     """A tokenizer folder or file that cannot be used; the message names the file."""
@@ -179,7 +181,7 @@ class Tokenizer:
         if jinja.is_file() and not config.get("chat_template"):
             config["chat_template"] = jinja.read_text(encoding="utf-8")
         template = config.get("chat_template")
-        if template and template not in _PHI3_TEMPLATES:
+        if template and (not isinstance(template, str) or template.replace("\n", "\\n") not in _PHI3_TEMPLATES):
             warnings.warn(f"{folder}: its chat_template is not Phi-3's; this tokenizer renders and trains on Phi-3's "
                           "chat format (<|role|>\\n...<|end|>\\n) and only keeps the file's template for saving",
                           stacklevel=2)

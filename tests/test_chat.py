@@ -204,6 +204,31 @@ def test_message_longer_than_context_is_an_error():
     assert code == 2 and "error: the message is too long" in err
 
 
+def test_empty_reply_is_not_kept_and_the_session_goes_on(monkeypatch, tok):
+    # a reply that is only <|end|> (or Ctrl-C before the first token) shows nothing; an empty assistant message
+    # cannot be rendered, so the turn must not stay in the history
+    seen = []
+    fake_generate(monkeypatch, [[32007], tok.encode("two") + [32007]], seen)
+    code, out, err = run(["--model", "tiny"], "hi\nyo\n")
+    assert code == 0, err
+    assert out == "\ntwo\n" and "Traceback" not in err
+    assert seen[1] == tok.encode_chat([{"role": "user", "content": "yo"}], add_generation_prompt=True)
+
+
+def test_blank_system_and_prompt(prompts, tok):
+    code, out, err = run(["--model", "tiny", "--system", "  ", "--prompt", "hi", "--max-new-tokens", "3"])
+    assert code == 0, err  # a blank --system is no system message, like "/system" with no text
+    assert prompts[-1] == tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    code, out, err = run(["--model", "tiny", "--prompt", " \n "])
+    assert code == 2 and err.startswith("error:") and "empty" in err and out == ""
+
+
+def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path):
+    Phi3.from_name("tiny", seed=0).save_pretrained(tmp_path / "ckpt")  # weights only, no tokenizer.json
+    code, out, err = run(["--model", str(tmp_path / "ckpt"), "--prompt", "hi"])
+    assert code == 2 and err.startswith("error: --model") and "tokenizer.json" in err and "Traceback" not in err
+
+
 # ----- adapters -----------------------------------------------------------------------------------------------------
 def test_adapter_changes_reply_and_merge_keeps_it(adapter):
     base = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16"])
@@ -213,6 +238,16 @@ def test_adapter_changes_reply_and_merge_keeps_it(adapter):
     assert base[0] == tuned[0] == merged[0] == 0, (tuned[2], merged[2])
     assert tuned[1] != base[1]
     assert merged[1] == tuned[1]
+
+
+def test_peft_adapter_folder_gives_the_same_reply(adapter, tmp_path):
+    model = Phi3.from_name("tiny", seed=0)
+    lora.load_adapter(model, adapter)
+    lora.export_peft(model, tmp_path / "peft", model.lora_config)
+    argv = ["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter"]
+    ours, peft = run(argv + [str(adapter)]), run(argv + [str(tmp_path / "peft")])
+    assert ours[0] == peft[0] == 0, peft[2]
+    assert peft[1] == ours[1]
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path):

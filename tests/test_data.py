@@ -240,3 +240,37 @@ def test_read_conversations_reports_line_numbers(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ["", {"messages": CONV}])
     (where, messages), = read_conversations(path)
     assert where.endswith("d.jsonl:2") and messages == CONV
+
+
+def test_text_with_a_missing_end_is_an_error_not_a_merged_turn(tmp_path, tok):
+    """Without the reply's <|end|>, the next <|user|> turn would become part of the assistant reply (and be trained)."""
+    text = "<|user|>\nQ<|end|>\n<|assistant|>\nA\n<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n"
+    with pytest.raises(ValueError, match=r"<\|user\|> inside the assistant turn"):
+        parse_phi3_text(text)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}, {"text": text}])
+    with pytest.raises(DataError, match=r"d.jsonl:2: .*missing <\|end\|>"):
+        load_dataset(path, tok, max_seq_len=512)
+
+
+def test_unreadable_file_is_a_data_error(tmp_path, tok, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}])
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(type(path), "read_bytes", denied)  # chmod does not stop root
+    with pytest.raises(DataError, match="d.jsonl: cannot read it: Permission denied"):
+        load_dataset(path, tok, max_seq_len=512)
+
+
+def test_byte_order_mark_is_accepted(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": CONV}).encode() + b"\r\n")
+    examples, _ = load_dataset(path, tok, max_seq_len=512)
+    assert len(examples) == 1
+
+
+def test_all_too_long_names_max_seq_len(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}])
+    with pytest.raises(DataError, match=r"no usable examples in .*d.jsonl: 0 of 1 .*too long.*max_seq_len 5") as e:
+        load_dataset(path, tok, max_seq_len=5)
+    assert str(e.value).count("d.jsonl") == 1

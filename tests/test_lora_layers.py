@@ -339,3 +339,25 @@ def test_cuda_triton_path_matches_torch_path(cls, monkeypatch):
         results.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
     for fused, ref in zip(*results):
         torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [lora.Linear, lora.MergedLinear])
+def test_cuda_route_honours_a_trained_weight_and_autocast(cls, monkeypatch):
+    # the fused kernel gives the weight no gradient and computes in x's dtype: a layer whose weight is trained,
+    # or an fp32 layer under bf16 autocast, must take the torch route and behave as it does on the CPU
+    kw = dict(enable_lora=[True, False, True], slice_sizes=[96, 48, 48]) if cls is lora.MergedLinear else {}
+    layer = cls(80, 192, r=8, lora_alpha=16, **kw).cuda()
+    randomize(layer)
+    x = torch.randn(3, 37, 80, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    layer.weight.requires_grad_(True)
+    grads = []
+    for use in (True, False):
+        monkeypatch.setattr(lora.layers, "USE_TRITON", use)
+        layer.zero_grad(set_to_none=True)
+        layer(x).pow(2).sum().backward()
+        assert layer.weight.grad is not None
+        grads.append(layer.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)

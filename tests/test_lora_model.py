@@ -421,3 +421,89 @@ def test_split_fused_export_is_exact(ckpt, tmp_path):
     qkv = fresh.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, lora.MergedLinear) and qkv.enable_lora == [True, False, True]
     torch.testing.assert_close(logits(fresh), logits(model), atol=1e-5, rtol=0)
+
+
+# ----- review additions -------------------------------------------------------------------------------------------
+def test_failed_rename_into_place_restores_previous_adapter(ckpt, tmp_path, monkeypatch):
+    # the old folder is renamed aside before the new one goes in: if that second rename fails, the old one must
+    # come back under its name rather than stay behind as a stray .old- sibling
+    model, config = injected(ckpt)
+    first = logits(model)
+    lora.save_adapter(model, tmp_path / "adapter", config)
+    randomize_lora(model, seed=9)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in os.fspath(src):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        lora.save_adapter(model, tmp_path / "adapter", config)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    fresh = Phi3.from_pretrained(ckpt)
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(fresh), first)
+
+
+def test_malformed_adapter_description_is_an_adapter_error(ckpt, tmp_path):
+    model, config = injected(ckpt)
+    lora.save_adapter(model, tmp_path / "a", config)
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    meta = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**meta, "layers": list(meta["layers"])}))
+    with pytest.raises(lora.AdapterError, match="invalid adapter description"):
+        lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "a")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_peft_init_that_changes_base_weights_is_refused(ckpt, tmp_path, init):
+    # peft re-runs these initialisations when it loads such a folder, rewriting the base weights (W - s·B₀·A₀);
+    # loading the tensors onto the unchanged base would silently compute something else
+    model, config = injected(ckpt)
+    lora.export_peft(model, tmp_path / "peft", config)
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "init_lora_weights": init}))
+    fresh = Phi3.from_pretrained(ckpt)
+    with pytest.raises(lora.AdapterError, match="init_lora_weights"):
+        lora.load_adapter(fresh, tmp_path / "peft")
+    assert not lora.lora_layers(fresh)
+    for harmless in (True, False, "gaussian"):
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "init_lora_weights": harmless}))
+        lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "peft")
+
+
+def test_same_adapter_tolerates_alpha_rounding():
+    a = lora.LayerSpec("Linear", 5, 2.5, use_rslora=True)
+    assert a.same_adapter(lora.LayerSpec("Linear", 5, 2.5 / 5 ** 0.5 * 5 ** 0.5, use_rslora=True, lora_dropout=0.1))
+    assert not a.same_adapter(lora.LayerSpec("Linear", 5, 2.6, use_rslora=True))
+    assert not a.same_adapter(lora.LayerSpec("Linear", 4, 2.5, use_rslora=True))
+
+
+def test_incomplete_peft_adapter_names_the_missing_key(ckpt, tmp_path):
+    model, config = injected(ckpt, target_modules=TARGETS + ("embed_tokens",))
+    lora.export_peft(model, tmp_path / "peft", config)
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
+    tensors.pop("base_model.model.model.embed_tokens.lora_embedding_A")
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(lora.AdapterError) as e:
+        lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "peft")
+    msg = str(e.value)
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in msg
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in msg
+
+
+def test_split_peft_parts_of_wrong_shape_are_named(ckpt, tmp_path):
+    model, config = injected(ckpt, enable_lora=(True, False, True))
+    lora.export_peft(model, tmp_path / "split", config, split_fused=True)
+    path = tmp_path / "split" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key][:, :3].contiguous()  # rank 3 against A's rank 4
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(lora.AdapterError, match=rf"{key}: adapter \(32, 3\) vs model \(32, 4\)"):
+        lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "split")

@@ -132,6 +132,45 @@ def test_generation_stops_on_stop_ids_and_sampling_is_seeded(tmp_path):
     assert a == b and len(a) == 10
 
 
+def test_sampling_filters_equal_transformers_warpers():
+    # temperature, then top-k, then top-p, as transformers' warpers: the same probabilities give the same draw
+    # from the same generator, ties at the top-p boundary included (rounded logits have many)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from phi3mini import sample_next
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        V = int(torch.randint(2, 300, (), generator=g))
+        logits = (torch.randn(3, V, generator=g) * 4).round()
+        t, k, p = 0.2 + float(torch.rand((), generator=g)), int(torch.randint(0, V + 5, (), generator=g)), \
+            float(torch.rand((), generator=g))
+        scores = TemperatureLogitsWarper(t)(None, logits.clone())
+        scores = TopKLogitsWarper(k)(None, scores) if k > 0 else scores
+        probs = TopPLogitsWarper(p)(None, scores).softmax(-1)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(trial)).squeeze(-1)
+        got = sample_next(logits, t, k, p, torch.Generator().manual_seed(trial))
+        assert torch.equal(got, want), (trial, V, t, k, p)
+
+
+def test_generate_restores_training_mode_after_an_error():
+    model = Phi3.from_name("tiny", seed=0).train()
+
+    def stop(token):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, [5, 6, 7], max_new_tokens=3, on_token=stop)
+    assert model.training
+
+
+def test_default_stop_ids_add_generation_config_eos_ids():
+    from phi3mini import default_stop_ids
+    model = Phi3.from_name("tiny", seed=0)
+    assert default_stop_ids(model) == [32007, 32000]
+    model.generation_config = {"eos_token_id": [32000, 32001, 32007]}  # Phi-3-mini's generation_config.json
+    assert default_stop_ids(model) == [32007, 32000, 32001]
+
+
 def test_our_save_pretrained_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -273,3 +312,21 @@ def test_triton_kernels_in_the_model_match_the_torch_path():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     with pytest.raises(ValueError, match="unknown kernel names"):
         model.set_kernels(flash=True)
+
+
+def test_fused_loss_never_skips_an_lm_head_adapter():
+    # the fused linear+cross-entropy reads lm_head.weight directly; with a LoRA adapter on lm_head the model must
+    # take the plain path, so the adapter shapes the loss and gets its gradient
+    import lora
+    model = Phi3.from_name("tiny", seed=0, vocab_size=96)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_(0, 0.5)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    model.set_kernels(fused_ce=False)
+    ref = model(ids, labels=ids)
+    model.set_kernels(fused_ce=True)
+    loss = model(ids, labels=ids)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    assert model.lm_head.lora_B.grad.abs().sum() > 0

@@ -442,3 +442,42 @@ def test_bad_messages_name_the_index(tok, messages, message):
 def test_bad_train_on(tok):
     with pytest.raises(ValueError, match="train_on must be 'assistant' or 'all'"):
         tok.encode_for_training(CONV, train_on="user")
+
+
+def hub_like_folder(path):
+    """Tokenizer files laid out like microsoft/Phi-3-mini-4k-instruct's (the tiny vocabulary stands in for the real
+    one): tokenizer.json with a post-processor that adds <s>, and tokenizer_config.json as the Hub writes it: the
+    template's '<|user|>\\n' is a JSON escape, so the parsed template holds real newlines; legacy false,
+    LlamaTokenizer, add_bos_token false, </s> not special."""
+    spec = json.loads(tiny_tokenizer_json())
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos,
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS], "tokens": ["<s>"]}}}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    added = {t["id"]: t for t in spec["added_tokens"]}
+    config = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "unk_token": "<unk>", "legacy": False, "model_max_length": 4096,
+              "padding_side": "left", "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False,
+              "chat_template": PHI3_CHAT_TEMPLATE.replace("\\n", "\n"),
+              "added_tokens_decoder": {str(i): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                   "single_word", "special")}
+                                       for i, t in added.items()}}
+    text = json.dumps(config, indent=2)
+    assert "{{'<|user|>\\n' + message['content']" in text  # the Hub file's spelling
+    (path / "tokenizer_config.json").write_text(text)
+    return path
+
+
+def test_hub_layout_loads_without_warning_and_encodes_the_same(tok, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub's own template is Phi-3's: no "not Phi-3's" warning
+        real = Tokenizer.from_pretrained(hub_like_folder(tmp_path))
+    assert (real.bos_id, real.eos_id, real.pad_id, real.end_id, real.stop_ids) == (1, 32000, 32000, 32007,
+                                                                                 (32007, 32000))
+    assert real.encode("Hi") == tok.encode("Hi")  # the post-processor's <s> is not added
+    for messages in CONVERSATIONS.values():
+        for agp in (False, True):
+            assert real.encode_chat(messages, add_generation_prompt=agp) == tok.encode_chat(messages, agp)
+            assert real.encode_for_training(messages) == tok.encode_for_training(messages)

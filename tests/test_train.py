@@ -228,6 +228,11 @@ def test_bad_config_is_a_clean_error(tmp_path, capsys):
     assert "batch_size must be int" in capsys.readouterr().err
     assert train.main(TINY + ["--batch-size", "0"]) == 2
     assert "batch_size (--batch-size) must be > 0" in capsys.readouterr().err
+    assert train.main(["--config", str(tmp_path)]) == 2  # a folder, not a file
+    assert "cannot read the config file" in capsys.readouterr().err
+    assert train.main(TINY + ["--device", "gpu", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --device gpu: not a device" in err and "Traceback" not in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, resume_data):
@@ -341,3 +346,68 @@ def test_lr_schedule():
     lin = [train.lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
     assert lin == pytest.approx([1 - s / 10 for s in range(10)])
     assert train.lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
+
+
+# ----- review: output folder, --overwrite, kernels, setup interrupt, resume hyperparameters -------------------------
+def qa_data(tmp_path):
+    return write_jsonl(tmp_path / "qa.jsonl", [conv(q, a) for q, a in QA])
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_a_clean_error(tmp_path, capsys):
+    data = qa_data(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in ((afile, "is a file"), (afile / "sub", "cannot create")):
+        assert train.main(TINY + ["--data", data, "--out", str(out), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and message in err and "Traceback" not in err, err
+
+
+def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_can_start(tmp_path, capsys):
+    data, out = qa_data(tmp_path), str(tmp_path / "out")
+    assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "1"]) == 0
+    # a typo in --data: the run stops before anything of the old run is deleted
+    assert train.main(TINY + ["--data", data + "x", "--out", out, "--max-steps", "1", "--overwrite"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [1]
+    assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "2", "--save-every", "0",
+                              "--overwrite"]) == 0
+    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [2]
+
+
+def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
+    """The fused loss reads lm_head.weight alone: with LoRA on lm_head its adapter would get no gradient."""
+    for targets, fused in ((TARGETS, False), ("qkv_proj,o_proj", True)):
+        cfg = train.parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
+        model, _, _ = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+        assert model.fused_ce is fused, targets
+
+
+def test_grad_accum_beyond_an_epoch_says_so(tmp_path, capsys):
+    data = qa_data(tmp_path)  # 4 examples, batch 1: 4 micro-batches an epoch
+    assert train.main(TINY + ["--data", data, "--out", str(tmp_path / "o"), "--batch-size", "1",
+                              "--grad-accum", "8"]) == 0
+    assert "--grad-accum 8 is more than the 4 micro-batches of an epoch" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_setup_exits_cleanly(tmp_path, monkeypatch, capsys):
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "load_tokenizer", interrupted)
+    assert train.main(TINY + ["--data", qa_data(tmp_path), "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_resume_uses_the_configured_optimizer_hyperparameters(tmp_path, monkeypatch):
+    data, out = qa_data(tmp_path), str(tmp_path / "out")
+    assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "1"]) == 0
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        seen.append({k: self.param_groups[0][k] for k in ("weight_decay", "eps", "betas")})
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "2", "--resume", "--weight-decay", "0.5",
+                              "--adam-eps", "1e-6", "--adam-beta2", "0.95"]) == 0
+    assert seen == [{"weight_decay": 0.5, "eps": 1e-6, "betas": (0.9, 0.95)}]
