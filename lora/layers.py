@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,10 @@ class LoRALayer:
         # loralib's train(): eval merges, train unmerges, only when merge_weights
         if self.merge_weights:
             self.unmerge() if mode else self.merge()
+        elif mode and self.merged and self.has_lora and self.lora_A.requires_grad:
+            # merged explicitly (lora.merge): the forward pass skips A and B, so training would leave them untouched
+            warnings.warn(f"{type(self).__name__} is merged, so training does not reach its LoRA weights: call "
+                          "lora.unmerge(model) before training", stacklevel=3)
 
     # --- building without touching the pretrained weight (used by lora.inject) ---
     def _materialize_lora(self, device, dtype) -> None:

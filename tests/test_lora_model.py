@@ -507,3 +507,16 @@ def test_split_peft_parts_of_wrong_shape_are_named(ckpt, tmp_path):
     safetensors.torch.save_file(tensors, path)
     with pytest.raises(lora.AdapterError, match=rf"{key}: adapter \(32, 3\) vs model \(32, 4\)"):
         lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "split")
+
+
+def test_training_a_merged_model_warns(ckpt):
+    # injected layers merge only when asked (merge_weights=False): train() after lora.merge must say that the
+    # adapter is out of the forward pass instead of silently training nothing
+    model = Phi3.from_pretrained(ckpt)
+    lora.inject(model, lora.LoraConfig(r=4, target_modules=["qkv_proj"]))
+    model.train()  # unmerged: no warning
+    lora.merge(model)
+    with pytest.warns(UserWarning, match="lora.unmerge"):
+        model.train()
+    lora.unmerge(model)
+    model.train()
