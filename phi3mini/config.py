@@ -138,40 +138,54 @@ class Phi3Config:
             if key in hf and hf[key] not in allowed:
                 raise ConfigError(f"{where}: {key}={hf[key]!r} is not supported (only {allowed[0]!r})")
 
-        rope = hf.pop("rope_parameters", None)
-        if rope is not None:  # transformers 5.x form
-            rope = dict(rope)
-            hf.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
-            if "partial_rotary_factor" in rope:
-                hf.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor"))
-            kind = rope.get("rope_type", "default")
-            if kind in _LONGROPE:
-                hf["rope_scaling"] = {"type": "longrope", **{k: v for k, v in rope.items() if k != "rope_type"}}
-                if "original_max_position_embeddings" in rope:
-                    hf.setdefault("original_max_position_embeddings", rope["original_max_position_embeddings"])
-            elif kind != "default":
-                raise ConfigError(f"{where}: rope_parameters.rope_type {kind!r} is not supported")
-        if hf.get("rope_scaling") is not None:
-            rs = dict(hf["rope_scaling"])
-            kind = rs.get("type", rs.get("rope_type"))
-            if kind not in _LONGROPE:
-                raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported (only 'longrope' / 'su')")
-            if rs.get("factor") not in (None, hf.get("max_position_embeddings", 4096) /
-                                        hf.get("original_max_position_embeddings", 4096)):
-                raise ConfigError(f"{where}: rope_scaling.factor={rs['factor']} differs from "
+        if hf.get("quantization_config"):
+            raise ConfigError(f"{where}: quantization_config is set (a quantized checkpoint); only unquantized "
+                              "weights load")
+
+        # RoPE comes as the Hub's top-level rope_theta + rope_scaling or as transformers 5.x's rope_parameters. As in
+        # transformers: rope_scaling wins over rope_parameters, and values inside the dict over top-level ones.
+        field_name = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        rope = dict(hf.pop("rope_scaling", None) or hf.get("rope_parameters") or {})
+        hf.pop("rope_parameters", None)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in rope:
+                hf[key] = rope.pop(key)
+        kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if kind in _LONGROPE:
+            # transformers reads original_max_position_embeddings from the top level only (4096 when absent)
+            orig = hf.get("original_max_position_embeddings", 4096)
+            inner = rope.pop("original_max_position_embeddings", orig)
+            if inner != orig:
+                raise ConfigError(f"{where}: {field_name}.original_max_position_embeddings={inner} differs from the "
+                                  f"top-level original_max_position_embeddings ({orig}), which transformers uses")
+            factor = rope.pop("factor", None)
+            if (factor is not None and rope.get("attention_factor") is None
+                    and factor != hf.get("max_position_embeddings", 4096) / orig):
+                raise ConfigError(f"{where}: {field_name}.factor={factor} differs from "
                                   "max_position_embeddings / original_max_position_embeddings")
-            hf["rope_scaling"] = {"type": "longrope", "short_factor": list(rs["short_factor"]),
-                                  "long_factor": list(rs["long_factor"]),
-                                  **({"attention_factor": rs["attention_factor"]}
-                                     if rs.get("attention_factor") is not None else {})}
+            scaling = {"type": "longrope"}
+            for key in ("short_factor", "long_factor"):
+                value = rope.pop(key, None)
+                if not isinstance(value, (list, tuple)):
+                    raise ConfigError(f"{where}: {field_name}.{key} must be a list of numbers, got {value!r}")
+                scaling[key] = list(value)
+            if rope.get("attention_factor") is not None:
+                scaling["attention_factor"] = rope["attention_factor"]
+            rope.pop("attention_factor", None)
+            hf["rope_scaling"] = scaling
+        elif kind != "default":
+            raise ConfigError(f"{where}: {field_name} type {kind!r} is not supported (only 'longrope' / 'su')")
+        if rope:  # e.g. short_mscale / long_mscale, which transformers' Phi-3 ignores too
+            warnings.warn(f"{where}: ignoring {field_name} keys {sorted(rope)}", stacklevel=2)
 
         names = {f.name for f in fields(cls) if f.init}
         kwargs = {k: v for k, v in hf.items() if k in names}
         unknown = sorted(set(hf) - names - _BOOKKEEPING - set(_MUST_BE))
         if unknown:
             warnings.warn(f"{where}: ignoring keys {unknown}", stacklevel=2)
-        if "original_max_position_embeddings" not in hf and "max_position_embeddings" in hf:
-            kwargs["original_max_position_embeddings"] = hf["max_position_embeddings"]
+        # absent keys take transformers' Phi3Config defaults; they are ours (Phi-3-mini-4k's) but for the window
+        kwargs.setdefault("sliding_window", None)
         try:
             return cls(**kwargs)
         except ConfigError as e:

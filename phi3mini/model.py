@@ -57,13 +57,23 @@ class RotaryEmbedding(nn.Module):
         if device.type == "meta":
             return
         exponent = torch.arange(0, c.rotary_dim, 2, dtype=torch.int64, device=device).float() / c.rotary_dim
-        base = 1.0 / (c.rope_theta ** exponent)  # (rotary_dim/2,)
-        short = long = torch.ones_like(base)
+        theta_pow = c.rope_theta ** exponent  # (rotary_dim/2,)
+        short = long = torch.ones_like(theta_pow)
         if c.rope_scaling is not None:
             short = torch.tensor(c.rope_scaling["short_factor"], dtype=torch.float32, device=device)
             long = torch.tensor(c.rope_scaling["long_factor"], dtype=torch.float32, device=device)
-        self.inv_freq_short = base / short
-        self.inv_freq_long = base / long
+        # 1 / (factor * theta^(2i/d)) exactly as transformers computes it: (1 / theta^(2i/d)) / factor differs in the
+        # last bit for about a third of LongRoPE's frequencies, which moves cos/sin far out (position 100k+)
+        self.inv_freq_short = 1.0 / (short * theta_pow)
+        self.inv_freq_long = 1.0 / (long * theta_pow)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to(dtype) / .half() / .bfloat16() would round the frequencies to the model's dtype (bf16 keeps 8
+        # bits: the angles are off by radians a few thousand positions in). Keep them fp32, recomputed on whatever
+        # device the module went to (this also fills them after to_empty() from the meta device).
+        super()._apply(fn, *args, **kwargs)
+        self.reset_parameters()
+        return self
 
     def uses_long(self, max_position: int) -> bool:
         c = self.config
@@ -270,6 +280,9 @@ class Phi3(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids (packing) cannot be combined with a KV cache")
+        if attention_mask is not None and attention_mask.shape[-1] < start + T:
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; it needs one per cached and new "
+                             f"token ({start} + {T})")
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         long = self.rotary.uses_long(int(position_ids.max()))
         cos, sin = self.rotary(position_ids, long, x.dtype)  # (B, T, rotary_dim)
@@ -338,11 +351,15 @@ class Phi3(nn.Module):
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Model FLOPs per token at seq_len: 2 per matmul weight forward, 2 more in a LoRA backward (through the
-        activations only, no weight gradient), plus attention's scores and values (2·2·T·d per layer, halved by
-        causality). Embedding lookups are not FLOPs."""
+        activations only, no weight gradient), plus attention's scores and values (2·2·d per visible key, per head
+        and layer). A query sees the keys up to itself within the sliding window: on average (T+1)/2 without a
+        window cut, fewer when the window is shorter than the sequence (Phi-3-mini-4k at 4096: 1536, not 2048).
+        Embedding lookups are not FLOPs."""
         c = self.config
         n = self.num_parameters() - (0 if c.tie_word_embeddings else self.model.embed_tokens.weight.numel())
-        attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len / 2
+        w = min(seq_len, c.sliding_window or seq_len)
+        visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # mean keys per query
+        attn = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * visible
         if not training:
             return 2 * n + attn
         return 4 * n + 3 * attn  # attention's backward costs twice its forward (dQ, dK, dV, dP)

@@ -65,7 +65,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{folder}: shard(s) {missing} named in {index.name} are missing")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    # model.safetensors alone when present, as transformers: an adapter_model.safetensors (or any other file) saved
+    # next to it is not part of the model
+    files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are not loaded; convert them to safetensors)" if pickles else ""
@@ -159,7 +161,20 @@ def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 # ----- loading a model -----------------------------------------------------------------------------------------
+def _weight_dtype(dtype):
+    """None (as stored), a floating torch.dtype, or its name as transformers takes it ("bfloat16", "auto")."""
+    if dtype is None or dtype == "auto":
+        return None
+    found = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        # a non-floating dtype would otherwise be applied to the weights (read_tensor converts floating tensors)
+        raise CheckpointError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. torch.bfloat16, "
+                              "\"float32\", or None to keep the checkpoint's)")
+    return found
+
+
 def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+    dtype = _weight_dtype(dtype)
     folder = resolve_checkpoint(path_or_hub_id)
     try:
         config = Phi3Config.from_hf(folder / "config.json")

@@ -330,3 +330,154 @@ def test_fused_loss_never_skips_an_lm_head_adapter():
     loss.backward()
     torch.testing.assert_close(loss, ref)
     assert model.lm_head.lora_B.grad.abs().sum() > 0
+
+
+# ----- review: LongRoPE far out, dtype casts, config.json defaults -----------------------------------------------
+# a spread of microsoft/Phi-3.5-mini-instruct's real factors (its long factors reach 64.8), 8 per list for head_dim 16
+PHI35_LONG = [1.08, 1.34, 2.62, 4.79, 12.2, 30.42, 50.34, 64.84]
+PHI35_SHORT = [1.0, 1.05, 1.07, 1.16, 1.79, 2.02, 2.03, 2.84]
+
+
+def test_longrope_far_positions_match_transformers(tmp_path):
+    # inv_freq must be computed as transformers does, 1 / (factor * theta^(2i/d)): 1/theta^(2i/d)/factor differs in
+    # the last bit for a third of the frequencies, which at position 130k moves cos/sin by ~1e-3
+    hf, ours = pair(tmp_path, max_position_embeddings=131072, original_max_position_embeddings=4096,
+                    rope_scaling={"type": "longrope", "short_factor": PHI35_SHORT, "long_factor": PHI35_LONG})
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(9))
+    for start in (1000, 130000):  # short factors, long factors
+        pos = (start + torch.arange(16)).expand(2, 16)
+        with torch.no_grad():
+            ref = hf(ids, position_ids=pos).logits
+            out = ours(ids, position_ids=pos)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    hf_rope = hf.model.rotary_emb
+    assert torch.equal(ours.rotary.inv_freq_short, hf_rope.original_inv_freq)
+    assert torch.equal(ours.rotary.inv_freq_long, hf_rope.long_inv_freq)
+    pos = (130000 + torch.arange(16))[None]
+    for got, want in zip(ours.rotary(pos, True, torch.float32), hf_rope(torch.zeros(1), pos)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_dtype_cast_keeps_rope_frequencies_in_fp32(tmp_path):
+    # model.to(torch.bfloat16) (and from_name(dtype=...)) must not round the RoPE frequencies to bf16: with 8 bits of
+    # mantissa the angles are off by radians a few thousand positions in
+    _, ours = pair(tmp_path, **LONGROPE)
+    loaded = Phi3.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    cast = ours.to(torch.bfloat16)
+    for m in (cast, Phi3.from_name("tiny", dtype=torch.bfloat16)):
+        assert m.rotary.inv_freq_short.dtype == m.rotary.inv_freq_long.dtype == torch.float32
+    ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(10))
+    pos = (3000 + torch.arange(60))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(cast(ids, position_ids=pos), loaded(ids, position_ids=pos), atol=0, rtol=0)
+    torch.testing.assert_close(cast.rotary.inv_freq_long, loaded.rotary.inv_freq_long, atol=0, rtol=0)
+
+
+def test_from_hf_absent_keys_take_transformers_defaults():
+    # a config.json without sliding_window has no window in transformers (not Phi-3-mini-4k's 2047), and one without
+    # original_max_position_embeddings uses 4096 (not max_position_embeddings)
+    from transformers import Phi3Config as HFPhi3Config
+
+    base = {k: v for k, v in PHI3_MINI_4K.items() if k not in ("sliding_window", "original_max_position_embeddings")}
+    long = {**base, "max_position_embeddings": 131072, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+    for d in (base, long):
+        ours, theirs = Phi3Config.from_hf(d), HFPhi3Config(**d)
+        assert ours.sliding_window == theirs.sliding_window is None
+        assert ours.original_max_position_embeddings == theirs.original_max_position_embeddings == 4096
+    assert Phi3Config.from_hf(long).rope_scale == 32.0
+
+
+def test_from_hf_rope_parameters_take_priority_as_in_transformers():
+    # transformers 5.x: values inside rope_parameters win over top-level rope_theta / partial_rotary_factor
+    from transformers import Phi3Config as HFPhi3Config
+
+    d = {**PHI3_MINI_4K, "rope_scaling": None, "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0, "partial_rotary_factor": 0.5}}
+    theirs = HFPhi3Config(**d).rope_parameters
+    c = Phi3Config.from_hf(d)
+    assert (c.rope_theta, c.partial_rotary_factor) == (theirs["rope_theta"], theirs["partial_rotary_factor"])
+    # transformers takes original_max_position_embeddings from the top level (4096 when absent), never from inside
+    # rope_parameters: a different value there cannot be honoured and is an error naming it
+    lr = {**PHI3_MINI_4K, "rope_scaling": None, "max_position_embeddings": 131072,
+          "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48,
+                              "original_max_position_embeddings": 8192}}
+    with pytest.raises(ConfigError, match="original_max_position_embeddings"):
+        Phi3Config.from_hf(lr)
+
+
+def test_from_hf_names_what_it_drops_or_refuses():
+    with pytest.raises(ConfigError, match="quantization_config"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "quantization_config": {"quant_method": "bitsandbytes"}})
+    rs = {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48,
+          "short_mscale": 1.19, "long_mscale": 1.19}
+    with pytest.warns(UserWarning, match="long_mscale"):
+        Phi3Config.from_hf({**PHI3_MINI_4K, "max_position_embeddings": 131072, "rope_scaling": rs})
+
+
+def test_left_padded_batch_generation_matches_transformers(tmp_path):
+    # sliding window shorter than prompt + output, and LongRoPE crossing original_max (32) mid-generation
+    hf, ours = pair(tmp_path, sliding_window=10, **LONGROPE)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (12, 5, 8)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=25)[:, T:].tolist()
+    assert generate(ours, ids, max_new_tokens=25, attention_mask=mask, stop_ids=[]) == ref
+
+
+def test_from_pretrained_dtype_forms(tmp_path):
+    # transformers-style dtype strings work; a dtype the weights cannot take is a clear error, not int8 weights
+    _, ours = pair(tmp_path)
+    assert next(Phi3.from_pretrained(tmp_path / "ckpt", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(Phi3.from_pretrained(tmp_path / "ckpt", dtype="auto").parameters()).dtype == torch.float32
+    for bad in (torch.int8, "float17"):
+        with pytest.raises(ValueError, match="dtype"):
+            Phi3.from_pretrained(tmp_path / "ckpt", dtype=bad)
+
+
+def test_other_safetensors_next_to_the_model_are_not_loaded(tmp_path):
+    # an adapter saved into the checkpoint folder is not part of the base model (transformers ignores it too)
+    from safetensors.torch import save_file
+
+    _, ours = pair(tmp_path)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)},
+              tmp_path / "ckpt" / "adapter_model.safetensors")
+    again = Phi3.from_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
+
+
+def test_short_attention_mask_with_a_cache_is_a_clear_error():
+    from phi3mini import KVCache
+    model = Phi3.from_name("tiny", seed=0)
+    cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
+        with pytest.raises(ValueError, match="attention_mask has 1 columns"):
+            model(torch.tensor([[8]]), attention_mask=torch.ones(1, 1), cache=cache)
+
+
+def test_flops_per_token_counts_only_visible_keys():
+    # attention FLOPs follow the keys each query really sees: all earlier ones, at most sliding_window of them
+    def attention_flops(model, T):  # at T = 1 a query sees one key: 4·L·H·d
+        c = model.config
+        one = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+        return model.flops_per_token(T, training=False) - model.flops_per_token(1, training=False) + one
+
+    def brute(model, T):
+        c, w = model.config, model.config.sliding_window or T
+        visible = sum(min(i + 1, w) for i in range(T)) / T
+        return 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * visible
+
+    for window in (None, 7, 40):
+        model = Phi3.from_name("tiny", sliding_window=window)
+        for T in (1, 7, 8, 33, 100):
+            assert abs(attention_flops(model, T) - brute(model, T)) < 1e-6 * brute(model, T)
+    with torch.device("meta"):
+        phi3 = Phi3(Phi3Config())
+    n = phi3.num_parameters() - phi3.model.embed_tokens.weight.numel()
+    assert phi3.flops_per_token(4096) - 4 * n == pytest.approx(3 * 4 * 32 * 32 * 96 * (2047 * 2048 / 2 + 2049 * 2047) / 4096)
