@@ -149,7 +149,9 @@ if HAS_TRITON:
     # The interpreter is slow and has nothing to tune: one small tile, so odd test shapes span several tiles.
     _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
 
-    _matmul_lowrank_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M_KEY", "NO", "KR"])(_matmul_lowrank_kernel)
+    # R and the flags are in the key too: r=64, or the base GEMM alone, is another kernel than r=8 with a bias
+    _matmul_lowrank_tuned = triton.autotune(
+        configs=_GPU_CONFIGS, key=["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS"])(_matmul_lowrank_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
