@@ -276,15 +276,18 @@ class Phi3(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        max_position = start + T - 1  # known without reading the device (no GPU sync) unless positions are given
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        elif self.config.rope_scaling is not None:  # only LongRoPE needs the actual largest position
+            max_position = int(position_ids.max())
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids (packing) cannot be combined with a KV cache")
         if attention_mask is not None and attention_mask.shape[-1] < start + T:
             raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; it needs one per cached and new "
                              f"token ({start} + {T})")
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        long = self.rotary.uses_long(int(position_ids.max()))
+        long = self.rotary.uses_long(max_position)
         cos, sin = self.rotary(position_ids, long, x.dtype)  # (B, T, rotary_dim)
         mask = build_attention_mask(T, start + T, start, self.config.sliding_window, attention_mask,
                                     document_ids, x.device)
