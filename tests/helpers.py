@@ -11,6 +11,15 @@ TINY_HF = dict(
 )
 
 
+# a two-turn conversation with a system message, shared by the tokenizer and data tests
+CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is LoRA?"},
+    {"role": "assistant", "content": "A low-rank update."},
+    {"role": "user", "content": "And r?"},
+    {"role": "assistant", "content": "Its rank."},
+]
+
 def hf_config(**overrides):
     from transformers import Phi3Config as HFPhi3Config
 

@@ -5,18 +5,12 @@ import re
 import pytest
 import torch
 
+from helpers import CONV
 from phi3mini import Phi3, Tokenizer
 from phi3mini.data import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
                            parse_phi3_text, read_conversations, split_eval)
 
 ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
-CONV = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "What is LoRA?"},
-    {"role": "assistant", "content": "A low-rank update."},
-    {"role": "user", "content": "And r?"},
-    {"role": "assistant", "content": "Its rank."},
-]
 
 
 @pytest.fixture(scope="module")

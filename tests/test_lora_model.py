@@ -274,6 +274,14 @@ def test_missing_and_unexpected_keys_are_listed(ckpt, tmp_path):
     assert "unexpected tensors (1): model.layers.1.mlp.down_proj.lora_C" in msg
 
 
+def assert_previous_adapter_kept(ckpt, tmp_path, first_logits):
+    """After a failed save: only the adapter folder is left, and it still gives the first adapter's logits."""
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    fresh = Phi3.from_pretrained(ckpt)
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(fresh), first_logits)
+
+
 def test_crash_during_save_keeps_previous_adapter(ckpt, tmp_path, monkeypatch):
     model, config = injected(ckpt)
     first = logits(model)
@@ -287,10 +295,7 @@ def test_crash_during_save_keeps_previous_adapter(ckpt, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lora.save_adapter(model, tmp_path / "adapter", config)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]
-    fresh = Phi3.from_pretrained(ckpt)
-    lora.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(logits(fresh), first)
+    assert_previous_adapter_kept(ckpt, tmp_path, first)
     # and a successful save replaces it
     lora.save_adapter(model, tmp_path / "adapter", config)
     fresh = Phi3.from_pretrained(ckpt)
@@ -442,10 +447,7 @@ def test_failed_rename_into_place_restores_previous_adapter(ckpt, tmp_path, monk
     with pytest.raises(OSError, match="rename failed"):
         lora.save_adapter(model, tmp_path / "adapter", config)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]
-    fresh = Phi3.from_pretrained(ckpt)
-    lora.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(logits(fresh), first)
+    assert_previous_adapter_kept(ckpt, tmp_path, first)
 
 
 def test_malformed_adapter_description_is_an_adapter_error(ckpt, tmp_path):

@@ -9,19 +9,13 @@ import warnings
 
 import pytest
 
+from helpers import CONV
 from phi3mini import StreamDecoder, Tokenizer
 from phi3mini.tokenizer import _TINY_WORDS, PHI3_CHAT_TEMPLATE, TokenizerError, tiny_tokenizer_json
 
 IGNORE = -100
 BOS, EOS, ASSISTANT, SYSTEM, END, USER = 1, 32000, 32001, 32006, 32007, 32010
 
-CONV = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "What is LoRA?"},
-    {"role": "assistant", "content": "A low-rank update."},
-    {"role": "user", "content": "And r?"},
-    {"role": "assistant", "content": "Its rank."},
-]
 CONVERSATIONS = {
     "system": CONV,
     "no_system": CONV[1:],
