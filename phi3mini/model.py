@@ -135,6 +135,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # rows [q | k | v]
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
         self.use_rope_kernel = False
+        # phi3mini.probe puts a callable (layer_idx, q, k, v, mask) -> y here while it records attention
+        # probabilities (eager attention); None keeps the SDPA path
+        self.probe = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -153,7 +156,9 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        if mask is None:  # plain causal over a fresh sequence: lets SDPA pick the flash kernel
+        if self.probe is not None:
+            y = self.probe(self.layer_idx, q, k, v, mask)  # (B, Hq, T, D)
+        elif mask is None:  # plain causal over a fresh sequence: lets SDPA pick the flash kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
