@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 import lora
-from phi3mini import Phi3, Tokenizer
+from phi3mini import Phi3, Tokenizer, atomic
 from phi3mini.data import DataError, collate, epoch_plan, fingerprint, load_dataset, split_eval
 
 # ----- defaults ---------------------------------------------------------------------------------------------------
@@ -404,24 +404,6 @@ def clean_partial(root: Path) -> None:
                 shutil.rmtree(p)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Move a completely written folder into place with a rename (an older one of that name is replaced)."""
-    _fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -445,7 +427,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, traine
     save_file({k: v.contiguous() for k, v in rng.items() if k != "python"}, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, python_random=rng["python"])
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    publish(tmp, final)
+    atomic.replace_dir(tmp, final)
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -743,13 +725,13 @@ def train(cfg: dict) -> int:
     tmp = out / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_adapter(model, tmp, lora_config)
-    publish(tmp, out / "adapter")
+    atomic.replace_dir(tmp, out / "adapter")
     log(f"adapter written to {out / 'adapter'}")
     if t["export_peft"]:
         tmp = out / "adapter-peft.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         lora.export_peft(model, tmp, lora_config, base_model_name_or_path=t["model"])
-        publish(tmp, out / "adapter-peft")
+        atomic.replace_dir(tmp, out / "adapter-peft")
         log(f"PEFT adapter written to {out / 'adapter-peft'}")
     if t["merge"]:
         save_merged(model, tokenizer, out / "merged")
@@ -765,7 +747,7 @@ def save_merged(model, tokenizer, final: Path) -> None:
     lora.merge(model)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    publish(tmp, final)
+    atomic.replace_dir(tmp, final)
 
 
 def main(argv=None) -> int:

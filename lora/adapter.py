@@ -14,13 +14,12 @@ AdapterError. A folder holding a PEFT adapter (adapter_config.json with peft_typ
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from phi3mini import atomic
 
 from .inject import LayerSpec, LoraConfig, apply_specs, lora_layers
 from .utils import lora_state_dict, mark_only_lora_as_trainable
@@ -39,11 +38,9 @@ class AdapterError(ValueError):
 
 # ----- writing a folder atomically ---------------------------------------------------------------------------------
 def write_dir_atomically(target, write) -> Path:
-    """Call write(tmp_dir) on a fresh sibling DIR.tmp-XXXX, then put it in place of target: an existing target is
-    renamed aside (DIR.old-XXXX), the new one renamed in, the old one deleted. An error leaves target as it was
-    (the old folder is renamed back if the new one cannot go in); a crash between the two renames leaves the old
-    adapter complete under DIR.old-XXXX (a directory cannot be swapped in one rename). An existing target must be
-    empty or an adapter folder (hold adapter_config.json)."""
+    """Call write(tmp_dir) on a fresh sibling folder and put it in place of target (phi3mini.atomic.write_dir: an
+    error leaves target as it was). An existing target must be empty or an adapter folder (hold
+    adapter_config.json): anything else is refused rather than replaced."""
     target = Path(target)
     if target.exists():
         if not target.is_dir():
@@ -51,38 +48,16 @@ def write_dir_atomically(target, write) -> Path:
         if any(target.iterdir()) and not (target / CONFIG_NAME).exists():
             raise AdapterError(f"{target}: exists and is not an adapter folder (no {CONFIG_NAME}); "
                                "refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():  # on disk before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=target.name + ".old-", dir=target.parent))
-        os.rmdir(old)
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)  # put the previous adapter back under its name
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    return atomic.write_dir(target, write)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     import safetensors.torch  # looked up at call time, so tests can make the write fail
 
-    safetensors.torch.save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                                str(path), metadata=metadata or {"format": "pt"})
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # through atomic.write_file for the umask's mode (safetensors alone creates the file 0600)
+    meta = metadata or {"format": "pt"}
+    atomic.write_file(path, lambda tmp: safetensors.torch.save_file(cpu, str(tmp), metadata=meta))
 
 
 # ----- reading -----------------------------------------------------------------------------------------------------

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _Backend
+
+from . import atomic
 
 IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -228,7 +229,7 @@ class Tokenizer:
     def save_pretrained(self, out_dir) -> None:
         """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json, in
         the layout `transformers.AutoTokenizer.from_pretrained` reads. Each file is written to a temporary name and
-        renamed."""
+        renamed (phi3mini.atomic)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         added = {}
@@ -256,9 +257,7 @@ class Tokenizer:
                  "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
                  "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False)}
         for name, text in files.items():
-            tmp = out / (name + ".tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, out / name)
+            atomic.write_file(out / name, text + "\n")
 
     # ----- plain text ----------------------------------------------------------------------------------------------
     @property

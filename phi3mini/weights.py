@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from .config import ConfigError, Phi3Config
 
 
@@ -239,12 +239,6 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
 
 
 # ----- saving ----------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
     from safetensors.torch import save_file
 
@@ -273,24 +267,22 @@ def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    # write everything under temporary names first, then rename: a crash never leaves a half-written checkpoint
+    # each file under a temporary name, then renamed (phi3mini.atomic): a crash never leaves a half-written file
     for name, shard in zip(names, shards):
-        save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
+        atomic.write_file(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     config = model.config.to_hf()
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
-    for name in names:
-        os.replace(out / (name + ".tmp"), out / name)
     index = out / "model.safetensors.index.json"
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in state.values())
-        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic.write_file(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     elif index.exists():
         index.unlink()
     for stale in out.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-    _atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    atomic.write_file(out / "config.json", json.dumps(config, indent=2))
     if model.generation_config:
-        _atomic_write_text(out / "generation_config.json", json.dumps(model.generation_config, indent=2))
+        atomic.write_file(out / "generation_config.json", json.dumps(model.generation_config, indent=2))

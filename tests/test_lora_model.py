@@ -522,3 +522,17 @@ def test_training_a_merged_model_warns(ckpt):
         model.train()
     lora.unmerge(model)
     model.train()
+
+
+def test_adapter_folders_respect_the_umask(ckpt, tmp_path):
+    # issue 13.9: folders were created 0700 and files 0600 (tempfile.mkdtemp)
+    import stat
+    old = os.umask(0o022)
+    try:
+        model, config = injected(ckpt)
+        for folder in (lora.save_adapter(model, tmp_path / "a", config), lora.export_peft(model, tmp_path / "p")):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+            for f in folder.iterdir():
+                assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    finally:
+        os.umask(old)
