@@ -52,8 +52,8 @@ from phi3mini.model import KERNEL_NAMES  # noqa: E402
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
-# our switches: the model's kernels plus the fused LoRA linear (lora.layers.USE_TRITON)
-BENCH_KERNELS = ("lora_linear",) + tuple(KERNEL_NAMES)
+# our switches: the model's kernels, the fused LoRA linear included (Phi3.set_kernels)
+BENCH_KERNELS = tuple(KERNEL_NAMES)
 # dense bf16 peak FLOP/s, most specific name first (a PCIe or NVL H100 is not an SXM one)
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
@@ -113,20 +113,17 @@ def build_ours(cfg: Phi3Config, dtype, device, kernels: tuple[str, ...], compile
     for p in model.parameters():  # LoRA weights in fp32, as a mixed-precision trainer keeps them
         if p.requires_grad:
             p.data = p.data.float()
-    model.set_kernels(False)
-    model_kernels = [k for k in kernels if k != "lora_linear"]
-    if model_kernels:
-        model.set_kernels(**{k: True for k in model_kernels})
-    # the fused LoRA linear is a module-level switch in lora.layers (on by default): set it explicitly, so
-    # --kernels none really is plain torch. It applies on CUDA when x, the weight and autocast are all bf16 (they
-    # are here: bf16 weights, bf16 activations, bf16 autocast), see lora.layers._use_triton.
-    lora_layers.USE_TRITON = "lora_linear" in kernels
+    # every switch set explicitly (the LoRA layers' is on by default), so --kernels none really is plain torch.
+    # The fused LoRA linear applies on CUDA when x, the weight and autocast are all bf16 (they are here: bf16
+    # weights, bf16 activations, bf16 autocast), see lora.layers._use_triton.
+    model.set_kernels(**{k: k in kernels for k in KERNEL_NAMES})
     # count which path each LoRA layer call takes (the same test the layers make), so a silent fallback to plain
     # torch (an fp32 activation, an autocast mismatch) shows in the row as lora_calls_torch > 0
     path_counts = {"triton": 0, "torch": 0}
 
     def count_path(module, args):
-        path_counts["triton" if lora_layers._use_triton(args[0], module._T(module.weight)) else "torch"] += 1
+        fused = module.use_kernel and lora_layers._use_triton(args[0], module._T(module.weight))
+        path_counts["triton" if fused else "torch"] += 1
 
     for m in model.modules():
         if isinstance(m, (lora.Linear, lora.MergedLinear)):

@@ -28,23 +28,12 @@ the interpreter): the chunked algorithm and its memory saving are the same eithe
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 
-from ._device import device_guard
+from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from .reference import fused_linear_cross_entropy_reference  # noqa: F401 - the op's contract, exported with it
 
-try:
-    import triton
-    import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the per-chunk step runs in plain torch
-    HAS_TRITON = False
-
-# Read at import, as @triton.jit reads it when decorating: the interpreter runs kernels on the CPU with numpy.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_v(V):
@@ -115,7 +104,7 @@ def _softmax_ce_grad_triton_(logits, labels, ignore_index, scale):
     C, V = logits.shape
     loss = torch.empty((C,), dtype=torch.float32, device=logits.device)
     if C:
-        # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+        # Triton launches on the current CUDA device, not the tensors' one (see _triton.device_guard).
         with device_guard(logits):
             _softmax_ce_grad_kernel[(C,)](logits, labels, loss, V, logits.stride(0), int(ignore_index), float(scale),
                                           BLOCK_V=_block_v(V), num_warps=8)
@@ -152,8 +141,7 @@ def fused_linear_ce_forward(hidden, weight, labels, ignore_index, reduction, chu
     if n_bad:
         raise ValueError(f"{n_bad} labels are outside [0, {V}) and not ignore_index={ignore_index}")
     scale = 1.0 if reduction == "sum" else 1.0 / max(n_valid, 1)
-    use_triton = HAS_TRITON and (hidden.is_cuda or INTERPRET)
-    step = _softmax_ce_grad_triton_ if use_triton else _softmax_ce_grad_torch_
+    step = _softmax_ce_grad_triton_ if use_triton(hidden) else _softmax_ce_grad_torch_
     C = chunk_size or _default_chunk_size(N, V, H)
 
     loss_rows = torch.empty((N,), dtype=torch.float32, device=hidden.device)
@@ -228,15 +216,7 @@ def fused_linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and lm_head_weight.requires_grad
-    h2 = hidden.reshape(-1, H)                                                # (N, H)
-    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+    h2 = rows(hidden, H)                                                      # (N, H)
     y = labels.reshape(-1).contiguous()                                       # (N,)
     return FusedLinearCrossEntropyFunction.apply(h2, lm_head_weight, y, int(ignore_index), reduction, chunk_size,
                                                  need_h, need_w)
-
-
-def fused_linear_cross_entropy_reference(hidden, lm_head_weight, labels, ignore_index=-100, reduction="mean"):
-    """The unfused contract: F.cross_entropy((hidden @ Wᵀ).float(), labels), holding all (N, V) logits."""
-    H = hidden.shape[-1]
-    logits = (hidden.reshape(-1, H) @ lm_head_weight.t()).float()             # (N, V)
-    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)

@@ -24,29 +24,17 @@ Every product accumulates in fp32; fp32 inputs use IEEE fp32 products (no TF32) 
 The thin factors xa and g are rounded to the input dtype, as torch's own bf16 matmuls round them.
 
 Layers, bottom up: the @triton.jit kernel, the launcher `matmul_lowrank`, the autograd.Function, the public
-`lora_linear`, and `lora_linear_reference` (plain torch, the numerical contract the tests check against).
-`expand_merged_B` turns loralib's MergedLinear (per-slice adapters on a fused qkv) into the generic form.
+`lora_linear`; `lora_linear_reference` (kernels/reference.py, plain torch) is the contract the tests check against.
+(lora.layers.expand_merged_B turns loralib's MergedLinear, per-slice adapters on a fused qkv, into this form.)
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 
-from ._device import device_guard
+from ._triton import HAS_TRITON, INTERPRET, device_guard, tl, triton, use_triton
+from .reference import lora_linear_reference
 
-try:
-    import triton
-    import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: lora_linear falls back to lora_linear_reference
-    HAS_TRITON = False
-
-# The interpreter runs kernels on the CPU, one program at a time with numpy: read when the module is imported, as
-# @triton.jit reads it when decorating.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +188,7 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
 
-    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+    # Triton launches on the current CUDA device, not the tensors' one (see _triton.device_guard).
     with device_guard(a):
         if INTERPRET:
             _matmul_lowrank_kernel[grid](*kernel_args, **meta, **_INTERPRET_META)
@@ -291,42 +279,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, lora_x=None):
     Runs the Triton kernels on CUDA tensors (or anywhere under TRITON_INTERPRET=1), else `lora_linear_reference`.
     """
     _check(x, weight, bias, lora_A, lora_B, lora_x)
-    if not HAS_TRITON or not (x.is_cuda or INTERPRET):
+    if not use_triton(x):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_x)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), lora_x)
-
-
-def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_x=None):
-    """The same as `lora_linear` in plain torch ops (peft's unfused formula); weight is detached (frozen)."""
-    lx = x if lora_x is None else lora_x
-    xa = F.linear(lx, lora_A.to(x.dtype))                                  # (..., R)
-    lowrank = F.linear(xa, lora_B.to(x.dtype))                             # (..., N)
-    bias = bias.to(x.dtype) if bias is not None else None
-    return F.linear(x, weight.detach(), bias) + scaling * lowrank
-
-
-def expand_merged_B(lora_B, slice_sizes, enable_lora, r):
-    """loralib MergedLinear's per-slice adapters as one B_full (sum(slice_sizes), r·n_enabled), differentiable.
-
-    The output rows split into slices of `slice_sizes` (unequal allowed, e.g. q, k, v under GQA); slice i has an
-    adapter when enable_lora[i]. lora_B (sum of enabled slice sizes, r) stacks the enabled slices' B blocks and
-    lora_A (r·n_enabled, K) their A blocks, so with B_full block-structured (enabled slice e's rows hold its B in
-    columns [e·r, (e+1)·r), disabled slices are zero rows)
-        x·Wᵀ + s·(x·Aᵀ)·B_fullᵀ
-    is exactly MergedLinear (loralib builds B_full·A with a grouped conv1d and scatters it into the enabled rows).
-    """
-    if len(slice_sizes) != len(enable_lora):
-        raise ValueError(f"{len(slice_sizes)} slice sizes but {len(enable_lora)} enable_lora flags")
-    enabled_sizes = [size for size, on in zip(slice_sizes, enable_lora) if on]
-    n_enabled = len(enabled_sizes)
-    if tuple(lora_B.shape) != (sum(enabled_sizes), r):
-        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected ({sum(enabled_sizes)}, {r}) "
-                         f"for slices {list(slice_sizes)} with enable_lora {list(enable_lora)}")
-    if n_enabled == 0:
-        return lora_B.new_zeros(sum(slice_sizes), 0)
-    # block_diag puts enabled slice e's rows against columns [e·r, (e+1)·r): (sum(enabled_sizes), r·n_enabled)
-    blocks = torch.block_diag(*lora_B.split(enabled_sizes, 0)).split(enabled_sizes, 0)
-    blocks = iter(blocks)
-    rows = [next(blocks) if on else lora_B.new_zeros(size, r * n_enabled)
-            for size, on in zip(slice_sizes, enable_lora)]
-    return torch.cat(rows, 0)                                             # (sum(slice_sizes), r·n_enabled)

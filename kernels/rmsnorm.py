@@ -16,27 +16,17 @@ dtype first) and dweight accumulates in fp32 (autograd rounds each dy·n product
 in fp32 they are the same math.
 
 Layers, bottom up: the two @triton.jit kernels, the launchers `rms_norm_forward` / `rms_norm_backward`, the
-autograd.Function, the public `rms_norm`, and `rms_norm_reference` (plain torch, the numerical contract).
+autograd.Function and the public `rms_norm`; `rms_norm_reference` (kernels/reference.py) is the numerical contract.
 x may have any leading dimensions and any hidden size H (a row lives in one block of next_power_of_2(H) lanes).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._device import device_guard
+from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from .reference import rms_norm_reference
 
-try:
-    import triton
-    import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: rms_norm falls back to rms_norm_reference
-    HAS_TRITON = False
-
-# Read at import, as @triton.jit reads it when decorating: the interpreter runs kernels on the CPU with numpy.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +110,7 @@ def rms_norm_forward(x2, weight, eps):
     rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, rstd
-    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+    # Triton launches on the current CUDA device, not the tensors' one (see _triton.device_guard).
     block = triton.next_power_of_2(H)
     with device_guard(x2):
         _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, H, x2.stride(0), y.stride(0), float(eps),
@@ -154,18 +144,12 @@ def rms_norm_backward(dy2, x2, weight, rstd, need_dw):
 # autograd
 # ----------------------------------------------------------------------------------------------------------------
 
-def _rows(t, H):
-    """(..., H) -> (M, H) with a unit column stride (a copy only when the last dim is strided)."""
-    t2 = t.reshape(-1, H)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         H = x.shape[-1]
         weight = weight.contiguous()  # both kernels read w_ptr + cols: unit stride assumed (no-op for a Parameter)
-        x2 = _rows(x, H)                                     # (M, H)
+        x2 = rows(x, H)                                     # (M, H)
         y2, rstd = rms_norm_forward(x2, weight, eps)         # (M, H), (M,)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
@@ -175,7 +159,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         need_x, need_w, _ = ctx.needs_input_grad
-        dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, need_w)
+        dx, dw = rms_norm_backward(rows(dy, x2.shape[1]), x2, weight, rstd, need_w)
         return (dx.reshape(ctx.x_shape) if need_x else None), dw, None
 
 
@@ -192,13 +176,6 @@ def rms_norm(x, weight, eps):
     """
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, x has {x.shape[-1]} features")
-    if not HAS_TRITON or not (x.is_cuda or INTERPRET):
+    if not use_triton(x):
         return rms_norm_reference(x, weight, eps)
     return RMSNormFunction.apply(x, weight, float(eps))
-
-
-def rms_norm_reference(x, weight, eps):
-    """transformers' Phi3RMSNorm.forward in plain torch (the numerical contract for `rms_norm`)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)

@@ -25,22 +25,12 @@ projection's output: only a unit stride over D is required (otherwise they are c
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._device import device_guard
+from ._triton import HAS_TRITON, device_guard, tl, triton, use_triton
+from .reference import apply_rope_reference
 
-try:
-    import triton
-    import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: apply_rope falls back to apply_rope_reference
-    HAS_TRITON = False
-
-# Read at import, as @triton.jit reads it when decorating: the interpreter runs kernels on the CPU with numpy.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +127,7 @@ def rope_launch(q, k, cos, sin, backward=False):
     ko = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=k.device)
     if B * T == 0:
         return qo, ko
-    # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+    # Triton launches on the current CUDA device, not the tensors' one (see _triton.device_guard).
     with device_guard(q):
         _rope_kernel[(B * T,)](
             q, k, qo, ko, cos, sin,
@@ -203,24 +193,6 @@ def apply_rope(q, k, cos, sin):
     tensors (or anywhere under TRITON_INTERPRET=1), else `apply_rope_reference`.
     """
     _check(q, k, cos, sin)
-    if not HAS_TRITON or not (q.is_cuda or INTERPRET):
+    if not use_triton(q):
         return apply_rope_reference(q, k, cos, sin)
     return RoPEFunction.apply(q, k, cos, sin)
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope_reference(q, k, cos, sin):
-    """transformers' `apply_rotary_pos_emb` (Phi-3) in plain torch, with cos/sin cast to q.dtype first."""
-    cos = cos.to(q.dtype).unsqueeze(1)  # (B, 1, T, R): broadcast over heads
-    sin = sin.to(q.dtype).unsqueeze(1)
-    R = cos.shape[-1]
-
-    def rotate(x):
-        x_rot, x_pass = x[..., :R], x[..., R:]
-        return torch.cat(((x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass), dim=-1)
-
-    return rotate(q), rotate(k)

@@ -18,27 +18,16 @@ Backward, with the same roundings autograd does through the reference (σ = sigm
 d(gate_up) = cat(d_gate, d_up) is a new (..., 2I) tensor (not written over gate_up, which other code may hold).
 
 Layers, bottom up: the @triton.jit kernels, the launchers `swiglu_forward` / `swiglu_backward`, the
-autograd.Function, the public `swiglu`, and `swiglu_reference` (plain torch, the numerical contract).
+autograd.Function and the public `swiglu`; `swiglu_reference` (kernels/reference.py) is the numerical contract.
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 
-from ._device import device_guard
+from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from .reference import swiglu_reference
 
-try:
-    import triton
-    import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: swiglu falls back to swiglu_reference
-    HAS_TRITON = False
-
-# Read at import, as @triton.jit reads it when decorating: the interpreter runs kernels on the CPU with numpy.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block(I):
@@ -107,7 +96,7 @@ def swiglu_forward(gu2):
     h = torch.empty((M, I), dtype=gu2.dtype, device=gu2.device)
     if M * I:
         block = _block(I)
-        # Triton launches on the current CUDA device, not the tensors' one (see _device.device_guard).
+        # Triton launches on the current CUDA device, not the tensors' one (see _triton.device_guard).
         with device_guard(gu2):
             _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](gu2, h, I, gu2.stride(0), h.stride(0), BLOCK=block,
                                                            num_warps=4)
@@ -131,17 +120,11 @@ def swiglu_backward(dh2, gu2):
 # autograd
 # ----------------------------------------------------------------------------------------------------------------
 
-def _rows(t, width):
-    """(..., width) -> (M, width) with a unit column stride (a copy only when the last dim is strided)."""
-    t2 = t.reshape(-1, width)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
         I2 = gate_up.shape[-1]
-        gu2 = _rows(gate_up, I2)                 # (M, 2I)
+        gu2 = rows(gate_up, I2)                 # (M, 2I)
         h2 = swiglu_forward(gu2)                 # (M, I)
         ctx.save_for_backward(gu2)
         ctx.shape = gate_up.shape
@@ -150,7 +133,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         (gu2,) = ctx.saved_tensors
-        dgu = swiglu_backward(_rows(dh, gu2.shape[1] // 2), gu2)  # (M, 2I)
+        dgu = swiglu_backward(rows(dh, gu2.shape[1] // 2), gu2)  # (M, 2I)
         return dgu.reshape(ctx.shape)
 
 
@@ -166,12 +149,6 @@ def swiglu(gate_up):
     """
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
-    if not HAS_TRITON or not (gate_up.is_cuda or INTERPRET):
+    if not use_triton(gate_up):
         return swiglu_reference(gate_up)
     return SwiGLUFunction.apply(gate_up)
-
-
-def swiglu_reference(gate_up):
-    """transformers' Phi3MLP activation in plain torch: up * silu(gate), in the input dtype."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return up * F.silu(gate)

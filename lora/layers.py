@@ -20,8 +20,8 @@ Deliberate differences:
 - No dropout is `nn.Identity` rather than a lambda, so layers pickle.
 - A and B are cast to the input's dtype in forward, so fp32 adapters run on a bf16 model without autocast.
 - On CUDA, Linear and MergedLinear run `kernels.lora_linear` (the low-rank term fused into the base GEMM) unless
-  `lora.layers.USE_TRITON = False` or PHI3LORA_NO_TRITON=1, the weight is being trained, or autocast asks for
-  another dtype than the input's; elsewhere plain torch.
+  their `use_kernel` is False (`model.set_kernels(lora_linear=False)`; PHI3LORA_NO_TRITON=1 for every kernel),
+  the weight is being trained, or autocast asks for another dtype than the input's; elsewhere plain torch.
 - Conv1d / Conv3d size A as (r·k, in·k^(d-1)) so that B·A has the weight's size for any kernel size k (loralib's
   only work for k=1); Conv2d is loralib's exactly. As in loralib, conv layers ignore lora_dropout.
 - Invalid arguments raise ValueError / TypeError (loralib: assert, NotImplementedError).
@@ -29,30 +29,53 @@ Deliberate differences:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Fused Triton forward/backward on CUDA; set False (or PHI3LORA_NO_TRITON=1) to run plain torch everywhere.
-USE_TRITON = True
-
 
 def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # The kernel computes in x's dtype, which must be the weight's, and never gives the weight a gradient. So plain
     # torch runs when autocast asks for another dtype (the kernel would skip autocast's cast: fp32 GEMMs under bf16
-    # autocast) and when the weight is being trained (the kernel would silently leave its gradient None).
-    return (USE_TRITON and x.is_cuda and x.dtype == weight.dtype
+    # autocast) and when the weight is being trained (the kernel would silently leave its gradient None). The
+    # layer's own switch (use_kernel) is checked by the caller; PHI3LORA_NO_TRITON by kernels.lora_linear.
+    return (x.is_cuda and x.dtype == weight.dtype
             and not (weight.requires_grad and torch.is_grad_enabled())
-            and not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != x.dtype)
-            and os.environ.get("PHI3LORA_NO_TRITON") != "1")
+            and not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != x.dtype))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """fp32, or fp64 for an fp64 weight: the precision merges are computed in."""
     return torch.promote_types(weight.dtype, torch.float32)
+
+
+def expand_merged_B(lora_B, slice_sizes, enable_lora, r):
+    """loralib MergedLinear's per-slice adapters as one B_full (sum(slice_sizes), r·n_enabled), differentiable.
+
+    The output rows split into slices of `slice_sizes` (unequal allowed, e.g. q, k, v under GQA); slice i has an
+    adapter when enable_lora[i]. lora_B (sum of enabled slice sizes, r) stacks the enabled slices' B blocks and
+    lora_A (r·n_enabled, K) their A blocks, so with B_full block-structured (enabled slice e's rows hold its B in
+    columns [e·r, (e+1)·r), disabled slices are zero rows)
+        x·Wᵀ + s·(x·Aᵀ)·B_fullᵀ
+    is exactly MergedLinear (loralib builds B_full·A with a grouped conv1d and scatters it into the enabled rows).
+    """
+    if len(slice_sizes) != len(enable_lora):
+        raise ValueError(f"{len(slice_sizes)} slice sizes but {len(enable_lora)} enable_lora flags")
+    enabled_sizes = [size for size, on in zip(slice_sizes, enable_lora) if on]
+    n_enabled = len(enabled_sizes)
+    if tuple(lora_B.shape) != (sum(enabled_sizes), r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected ({sum(enabled_sizes)}, {r}) "
+                         f"for slices {list(slice_sizes)} with enable_lora {list(enable_lora)}")
+    if n_enabled == 0:
+        return lora_B.new_zeros(sum(slice_sizes), 0)
+    # block_diag puts enabled slice e's rows against columns [e·r, (e+1)·r): (sum(enabled_sizes), r·n_enabled)
+    blocks = torch.block_diag(*lora_B.split(enabled_sizes, 0)).split(enabled_sizes, 0)
+    blocks = iter(blocks)
+    rows = [next(blocks) if on else lora_B.new_zeros(size, r * n_enabled)
+            for size, on in zip(slice_sizes, enable_lora)]
+    return torch.cat(rows, 0)                                             # (sum(slice_sizes), r·n_enabled)
 
 
 class LoRALayer:
@@ -184,6 +207,9 @@ class Embedding(nn.Embedding, LoRALayer):
 class _LinearLoRA(nn.Linear, LoRALayer):
     """What Linear and MergedLinear share: a weight matrix (out, in), stored (in, out) when fan_in_fan_out."""
 
+    kernel = "lora_linear"  # the fused Triton GEMM on CUDA (see _use_triton); Phi3.set_kernels switches it
+    use_kernel = True       # a class default, so layers built or unpickled without __init__ have it too
+
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
         if hasattr(self, "lora_A"):
@@ -227,7 +253,7 @@ class Linear(_LinearLoRA):
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
         lx = self.lora_dropout(x)  # the low-rank path's input; the base path always sees x
-        if _use_triton(x, weight):
+        if self.use_kernel and _use_triton(x, weight):
             from kernels.lora_linear import lora_linear
             return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                lora_x=None if lx is x else lx)
@@ -292,7 +318,6 @@ class MergedLinear(_LinearLoRA):
     def full_B(self, dtype=None) -> torch.Tensor:
         """Block-structured B (out, r·n_enabled): x·Aᵀ·full_Bᵀ is this layer's low-rank term (zero rows for
         disabled slices)."""
-        from kernels.lora_linear import expand_merged_B
         B = self.lora_B if dtype is None else self.lora_B.to(dtype)
         return expand_merged_B(B, self.slice_sizes, self.enable_lora, self.r)
 
@@ -315,7 +340,7 @@ class MergedLinear(_LinearLoRA):
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
         lx = self.lora_dropout(x)
-        if _use_triton(x, weight):
+        if self.use_kernel and _use_triton(x, weight):
             from kernels.lora_linear import lora_linear
             return lora_linear(x, weight, self.bias, self.lora_A, self.full_B(), self.scaling,
                                lora_x=None if lx is x else lx)

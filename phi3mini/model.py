@@ -8,7 +8,9 @@ fp32 softmax) with these deliberate differences:
 - the sliding window keeps keys with q_idx - k_idx < sliding_window, counted in cache slots like transformers;
 - LongRoPE picks the short or long factors from the largest position in the call (transformers does the same);
 - with `labels`, the loss can be computed chunk by chunk without ever holding the (B, T, vocab) fp32 logits.
-Optional Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy) are switched on with `set_kernels`.
+Optional Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy, and the fused LoRA linear of lora/'s
+layers) are switched with `set_kernels`: every module that owns one names it in its class attribute `kernel` and
+runs it when its `use_kernel` is true. The plain path runs the same ops' torch references (kernels/reference.py).
 """
 from __future__ import annotations
 
@@ -17,12 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.reference import (apply_rope_reference, cross_entropy_reference, rms_norm_reference, rotate_half,
+                               swiglu_reference)
+
 from .config import Phi3Config
 
-KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce")
+# The kernels a module can own (its class attribute `kernel`); lora_linear is lora/'s Linear and MergedLinear.
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce", "lora_linear")
 
 
 class RMSNorm(nn.Module):
+    kernel = "rmsnorm"
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -33,10 +41,7 @@ class RMSNorm(nn.Module):
         if self.use_kernel:
             from kernels.rmsnorm import rms_norm
             return rms_norm(x, self.weight, self.eps)
-        # as transformers: normalise in fp32, cast back, then scale (the order matters in bf16)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)  # as transformers: fp32, cast back, then scale
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,21 +93,8 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    """q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, R); only the first R dims of each head rotate."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, R)
-    r = cos.shape[-1]
-
-    def rot(x):
-        x_rot, x_pass = x[..., :r], x[..., r:]
-        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-    return rot(q), rot(k)
+# q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, R); only the first R dims of each head rotate
+apply_rope = apply_rope_reference
 
 
 class KVCache:
@@ -127,6 +119,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    kernel = "rope"  # attention itself is SDPA's
+
     def __init__(self, config: Phi3Config, layer_idx: int):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
@@ -134,7 +128,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # rows [q | k | v]
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
-        self.use_rope_kernel = False
+        self.use_kernel = False
         # phi3mini.probe puts a callable (layer_idx, q, k, v, mask) -> y here while it records attention
         # probabilities (eager attention); None keeps the SDPA path
         self.probe = None
@@ -146,11 +140,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.use_rope_kernel:
+        if self.use_kernel:
             from kernels.rope import apply_rope as apply_rope_kernel
             q, k = apply_rope_kernel(q, k, cos, sin)
         else:
-            q, k = apply_rope(q, k, cos, sin)
+            q, k = apply_rope_reference(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
@@ -167,6 +161,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    kernel = "swiglu"
+
     def __init__(self, config: Phi3Config):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # [gate | up]
@@ -178,8 +174,7 @@ class MLP(nn.Module):
         if self.use_kernel:
             from kernels.swiglu import swiglu
             return self.down_proj(swiglu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(swiglu_reference(gate_up))
 
 
 class Block(nn.Module):
@@ -232,6 +227,8 @@ def build_attention_mask(q_len: int, kv_len: int, cache_start: int, sliding_wind
 
 
 class Phi3(nn.Module):
+    kernel = "fused_ce"  # the loss: lm_head + cross-entropy in row chunks, never holding all fp32 logits
+
     def __init__(self, config: Phi3Config):
         super().__init__()
         self.config = config
@@ -241,27 +238,24 @@ class Phi3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
-        self.fused_ce = False
+        self.use_kernel = False  # the fused loss (see `kernel`); the blocks' modules have their own
         self.generation_config: dict = {}
         self.name_or_path: str | None = None  # the Hub id, folder or preset it came from (adapters record it)
 
     # ----- switches ---------------------------------------------------------------------------------------------
     def set_kernels(self, enabled: bool | None = None, **which: bool) -> "Phi3":
         """Turn the Triton kernels on or off: set_kernels(True), or set_kernels(rmsnorm=True, fused_ce=False, ...).
-        Names: rmsnorm, rope, swiglu, fused_ce."""
+        Names: KERNEL_NAMES. Sets `use_kernel` on every module whose `kernel` is named (the model itself for
+        fused_ce; lora/ layers for lora_linear, which are on by default). A kernel still runs only on CUDA (or
+        under TRITON_INTERPRET=1), and falls back to torch for good if its first-run self-check fails."""
         unknown = set(which) - set(KERNEL_NAMES)
         if unknown:
             raise ValueError(f"unknown kernel names {sorted(unknown)}; choose from {KERNEL_NAMES}")
         flags = {n: which.get(n, enabled) for n in KERNEL_NAMES}
         for m in self.modules():
-            if isinstance(m, RMSNorm) and flags["rmsnorm"] is not None:
-                m.use_kernel = flags["rmsnorm"]
-            if isinstance(m, Attention) and flags["rope"] is not None:
-                m.use_rope_kernel = flags["rope"]
-            if isinstance(m, MLP) and flags["swiglu"] is not None:
-                m.use_kernel = flags["swiglu"]
-        if flags["fused_ce"] is not None:
-            self.fused_ce = flags["fused_ce"]
+            flag = flags.get(getattr(m, "kernel", None))
+            if flag is not None:
+                m.use_kernel = bool(flag)
         return self
 
     # ----- forward ----------------------------------------------------------------------------------------------
@@ -320,10 +314,10 @@ class Phi3(nn.Module):
         y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
         # the fused kernel multiplies by lm_head.weight itself: only for a plain nn.Linear head (an adapter on
         # lm_head, or a merged-away wrapper, would be skipped and never trained)
-        if self.fused_ce and type(self.lm_head) is nn.Linear:
+        if self.use_kernel and type(self.lm_head) is nn.Linear:
             from kernels.cross_entropy import fused_linear_cross_entropy
             return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=-100, reduction=reduction)
-        return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction=reduction)
+        return cross_entropy_reference(self.lm_head(h), y, ignore_index=-100, reduction=reduction)
 
     # ----- weights ----------------------------------------------------------------------------------------------
     @classmethod

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import expand_merged_B, lora_linear, lora_linear_reference
+from kernels import lora_linear, lora_linear_reference
 from kernels.lora_linear import matmul_lowrank
+from lora.layers import expand_merged_B
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

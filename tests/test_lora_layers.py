@@ -324,14 +324,14 @@ def test_kernel_route_matches_torch_route(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [lora.Linear, lora.MergedLinear])
-def test_cuda_triton_path_matches_torch_path(cls, monkeypatch):
+def test_cuda_triton_path_matches_torch_path(cls):
     kw = dict(enable_lora=[True, False, True], slice_sizes=[96, 48, 48]) if cls is lora.MergedLinear else {}
     layer = cls(80, 192, r=8, lora_alpha=16, **kw).cuda()
     randomize(layer)
     x = torch.randn(3, 37, 80, device="cuda")
     results = []
     for use in (True, False):
-        monkeypatch.setattr(lora.layers, "USE_TRITON", use)
+        layer.use_kernel = use
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         y = layer(xi)
@@ -343,7 +343,7 @@ def test_cuda_triton_path_matches_torch_path(cls, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [lora.Linear, lora.MergedLinear])
-def test_cuda_route_honours_a_trained_weight_and_autocast(cls, monkeypatch):
+def test_cuda_route_honours_a_trained_weight_and_autocast(cls):
     # the fused kernel gives the weight no gradient and computes in x's dtype: a layer whose weight is trained,
     # or an fp32 layer under bf16 autocast, must take the torch route and behave as it does on the CPU
     kw = dict(enable_lora=[True, False, True], slice_sizes=[96, 48, 48]) if cls is lora.MergedLinear else {}
@@ -355,7 +355,7 @@ def test_cuda_route_honours_a_trained_weight_and_autocast(cls, monkeypatch):
     layer.weight.requires_grad_(True)
     grads = []
     for use in (True, False):
-        monkeypatch.setattr(lora.layers, "USE_TRITON", use)
+        layer.use_kernel = use
         layer.zero_grad(set_to_none=True)
         layer(x).pow(2).sum().backward()
         assert layer.weight.grad is not None

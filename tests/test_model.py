@@ -306,7 +306,7 @@ def test_triton_kernels_in_the_model_match_the_torch_path():
 
     ref_loss, ref = loss_and_grads(False)
     loss, got = loss_and_grads(True)
-    assert model.fused_ce and all(m.use_kernel for m in model.modules() if hasattr(m, "use_kernel"))
+    assert model.use_kernel and all(m.use_kernel for m in model.modules() if hasattr(m, "use_kernel"))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, g in ref.items():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

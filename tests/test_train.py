@@ -380,7 +380,7 @@ def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
     for targets, fused in ((TARGETS, False), ("qkv_proj,o_proj", True)):
         cfg = train.parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
         model, _, _ = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
-        assert model.fused_ce is fused, targets
+        assert model.use_kernel is fused, targets
 
 
 def test_grad_accum_beyond_an_epoch_says_so(tmp_path, capsys):
