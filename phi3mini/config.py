@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .tiny import TINY_CONFIG
+
 
 class ConfigError(ValueError):
     """A config.json that this implementation cannot honour."""
@@ -97,16 +99,13 @@ class Phi3Config:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Phi3Config":
         """Presets: "phi3-mini-4k", "phi3-mini-128k" (LongRoPE factors must come from its config.json to be
-        exact; the preset uses ones so the shapes are right), "tiny" (a small model for demos and tests)."""
+        exact; the preset uses ones so the shapes are right), "tiny" (phi3mini/tiny.py: the demo's small model)."""
         presets = {
             "phi3-mini-4k": {},
             "phi3-mini-128k": dict(max_position_embeddings=131072, sliding_window=262144,
                                    rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
                                                  "long_factor": [1.0] * 48}),
-            # Phi-3's vocabulary size and token ids, so the tiny tokenizer uses the real special-token ids.
-            "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=1024, original_max_position_embeddings=1024,
-                         sliding_window=1023),
+            "tiny": TINY_CONFIG,  # phi3mini/tiny.py: Phi-3's vocabulary and ids, small widths
         }
         if name not in presets:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")

@@ -289,10 +289,10 @@ def test_subprocess_pipe_and_errors():
     assert "local folder" in p.stderr
 
 
-def test_demo_training_changes_the_reply_to_a_training_prompt(tmp_path):
-    # the README's demo as it is (configs/tiny.toml on the sample chats, ~20 s): the adapter must get well past
-    # the unigram plateau (5.79 nats on these replies) and turn the base model's random ids into a different,
-    # plain-text reply that stops at <|end|>
+@pytest.mark.slow
+def test_demo_memorizes_its_chats(tmp_path, demo_tiny):
+    # the README's demo as it is (configs/tiny.toml, the demo-sized tiny model, ~1 min): after training, a trained
+    # question gets its trained answer word for word; before training, the base model's noise
     import json
 
     import train
@@ -300,10 +300,12 @@ def test_demo_training_changes_the_reply_to_a_training_prompt(tmp_path):
     assert train.main(["--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(out), "--save-every", "0",
                        "--eval-every", "0"]) == 0
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert losses[0] > 10 and sum(losses[-10:]) / 10 < 3.5, (losses[0], losses[-10:])
-    question = ["--model", "tiny", "--prompt", "What is phi3-lora?", "--max-new-tokens", "40"]
-    base = run(question)
-    tuned = run(question + ["--adapter", str(out / "adapter")])
-    assert base[0] == tuned[0] == 0, tuned[2]
-    assert "<unused" in base[1] and "<unused" not in tuned[1] and tuned[1] != base[1], (base[1], tuned[1])
-    assert len(tuned[1].split()) < 40  # it stopped at <|end|> well before max_new_tokens
+    assert losses[0] > 9 and losses[-1] < 0.1, (losses[0], losses[-1])
+    chats = [json.loads(line)["messages"] for line in (ROOT / "data" / "demo_chat.jsonl").read_text().splitlines()]
+    for user, assistant in [(c[0]["content"], c[1]["content"]) for c in chats[:2]]:
+        question = ["--model", "tiny", "--prompt", user, "--max-new-tokens", "40"]
+        base = run(question)
+        tuned = run(question + ["--adapter", str(out / "adapter")])
+        assert base[0] == tuned[0] == 0, tuned[2]
+        assert tuned[1].strip() == assistant, (tuned[1], assistant)
+        assert base[1].strip() != assistant
