@@ -131,12 +131,14 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
-def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the linear and embedding modules that can take LoRA (not LoRA layers already)."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, LoRALayer)}
 
 
-def _last(name: str) -> str:
+def leaf_name(name: str) -> str:
+    """The last part of a dotted module name: model.layers.0.self_attn.qkv_proj -> qkv_proj."""
     return name.rsplit(".", 1)[-1]
 
 
@@ -160,31 +162,31 @@ def qkv_slice_sizes(model: nn.Module, out_features: int) -> list[int]:
 
 def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
     """{module name: LayerSpec} for every module the config targets; a target matching nothing is an error."""
-    candidates = _adaptable(model)
+    candidates = adaptable_modules(model)
     targets = set(config.target_modules)
     if ALL_LINEAR in targets:
         if targets != {ALL_LINEAR}:
             raise ValueError(f"target_modules {sorted(targets)}: '{ALL_LINEAR}' cannot be combined with names")
-        chosen = [n for n, m in candidates.items() if isinstance(m, nn.Linear) and _last(n) != "lm_head"]
+        chosen = [n for n, m in candidates.items() if isinstance(m, nn.Linear) and leaf_name(n) != "lm_head"]
         if not chosen:
             raise ValueError("target_modules 'all-linear': the model has no nn.Linear module besides lm_head")
     else:
-        chosen = [n for n in candidates if _last(n) in targets]
-        missing = sorted(targets - {_last(n) for n in chosen})
+        chosen = [n for n in candidates if leaf_name(n) in targets]
+        missing = sorted(targets - {leaf_name(n) for n in chosen})
         if missing:
-            others = {_last(n): type(m).__name__ for n, m in model.named_modules() if n}
+            others = {leaf_name(n): type(m).__name__ for n, m in model.named_modules() if n}
             wrong_type = [f"{t} (a {others[t]})" for t in missing if t in others]
             raise ValueError(
                 f"target_modules {missing} match no nn.Linear / nn.Embedding module of the model"
                 + (f" ({', '.join(wrong_type)} cannot take LoRA)" if wrong_type else "")
-                + f"; its linear and embedding modules are named: {sorted({_last(n) for n in candidates})}")
+                + f"; its linear and embedding modules are named: {sorted({leaf_name(n) for n in candidates})}")
     specs = {}
     for name in chosen:
         m = candidates[name]
         common = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora)
         if isinstance(m, nn.Embedding):
             specs[name] = LayerSpec("Embedding", **common)  # loralib's Embedding has no dropout
-        elif _last(name) == "qkv_proj":
+        elif leaf_name(name) == "qkv_proj":
             if len(config.enable_lora) != 3:
                 raise ValueError(f"enable_lora needs three flags (q, k, v) for qkv_proj, got {config.enable_lora}")
             specs[name] = LayerSpec("MergedLinear", lora_dropout=config.lora_dropout,

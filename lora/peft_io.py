@@ -30,18 +30,17 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import (AdapterError, assign_tensors, check_existing_layers, check_tensors, expected_shapes,
-                      read_json, read_tensors, save_tensors, write_dir_atomically)
-from .inject import LayerSpec, LoraConfig, _adaptable, _last, apply_specs, lora_layers, qkv_slice_sizes
+from .adapter_io import CONFIG_NAME, AdapterError, install, read_json, read_tensors, save_tensors, write_adapter_dir
+from .inject import LayerSpec, LoraConfig, adaptable_modules, leaf_name, lora_layers, qkv_slice_sizes
 from .layers import ConvLoRA, Embedding, Linear, MergedLinear
-from .utils import lora_state_dict, mark_only_lora_as_trainable
+from .utils import lora_state_dict
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the LoraModel which wraps the transformers model
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -64,7 +63,7 @@ def _fused_slices(model: nn.Module, name: str, m) -> list[int]:
     if isinstance(m, MergedLinear):
         return list(m.slice_sizes)
     out = m.out_features
-    if _last(name) == "qkv_proj":
+    if leaf_name(name) == "qkv_proj":
         return qkv_slice_sizes(model, out)
     if out % 2:
         raise ValueError(f"{name}: {out} outputs cannot split into gate and up halves")
@@ -90,7 +89,8 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
             if split and len(FUSED[last]) == len(m.slice_sizes):
                 # each enabled slice keeps its own rank-r adapter; a disabled slice has none
                 parts = [part for part, on in zip(FUSED[last], m.enable_lora) if on]
-                for part, A_e, B_e in zip(parts, A.split(m.r), B.split(m._enabled_sizes())):
+                enabled_sizes = [size for size, on in zip(m.slice_sizes, m.enable_lora) if on]  # B's row blocks
+                for part, A_e, B_e in zip(parts, A.split(m.r), B.split(enabled_sizes)):
                     out.append((prefix + part, False, A_e, B_e, m.r, s))
             else:
                 n = sum(m.enable_lora)
@@ -133,7 +133,7 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
     rank_pattern, alpha_pattern = {}, {}
     groups: dict[str, list] = {}
     for name, _, _, _, r, s in adapters:
-        groups.setdefault(_last(name), []).append((name, r, peft_alpha(r, s)))
+        groups.setdefault(leaf_name(name), []).append((name, r, peft_alpha(r, s)))
     for suffix, members in groups.items():
         uniform = len({(r, round(a, 9)) for _, r, a in members}) == 1
         for name, r, a in (members[:1] if uniform else members):
@@ -177,7 +177,7 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
         save_tensors(tensors, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
 
-    return write_dir_atomically(dir, write)
+    return write_adapter_dir(dir, write)
 
 
 # ----- reading ------------------------------------------------------------------------------------------------------
@@ -220,13 +220,19 @@ def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
     return adapters, base
 
 
-def load_peft(model: nn.Module, dir) -> nn.Module:
-    """Load a peft LoRA folder into model (fresh, or already holding the same layers); returns model.
-    The result computes what peft computes on the transformers model with the same weights."""
-    dir = Path(dir)
-    if not dir.is_dir():
-        raise AdapterError(f"{dir}: no such adapter folder")
-    cfg_path = dir / CONFIG_NAME
+@dataclass(frozen=True)
+class _PeftSettings:
+    """The fields of a peft adapter_config.json this loader honours (the rest are refused or irrelevant)."""
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    lora_dropout: float
+    rank_pattern: dict
+    alpha_pattern: dict
+
+
+def _read_peft_config(cfg_path: Path) -> _PeftSettings:
+    """adapter_config.json, with every field that asks for more than plain LoRA refused by name."""
     cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load")
@@ -243,14 +249,13 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
         r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{cfg_path}: r / lora_alpha missing or invalid ({e})") from None
-    rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout") or 0.0)
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    return _PeftSettings(r0, alpha0, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout") or 0.0),
+                         cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {})
 
-    weights = dir / WEIGHTS_NAME
-    adapters, base = _parse_keys(weights, read_tensors(weights))
-    modules = dict(model.named_modules())
-    for name, w in base.items():  # peft saves embedding / lm_head base weights alongside: they must be the model's
+
+def _check_base_weights(weights: Path, base: dict, modules: dict) -> None:
+    """peft saves embedding / lm_head base weights alongside their adapters: they must be the model's."""
+    for name, w in base.items():
         m = modules.get(name)
         if m is None or not hasattr(m, "weight") or m.weight.shape != w.shape or not torch.equal(
                 m.weight.detach().cpu(), w.to(m.weight.dtype)):
@@ -258,81 +263,89 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
                                "(the adapter was trained with changed base weights, e.g. resized embeddings); "
                                "this loader keeps the model's weights and cannot honour it")
 
+
+def _fuse_parts(model, fused: str, parts: dict, dropout: float, rslora: bool, problems: list):
+    """Split q/k/v (gate/up) adapters of one fused module -> (MergedLinear LayerSpec, A, B), or None after adding
+    what is wrong to problems. parts: {part name: (LayerSpec, {"A", "B"})}."""
+    names = FUSED[leaf_name(fused)]
+    kinds = {(s.r, s.lora_alpha) for s, _ in parts.values()}
+    if len(kinds) != 1:
+        problems.append(f"{fused}: its split adapters {sorted(parts)} have different r / alpha {sorted(kinds)}; "
+                        "only equal ones fuse exactly")
+        return None
+    spec0 = next(iter(parts.values()))[0]
+    m = dict(model.named_modules())[fused]
+    sizes = _fused_slices(model, fused, m) if isinstance(m, nn.Linear) else None
+    if sizes is None or len(sizes) != len(names):
+        problems.append(f"{fused}: not a fused linear module the split adapters can go onto")
+        return None
+    # each part's shapes, checked here with the file's key names (and before torch.cat could fail on them)
+    parent, _, _ = fused.rpartition(".")
+    bad = []
+    for n, size in zip(names, sizes):
+        if n in parts:
+            for which, want in (("A", (spec0.r, m.in_features)), ("B", (size, spec0.r))):
+                got = tuple(parts[n][1][which].shape)
+                if got != want:
+                    bad.append(f"{PREFIX}{parent + '.' if parent else ''}{n}.lora_{which}.weight: "
+                               f"adapter {got} vs model {want}")
+    if bad:
+        problems += bad
+        return None
+    enable = tuple(n in parts for n in names)
+    spec = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes))
+    return (spec, torch.cat([parts[n][1]["A"] for n in names if n in parts]),
+            torch.cat([parts[n][1]["B"] for n in names if n in parts]))
+
+
+def load_peft(model: nn.Module, dir) -> nn.Module:
+    """Load a peft LoRA folder into model (fresh, or already holding the same layers); returns model.
+    The result computes what peft computes on the transformers model with the same weights."""
+    dir = Path(dir)
+    if not dir.is_dir():
+        raise AdapterError(f"{dir}: no such adapter folder")
+    cfg_path = dir / CONFIG_NAME
+    st = _read_peft_config(cfg_path)
+    weights = dir / WEIGHTS_NAME
+    adapters, base = _parse_keys(weights, read_tensors(weights))
+    modules = dict(model.named_modules())
+    _check_base_weights(weights, base, modules)
+
     # one LayerSpec and our tensors per module; split parts grouped onto their fused module
     specs, ours, problems = {}, {}, []
     groups: dict[str, dict] = {}
     for name, e in adapters.items():
         r = e["A"].shape[0]
-        r_cfg = _pattern_value(rank_pattern, name, r0)
+        r_cfg = _pattern_value(st.rank_pattern, name, st.r)
         if r != r_cfg:
             problems.append(f"{name}: lora_A has rank {r} but the config gives r={r_cfg}")
-        alpha = float(_pattern_value(alpha_pattern, name, alpha0))
+        alpha = float(_pattern_value(st.alpha_pattern, name, st.lora_alpha))
         spec = LayerSpec("Embedding" if e["embedding"] else "Linear", r, alpha,
-                         0.0 if e["embedding"] else dropout, rslora)
+                         0.0 if e["embedding"] else st.lora_dropout, st.use_rslora)
         parent, _, last = name.rpartition(".")
         fused = (parent + "." if parent else "") + PART_OF.get(last, "")
         if name not in modules and last in PART_OF and fused in modules:
             groups.setdefault(fused, {})[last] = (spec, e)
             continue
         if name not in modules:
-            candidates = sorted({_last(n) for n in _adaptable(model)} | {_last(n) for n, _ in lora_layers(model)})
+            names = list(adaptable_modules(model)) + [n for n, _ in lora_layers(model)]
+            candidates = sorted({leaf_name(n) for n in names})
             problems.append(f"{name}: the adapter has LoRA for it, the model has no such module "
                             f"(its linear and embedding modules are named {candidates})")
             continue
         specs[name], ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = spec, e["A"], e["B"]
-
     for fused, parts in groups.items():
-        names = FUSED[_last(fused)]
-        kinds = {(s.r, s.lora_alpha) for s, _ in parts.values()}
-        if len(kinds) != 1:
-            problems.append(f"{fused}: its split adapters {sorted(parts)} have different r / alpha {sorted(kinds)}; "
-                            "only equal ones fuse exactly")
-            continue
-        spec0 = next(iter(parts.values()))[0]
-        m = modules[fused]
-        sizes = _fused_slices(model, fused, m) if isinstance(m, nn.Linear) else None
-        if sizes is None or len(sizes) != len(names):
-            problems.append(f"{fused}: not a fused linear module the split adapters can go onto")
-            continue
-        enable = tuple(n in parts for n in names)
-        # each part's shapes, checked here with the file's key names (and before torch.cat could fail on them)
-        parent, _, _ = fused.rpartition(".")
-        bad = []
-        for n, size in zip(names, sizes):
-            if n in parts:
-                for which, want in (("A", (spec0.r, m.in_features)), ("B", (size, spec0.r))):
-                    got = tuple(parts[n][1][which].shape)
-                    if got != want:
-                        bad.append(f"{PREFIX}{parent + '.' if parent else ''}{n}.lora_{which}.weight: "
-                                   f"adapter {got} vs model {want}")
-        if bad:
-            problems += bad
-            continue
-        specs[fused] = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes))
-        ours[f"{fused}.lora_A"] = torch.cat([parts[n][1]["A"] for n in names if n in parts])
-        ours[f"{fused}.lora_B"] = torch.cat([parts[n][1]["B"] for n in names if n in parts])
+        done = _fuse_parts(model, fused, parts, st.lora_dropout, st.use_rslora, problems)
+        if done is not None:
+            specs[fused], ours[f"{fused}.lora_A"], ours[f"{fused}.lora_B"] = done
     if problems:
         raise AdapterError(f"{dir}: the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems[:20]))
 
-    found = {k: tuple(v.shape) for k, v in ours.items()}
-    fresh, problems = not lora_layers(model), []
-    if fresh:
-        expected, problems = expected_shapes(model, specs, "none")
-    else:
-        check_existing_layers(cfg_path, model, specs)
-        expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
-    check_tensors(weights, found, expected, problems)
-
-    qkv = [s.enable_lora for n, s in specs.items() if s.kind == "MergedLinear" and _last(n) == "qkv_proj"]
+    qkv = [s.enable_lora for n, s in specs.items() if s.kind == "MergedLinear" and leaf_name(n) == "qkv_proj"]
     try:
-        config = LoraConfig(r=r0, lora_alpha=_number(alpha0), lora_dropout=dropout,
-                            target_modules=tuple(sorted({_last(n) for n in specs})),
-                            enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=rslora)
+        config = LoraConfig(r=st.r, lora_alpha=_number(st.lora_alpha), lora_dropout=st.lora_dropout,
+                            target_modules=tuple(sorted({leaf_name(n) for n in specs})),
+                            enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=st.use_rslora)
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: {e}") from None
-    if fresh:
-        apply_specs(model, specs)
-        mark_only_lora_as_trainable(model, "none")
-    model.lora_config = config
-    assign_tensors(model, ours)
-    return model
+    return install(model, specs, config, ours, cfg_path, weights)
