@@ -1,20 +1,19 @@
-"""Chat datasets for fine-tuning: read JSONL, validate, encode with label masks, batch (optionally packed).
+"""Chat datasets for fine-tuning: read, validate, encode with label masks, batch (optionally packed).
 
-A dataset is a JSONL file, one example a line, in any of three forms (they may be mixed):
-  {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
-  {"text": "<|system|>\\n...<|end|>\\n<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n<|endoftext|>"}
-      text already in Phi-3's chat format: it is parsed back into messages at the special tokens, so the labels
-      still cover only the assistant replies (a leading <s> and a trailing <|endoftext|> are optional)
-  {"prompt": "...", "completion": "..."}
-      a user turn and an assistant reply; either side may also be a list of messages (TRL's conversational form)
+`load_data(...)` is the entry point train.py uses: data sources (files in the forms and formats of
+data_formats.py / data_files.py, folders and globs of shards, Hub datasets; several at once, comma-separated) ->
+tokenized training and evaluation sets (`TokenSet`, backed by the compact memory-mapped arrays of data_store.py, cached
+on disk) and a fingerprint of the training set. `load_dataset(path, ...)` is the same for one file, returning plain
+`Example` lists (tests, small scripts).
 
 Labels come from the tokenizer's per-message encoding (`Tokenizer.encode_for_training`): token positions of each
 assistant reply and its closing <|end|>, never a search for a template string and never the pad id (Phi-3's pad
 is its eos). Position 0 is never a target (nothing predicts it), so `n_target` counts labels[1:].
 
 What is stopped and what is skipped:
-- malformed JSON, an unknown role, empty or non-string content, text not in Phi-3's format: DataError naming
-  file:line (every bad line is collected first, so one run lists them all);
+- malformed JSON, an unknown role, empty or non-string content, text not in Phi-3's format, special-token text
+  ("<|end|>", "<|endoftext|>", ...) inside a message, text that is not valid Unicode, a line over max_line_bytes,
+  JSON nested too deeply: DataError naming file:line (every bad line is collected first, so one run lists them all);
 - a conversation without an assistant turn, or one that leaves no trained token: skipped and counted;
 - longer than max_seq_len: cut after the last complete assistant reply (its <|end|> included) that fits, and
   counted as truncated; when not even the first reply fits, skipped and counted as too long. A reply is never
@@ -29,155 +28,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-
-from .tokenizer import ROLES, check_messages
+from .data_files import MAX_LINE_BYTES, Source, resolve
+from .data_formats import DataError, parse_phi3_text, record_to_messages
+from .data_store import DataStats, TokenStore, _read_source, _raise_errors, load_or_build
+from .tokenizer import ROLES
 
 IGNORE = -100
 END_ID = 32007  # <|end|>: closes every turn; the last trained token of each assistant reply
 
-# "<|role|>\n{content}<|end|>\n" blocks of a Phi-3 chat string (the newline after each special token is optional:
-# Phi-3's special tokens absorb it anyway)
-_TURN = re.compile(r"<\|(system|user|assistant)\|>\n?(.*?)<\|end\|>\n?", re.DOTALL)
-_SPECIAL = re.compile(r"<\|[a-z0-9_]+\|>")
-_PHI3_TAG = re.compile(r"<\|(system|user|assistant|end|endoftext|placeholder\d+)\|>")  # Phi-3's special tokens
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file (and line) and what is wrong."""
-
-
-# ----- reading and validating ---------------------------------------------------------------------------------
-
-def parse_phi3_text(text: str) -> list[dict]:
-    """A string in Phi-3's chat format back into messages; ValueError if it is not in that format."""
-    s = text.strip()
-    if s.startswith("<s>"):
-        s = s[3:].lstrip()
-    if s.endswith("<|endoftext|>"):
-        s = s[: -len("<|endoftext|>")].rstrip()
-    messages, pos = [], 0
-    for m in _TURN.finditer(s):
-        if m.start() != pos:
-            break
-        tag = _PHI3_TAG.search(m.group(2))
-        if tag:  # the turn swallowed the next one: trained as reply text, the model would learn to emit <|user|>
-            raise ValueError(f"{tag.group(0)} inside the {m.group(1)} turn at character {m.start(2) + tag.start()} "
-                             f"(a missing <|end|>?)")
-        messages.append({"role": m.group(1), "content": m.group(2)})
-        pos = m.end()
-    if pos != len(s) or not messages:
-        rest = s[pos:pos + 40]
-        tag = _SPECIAL.match(rest)
-        if tag and tag.group(0) not in ("<|system|>", "<|user|>", "<|assistant|>"):
-            raise ValueError(f"unknown role tag {tag.group(0)} in text at character {pos}")
-        raise ValueError(f"text is not in Phi-3's chat format at character {pos} ({rest!r}...): expected "
-                         "'<|user|>\\n...<|end|>\\n' / '<|assistant|>\\n...<|end|>\\n' / '<|system|>...' blocks")
-    return messages
-
-
-def _as_messages(value, role: str, what: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list):
-        return value
-    raise ValueError(f'"{what}" must be a string or a list of messages, got {type(value).__name__}')
-
-
-def record_to_messages(obj) -> list[dict]:
-    """One parsed JSON line (any of the three forms) -> messages; ValueError says what is wrong."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list):
-            raise ValueError(f'"messages" must be a list, got {type(messages).__name__}')
-    elif "text" in obj:
-        if not isinstance(obj["text"], str):
-            raise ValueError(f'"text" must be a string, got {type(obj["text"]).__name__}')
-        messages = parse_phi3_text(obj["text"])
-    elif "prompt" in obj and "completion" in obj:
-        messages = _as_messages(obj["prompt"], "user", "prompt") + \
-            _as_messages(obj["completion"], "assistant", "completion")
-    else:
-        raise ValueError(f'expected a "messages", "text" or "prompt" + "completion" field, got keys {sorted(obj)}')
-    return [{"role": role, "content": content} for role, content in check_messages(messages)]
-
-
-@dataclass
-class DataStats:
-    """What happened to each line of a dataset file."""
-    path: str
-    lines: int = 0  # non-blank lines read
-    kept: int = 0
-    no_assistant: int = 0  # skipped: no assistant turn
-    no_target: int = 0  # skipped: no trained token left
-    too_long: int = 0  # skipped: not even the first assistant reply fits in max_seq_len
-    truncated: int = 0  # kept, cut after the last complete assistant reply that fits
-    examples: list = field(default_factory=list, repr=False)  # "file:line: reason" of each skipped example
-
-    def summary(self) -> str:
-        parts = [f"{self.kept} of {self.lines} examples kept"]
-        for name, n in (("no assistant turn", self.no_assistant), ("no trained token", self.no_target),
-                        ("too long", self.too_long)):
-            if n:
-                parts.append(f"{n} skipped ({name})")
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated after their last complete reply")
-        return f"{self.path}: " + ", ".join(parts)
-
 
 def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, list[dict]]]:
-    """Read and validate a JSONL file -> [(\"file:line\", messages)]. Conversations without an assistant turn are
+    """Read and validate one data file -> [(\"file:line\", messages)]. Conversations without an assistant turn are
     skipped and counted in stats; every malformed line is collected and reported together in one DataError."""
     path = Path(path)
     stats = stats if stats is not None else DataStats(str(path))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a .jsonl file") from None
-    except OSError as e:  # permission denied, ...
-        raise DataError(f"{path}: cannot read it: {e.strerror}") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one): not JSON
-        raw = raw[3:]
-    out, errors = [], []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append(f"{where}: not UTF-8 ({e.reason} at byte {e.start})")
-            continue
-        if not text.strip():
-            continue
-        stats.lines += 1
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
-            continue
-        try:
-            messages = record_to_messages(obj)
-        except ValueError as e:
-            errors.append(f"{where}: {e}")
-            continue
-        if not any(m["role"] == "assistant" for m in messages):
-            stats.no_assistant += 1
-            stats.examples.append(f"{where}: no assistant turn")
-            continue
-        out.append((where, messages))
-    if len(errors) == 1:
-        raise DataError(errors[0])
-    if errors:
-        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise DataError(f"{len(errors)} bad lines in {path}:\n  " + "\n  ".join(errors[:5]) + more)
+    errors: list[str] = []
+    out = list(_read_source(Source(str(path), [path]), MAX_LINE_BYTES, stats, errors))
+    _raise_errors(errors, str(path))
     if stats.lines == 0:
         raise DataError(f"{path}: the dataset is empty (no JSON lines)")
     return out
@@ -187,14 +60,14 @@ def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, 
 
 @dataclass
 class Example:
-    input_ids: list[int]
+    input_ids: list[int]  # (a numpy array when it comes from a TokenSet)
     labels: list[int]  # aligned with input_ids: -100 where no loss, else the token id itself
     source: str = ""  # file:line
 
     @property
     def n_target(self) -> int:
         # position 0 is never predicted (the model shifts: token t predicts labels[t + 1])
-        return sum(1 for y in self.labels[1:] if y != IGNORE)
+        return int((np.asarray(self.labels[1:]) != IGNORE).sum())
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -231,48 +104,132 @@ def encode_example(tokenizer, messages: list[dict], max_seq_len: int, train_on: 
     return ex, status
 
 
-def load_dataset(path, tokenizer, max_seq_len: int, train_on: str = "assistant") -> tuple[list[Example], DataStats]:
-    """Read, validate and encode a JSONL file. DataError if the file is malformed or nothing usable is left."""
-    stats = DataStats(str(path))
-    examples = []
-    for where, messages in read_conversations(path, stats):
-        try:
-            ex, status = encode_example(tokenizer, messages, max_seq_len, train_on, where)
-        except ValueError as e:  # the tokenizer's own validation (a role it rejects, ...)
-            raise DataError(f"{where}: {e}") from None
-        if ex is None:
-            setattr(stats, status, getattr(stats, status) + 1)
-            stats.examples.append(f"{where}: {status.replace('_', ' ')}")
-            continue
-        stats.truncated += status == "truncated"
-        examples.append(ex)
-    stats.kept = len(examples)
-    if not examples:
-        hint = f" at max_seq_len {max_seq_len}" if stats.too_long else ""
-        raise DataError(f"no usable examples in {stats.summary()}{hint}")
-    return examples, stats
+class TokenSet:
+    """Examples of a TokenStore (all of them, or a selection `rows`), indexable like a list of Example:
+    ex = tokens[i] has numpy input_ids (int32) and labels (int64, -100 where no loss)."""
+
+    def __init__(self, store: TokenStore, rows: np.ndarray | None = None):
+        self.store = store
+        self.rows = np.arange(len(store), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Example:
+        r = int(self.rows[i])
+        a, b = int(self.store.offsets[r]), int(self.store.offsets[r + 1])
+        ids = np.asarray(self.store.ids[a:b])
+        labels = np.where(self.store.mask[a:b] != 0, ids, IGNORE).astype(np.int64)
+        return Example(ids, labels, self.store.where(r))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths[self.rows]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def n_target(self) -> int:
+        return int(np.asarray(self.store.n_target)[self.rows].sum())
+
+    def subset(self, indices) -> "TokenSet":
+        return TokenSet(self.store, self.rows[np.asarray(indices, dtype=np.int64)])
+
+    def fingerprint(self) -> str:
+        """Of the data's contents, the tokenizer, the settings and the selected examples (not of the paths)."""
+        h = hashlib.sha256(self.store.content_key.encode())
+        h.update(self.rows.tobytes())
+        return h.hexdigest()[:16]
+
+    def to_examples(self) -> list[Example]:
+        """Plain Examples with list ids and labels."""
+        out = []
+        for i in range(len(self)):
+            ex = self[i]
+            out.append(Example(ex.input_ids.tolist(), ex.labels.tolist(), ex.source))
+        return out
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out a seeded random fraction (at least one example) for evaluation -> (train, eval)."""
+def load_dataset(path, tokenizer, max_seq_len: int, train_on: str = "assistant", cache: str = "off",
+                 max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[Example], DataStats]:
+    """Read, validate and encode one data file -> (Examples with list ids, its DataStats). DataError if the
+    file is malformed or nothing usable is left."""
+    store, _ = load_or_build([Source(str(path), [Path(path)])], tokenizer, max_seq_len, train_on, cache,
+                             max_line_bytes)
+    return TokenSet(store).to_examples(), store.stats[0]
+
+
+def split_eval(examples, fraction: float, seed: int):
+    """Hold out a seeded random fraction (at least one example) for evaluation -> (train, eval). Works on a list
+    (-> lists) and on a TokenSet (-> TokenSets); both keep the original order."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"eval_fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
-        return examples, []
+        return examples, examples[:0] if isinstance(examples, list) else examples.subset([])
     n_eval = max(1, math.ceil(fraction * len(examples)))
     if n_eval >= len(examples):
         raise DataError(f"eval_fraction {fraction} of {len(examples)} examples leaves nothing to train on")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:n_eval])
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).numpy()
+    held = np.zeros(len(examples), dtype=bool)
+    held[order[:n_eval]] = True
+    if isinstance(examples, TokenSet):
+        return examples.subset(np.flatnonzero(~held)), examples.subset(np.flatnonzero(held))
+    return [e for i, e in enumerate(examples) if not held[i]], [e for i, e in enumerate(examples) if held[i]]
 
 
-def fingerprint(examples: list[Example]) -> str:
-    """A short hash of the encoded examples (ids and labels), to check that a resumed run sees the same data."""
+def fingerprint(examples) -> str:
+    """A short hash of the encoded examples, to check that a resumed run sees the same data."""
+    if isinstance(examples, TokenSet):
+        return examples.fingerprint()
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+        h.update(json.dumps([list(map(int, ex.input_ids)), list(map(int, ex.labels))]).encode())
     return h.hexdigest()[:16]
+
+
+@dataclass
+class DataSets:
+    """What load_data returns: the training and evaluation sets, the training set's fingerprint, and the lines
+    that say what was read (one per source, then the skipped examples and the split)."""
+    train: TokenSet
+    eval: TokenSet
+    fingerprint: str
+    report: list[str] = field(default_factory=list)
+    from_cache: bool = False
+
+
+def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str, max_examples: int, cache: str,
+               report: list[str]) -> tuple[TokenSet, bool]:
+    sources = resolve(spec, split)
+    for s in sources:
+        s.limit = s.limit or max_examples
+    store, cached = load_or_build(sources, tokenizer, max_seq_len, train_on, cache)
+    for stats in store.stats:
+        report.append(stats.summary())
+        report += [f"  skipped {line}" for line in stats.examples[:3]]
+    return TokenSet(store), cached
+
+
+def load_data(data: str, tokenizer, max_seq_len: int, train_on: str = "assistant", *, split: str = "train",
+              eval_data: str = "", eval_split: str = "", eval_fraction: float = 0.0, seed: int = 0,
+              max_examples: int = 0, cache: str = "auto") -> DataSets:
+    """Training and evaluation sets from data specs (see data_files.py: "a.jsonl,b.parquet:500", a folder, a glob,
+    a Hub dataset id). Evaluation: eval_data if given (read with eval_split, or split), else eval_split of the
+    training sources when given, else a seeded eval_fraction of the training examples held out. max_examples caps
+    each source without its own ":N". cache: "auto" (~/.cache/phi3-lora/data), "off", or a folder.
+    DataError (naming the file and line) for anything unusable."""
+    report: list[str] = []
+    train, cached = _load_sets(data, split, tokenizer, max_seq_len, train_on, max_examples, cache, report)
+    if eval_data or eval_split:
+        eval_set, _ = _load_sets(eval_data or data, eval_split or split, tokenizer, max_seq_len, train_on,
+                                 max_examples if not eval_data else 0, cache, report)
+    else:
+        train, eval_set = split_eval(train, eval_fraction, seed)
+        if len(eval_set):
+            report.append(f"holding out {len(eval_set)} of {len(train) + len(eval_set)} examples for evaluation")
+    return DataSets(train, eval_set, fingerprint(train), report, cached)
 
 
 # ----- batching -----------------------------------------------------------------------------------------------
@@ -299,11 +256,12 @@ def pack_rows(lengths: list[int], order: list[int], max_seq_len: int) -> list[li
     return rows
 
 
-def epoch_plan(examples: list[Example], batch_size: int, seed: int, epoch: int, packing: bool = False,
+def epoch_plan(examples, batch_size: int, seed: int, epoch: int, packing: bool = False,
                max_seq_len: int = 0, shuffle: bool = True) -> list[list[list[int]]]:
     order = epoch_order(len(examples), seed, epoch) if shuffle else list(range(len(examples)))
     if packing:
-        rows = pack_rows([len(e) for e in examples], order, max_seq_len)
+        lengths = examples.lengths.tolist() if isinstance(examples, TokenSet) else [len(e) for e in examples]
+        rows = pack_rows(lengths, order, max_seq_len)
     else:
         rows = [[i] for i in order]
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -344,8 +302,8 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed:
         for d, i in enumerate(row, start=1):
             ex = examples[i]
             end = start + len(ex)
-            ids[b, start:end] = torch.tensor(ex.input_ids)
-            labels[b, start:end] = torch.tensor(ex.labels)
+            ids[b, start:end] = torch.as_tensor(ex.input_ids)
+            labels[b, start:end] = torch.as_tensor(ex.labels)
             labels[b, start] = IGNORE  # an example's first token is never a target (of the previous example)
             if packed:
                 pos[b, start:end] = torch.arange(len(ex))
@@ -356,6 +314,6 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed:
     return Batch(ids, labels, pos, doc, n_target, n_tokens)
 
 
-__all__ = ["DataError", "DataStats", "Example", "Batch", "ROLES", "IGNORE", "parse_phi3_text", "record_to_messages",
-           "read_conversations", "encode_example", "load_dataset", "split_eval", "fingerprint", "epoch_order",
-           "pack_rows", "epoch_plan", "collate"]
+__all__ = ["DataError", "DataStats", "DataSets", "Example", "TokenSet", "Batch", "ROLES", "IGNORE", "parse_phi3_text",
+           "record_to_messages", "read_conversations", "encode_example", "load_data", "load_dataset", "split_eval",
+           "fingerprint", "epoch_order", "pack_rows", "epoch_plan", "collate"]

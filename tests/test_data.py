@@ -249,9 +249,9 @@ def test_text_with_a_missing_end_is_an_error_not_a_merged_turn(tmp_path, tok):
 def test_unreadable_file_is_a_data_error(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}])
 
-    def denied(self):
+    def denied(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(type(path), "read_bytes", denied)  # chmod does not stop root
+    monkeypatch.setattr(type(path), "open", denied)  # chmod does not stop root; the reader streams path.open()
     with pytest.raises(DataError, match="d.jsonl: cannot read it: Permission denied"):
         load_dataset(path, tok, max_seq_len=512)
 

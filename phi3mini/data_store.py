@@ -1,0 +1,440 @@
+"""Tokenized examples in three flat arrays, built in batches and cached on disk.
+
+A store holds n examples and T tokens:
+  ids      int32 (T,)    every example's token ids, one after the other
+  mask     uint8 (T,)    1 where the token is a training target (labels = ids there, -100 elsewhere)
+  offsets  int64 (n+1,)  example i is ids[offsets[i]:offsets[i + 1]]
+plus per example its number of targets (n_target, int32: mask[1:] of the example, position 0 is never predicted) and
+where it came from (a file number and a line/row number, int32 + int64). 5 bytes per token, whatever the dataset.
+
+Building reads the records in chunks (a few MB of text), renders each message as the tokenizer's chat format does,
+tokenizes the whole chunk with `encode_batch_fast` (Rust threads), checks and cuts on the numpy arrays, and appends
+the chunk to ids.bin / mask.bin: no Python list of all ids is ever held. The labels are the per-message token
+positions of `Tokenizer.encode_for_training` (a message's ids are its own encoding, so the concatenation equals
+the ids of the whole rendered conversation) and the truncation rule of `data.encode_example`.
+
+The cache folder is named by a key that hashes the store format, the data files' contents and paths, the
+tokenizer (tokenizer.json and its special tokens) and every setting that changes the ids (max_seq_len, train_on,
+limits, max_line_bytes). A folder is written under a temporary name and renamed when complete, then memory-mapped:
+a second run (or --resume) reads only the small index arrays.
+"""
+from __future__ import annotations
+
+import array
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data_files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
+from .data_formats import DataError, record_to_messages
+
+STORE_VERSION = 1
+CHUNK_CHARS = 4 << 20  # text per tokenizer batch: big enough for the Rust threads, small next to the arrays
+_WHERE = re.compile(r"^(.*?)(\d+)$")
+
+
+@dataclass
+class DataStats:
+    """What happened to the records of one data source."""
+    path: str
+    lines: int = 0  # records read (non-blank lines, rows)
+    kept: int = 0
+    no_assistant: int = 0  # skipped: no assistant turn
+    no_target: int = 0  # skipped: no trained token left
+    too_long: int = 0  # skipped: not even the first assistant reply fits in max_seq_len
+    truncated: int = 0  # kept, cut after the last complete assistant reply that fits
+    limit: int = 0  # the source's limit, when it stopped the reading
+    examples: list = field(default_factory=list, repr=False)  # "file:line: reason" of the first skipped examples
+
+    def summary(self) -> str:
+        parts = [f"{self.kept} of {self.lines} examples kept"]
+        for name, n in (("no assistant turn", self.no_assistant), ("no trained token", self.no_target),
+                        ("too long", self.too_long)):
+            if n:
+                parts.append(f"{n} skipped ({name})")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated after their last complete reply")
+        if self.limit:
+            parts.append(f"stopped at its limit of {self.limit}")
+        return f"{self.path}: " + ", ".join(parts)
+
+    def skip(self, reason: str, where: str) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        if len(self.examples) < 20:
+            label = "no assistant turn" if reason == "no_assistant" else reason.replace("_", " ")
+            self.examples.append(f"{where}: {label}")
+
+
+class TokenStore:
+    """The arrays of a built (or memory-mapped) store; see the module docstring."""
+
+    def __init__(self, ids, mask, offsets, n_target, where_file, where_pos, prefixes: list[str], key: str,
+                 content_key: str, stats: list[DataStats]):
+        self.ids, self.mask, self.offsets, self.n_target = ids, mask, offsets, n_target
+        self.where_file, self.where_pos, self.prefixes = where_file, where_pos, prefixes
+        self.key, self.content_key, self.stats = key, content_key, stats
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f"{self.prefixes[int(self.where_file[i])]}{int(self.where_pos[i])}"
+
+
+# ----- the key ------------------------------------------------------------------------------------------------
+
+def tokenizer_hash(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.backend.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    with open_file(path) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def store_keys(sources: list[Source], tokenizer, max_seq_len: int, train_on: str, max_line_bytes: int
+               ) -> tuple[str, str]:
+    """(key, content_key): both hash the store format, the tokenizer, the settings that change the ids and the
+    files' contents; the key (the cache folder's name) also hashes the files' paths, which the store records."""
+    hashes = [[f, file_hash(f)] for s in sources for f in s.files]
+    parts = {"version": STORE_VERSION, "tokenizer": tokenizer_hash(tokenizer), "max_seq_len": max_seq_len,
+             "train_on": train_on, "max_line_bytes": max_line_bytes, "limits": [s.limit for s in sources],
+             "files": [len(s.files) for s in sources], "content": [h for _, h in hashes]}
+    content_key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    parts["paths"] = [str(f.resolve()) for f, _ in hashes]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], content_key
+
+
+# ----- encoding a chunk ---------------------------------------------------------------------------------------
+
+class _Encoder:
+    """Tokenizer facts used on every chunk: the chat-format tokens, the eos tail, and a table of special ids."""
+
+    def __init__(self, tokenizer, max_seq_len: int, train_on: str):
+        if train_on not in ("assistant", "all"):
+            raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+        tokenizer._check_chat([{"role": "user", "content": "x"}])  # a vocabulary without Phi-3's chat tokens
+        self.tok, self.max_seq_len, self.train_on = tokenizer, max_seq_len, train_on
+        backend = tokenizer.backend
+        self.encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self.tail = np.asarray(tokenizer._tail(add_generation_prompt=False), dtype=np.int32)
+        self.role_ids = dict(tokenizer.role_ids)
+        # special tokens that must not come out of a message's content (they would be trained as structure)
+        special = {tid: tok.content for tid, tok in backend.get_added_tokens_decoder().items()
+                   if tok.special and tid != tokenizer.unk_id}
+        self.special_lut = np.zeros(tokenizer.vocab_size + 1, dtype=bool)
+        self.special_lut[list(special)] = True
+        self.special_text = special
+
+    def _encode(self, convs, errors):
+        """Tokenize every message of the chunk; conversations whose text the tokenizer refuses are dropped."""
+        texts = [self.tok._render_message(m["role"], m["content"]) for _, ms in convs for m in ms]
+        try:
+            return convs, self.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # tokenizers raises TypeError/Exception without saying which string: find it
+            good = []
+            for where, ms in convs:
+                bad = _unencodable(ms)
+                if bad:
+                    errors.append(f"{where}: {bad}")
+                else:
+                    good.append((where, ms))
+            texts = [self.tok._render_message(m["role"], m["content"]) for _, ms in good for m in ms]
+            return good, self.encode_batch(texts, add_special_tokens=False) if texts else []
+
+    def chunk(self, convs: list[tuple[str, list[dict]]], errors: list[str], stats: DataStats):
+        """Encode conversations -> (ids, mask, [(length, n_target, where)]) of the kept examples."""
+        convs, encs = self._encode(convs, errors)
+        if not encs:
+            return None
+        lens = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(lens.sum()))
+        starts = np.cumsum(lens) - lens
+        lasts = starts + lens - 1
+        roles = [m["role"] for _, ms in convs for m in ms]
+        want = np.fromiter((self.role_ids[r] for r in roles), dtype=np.int64, count=len(roles))
+        if (lens < 2).any() or (flat[starts] != want).any() or (flat[lasts] != self.tok.end_id).any():
+            raise DataError(f"{self.tok.source}: a message does not encode as <|role|> ... <|end|> (the vocabulary's "
+                            "added tokens are not Phi-3's)")
+        inner = self.special_lut[flat]
+        inner[starts] = inner[lasts] = False
+        n_msgs = np.fromiter((len(ms) for _, ms in convs), dtype=np.int64, count=len(convs))
+        bad_convs = self._special_errors(np.flatnonzero(inner), flat, starts, n_msgs, convs, roles, errors)
+        is_asst = np.fromiter((r == "assistant" for r in roles), dtype=bool, count=len(roles))
+        if self.train_on == "all":
+            mask = np.ones(len(flat), dtype=np.uint8)
+        else:
+            mask = np.repeat(is_asst, lens).astype(np.uint8)
+            mask[starts] = 0  # the <|assistant|> token is prompt; the reply and its <|end|> train
+        return self._cut(flat, mask, starts, lasts, is_asst, n_msgs, convs, bad_convs, stats)
+
+    def _special_errors(self, positions, flat, starts, n_msgs, convs, roles, errors) -> set[int]:
+        """file:line errors for special-token text inside a message's content -> the conversations to drop."""
+        if not len(positions):
+            return set()
+        first_msg = np.cumsum(n_msgs) - n_msgs
+        bad = set()
+        for msg in np.unique(np.searchsorted(starts, positions, side="right") - 1):
+            c = int(np.searchsorted(first_msg, msg, side="right") - 1)
+            if c in bad:
+                continue
+            bad.add(c)
+            pos = positions[np.searchsorted(starts, positions, side="right") - 1 == msg][0]
+            text = self.special_text.get(int(flat[pos]), "?")
+            errors.append(f"{convs[c][0]}: message {int(msg - first_msg[c])} ({roles[msg]}) contains the special "
+                          f"token {text!r}: it would be read as that token, not as text; remove or rewrite it")
+        return bad
+
+    def _cut(self, flat, mask, starts, lasts, is_asst, n_msgs, convs, bad_convs, stats):
+        """Per conversation: append the tail, or cut after the last whole reply that fits; skip what cannot train."""
+        pieces_ids, pieces_mask, kept = [], [], []
+        tail_mask = np.full(len(self.tail), self.train_on == "all", dtype=np.uint8)
+        m0 = 0
+        for c, (where, _) in enumerate(convs):
+            m1 = m0 + int(n_msgs[c])
+            a, b = int(starts[m0]), int(lasts[m1 - 1]) + 1
+            asst_ends = lasts[m0:m1][is_asst[m0:m1]] + 1 - a
+            m0 = m1
+            if c in bad_convs:
+                continue
+            length = b - a + len(self.tail)
+            truncated = length > self.max_seq_len
+            if not truncated:
+                ids = (flat[a:b], self.tail)
+                msk = (mask[a:b], tail_mask)
+            else:
+                fits = asst_ends[asst_ends <= self.max_seq_len]
+                if not len(fits):
+                    stats.skip("too_long", where)
+                    continue
+                length = int(fits[-1])
+                ids, msk = (flat[a:a + length],), (mask[a:a + length],)
+            n_target = int(sum(int(m.sum()) for m in msk)) - int(msk[0][0])  # labels[1:]: position 0 never predicted
+            if n_target == 0:
+                stats.skip("no_target", where)
+                continue
+            stats.truncated += truncated
+            pieces_ids += ids
+            pieces_mask += msk
+            kept.append((length, n_target, where))
+        if not kept:
+            return None
+        return np.concatenate(pieces_ids), np.concatenate(pieces_mask), kept
+
+
+def _unencodable(messages: list[dict]) -> str | None:
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"message {i} ({m['role']}) content is not valid Unicode ({e.reason}: "
+                    f"{m['content'][e.start]!r} at character {e.start}); fix or drop that text")
+    return None
+
+
+# ----- building -----------------------------------------------------------------------------------------------
+
+class _Writer:
+    """Appends chunks to ids.bin / mask.bin in a folder; keeps the small per-example index in compact arrays."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.ids_f = open(folder / "ids.bin", "wb")
+        self.mask_f = open(folder / "mask.bin", "wb")
+        self.lengths, self.n_target = array.array("q"), array.array("i")
+        self.where_file, self.where_pos = array.array("i"), array.array("q")
+        self.prefixes: dict[str, int] = {}
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, kept) -> None:
+        self.ids_f.write(ids.astype(np.int32, copy=False).tobytes())
+        self.mask_f.write(mask.tobytes())
+        for length, n_target, where in kept:
+            prefix, num = _WHERE.match(where).groups()
+            self.lengths.append(length)
+            self.n_target.append(n_target)
+            self.where_file.append(self.prefixes.setdefault(prefix, len(self.prefixes)))
+            self.where_pos.append(int(num))
+
+    def finish(self, key: str, content_key: str, stats: list[DataStats]) -> None:
+        self.ids_f.close()
+        self.mask_f.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
+        np.save(self.folder / "offsets.npy", offsets)
+        for name in ("n_target", "where_file", "where_pos"):
+            np.save(self.folder / f"{name}.npy", np.frombuffer(getattr(self, name), dtype=np.int32 if name !=
+                                                               "where_pos" else np.int64))
+        meta = {"version": STORE_VERSION, "key": key, "content_key": content_key, "n_examples": len(self.lengths),
+                "n_tokens": int(offsets[-1]), "prefixes": list(self.prefixes), "stats": [asdict(s) for s in stats]}
+        (self.folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: list[str]):
+    """(where, messages) of a source's usable records; bad records go to errors, no-assistant ones to stats."""
+    for path in source.files:
+        for where, rec in iter_records(path, max_line_bytes):
+            stats.lines += 1
+            if isinstance(rec, BadRecord):
+                errors.append(f"{where}: {rec.reason}")
+                continue
+            try:
+                messages = record_to_messages(rec)
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+                continue
+            if not any(m["role"] == "assistant" for m in messages):
+                stats.skip("no_assistant", where)
+                continue
+            yield where, messages
+
+
+def _raise_errors(errors: list[str], name: str) -> None:
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    if errors:
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise DataError(f"{len(errors)} bad lines in {name}:\n  " + "\n  ".join(errors[:5]) + more)
+
+
+def _build_source(source: Source, encoder: _Encoder, writer: _Writer, max_line_bytes: int) -> DataStats:
+    stats, errors = DataStats(source.spec), []
+    chunk, chars = [], 0
+
+    def flush() -> bool:  # True when the source's limit is reached
+        nonlocal chunk, chars
+        out = encoder.chunk(chunk, errors, stats) if chunk and not errors else None
+        chunk, chars = [], 0
+        if out is None:
+            return False
+        ids, mask, kept = out
+        if source.limit and stats.kept + len(kept) >= source.limit:
+            kept = kept[: source.limit - stats.kept]
+            n = sum(k[0] for k in kept)
+            ids, mask, stats.limit = ids[:n], mask[:n], source.limit
+        writer.add(ids, mask, kept)
+        stats.kept += len(kept)
+        return bool(stats.limit)
+
+    for where, messages in _read_source(source, max_line_bytes, stats, errors):
+        chunk.append((where, messages))
+        chars += sum(len(m["content"]) for m in messages)
+        if chars >= CHUNK_CHARS and flush():
+            break
+    else:
+        flush()
+    _raise_errors(errors, source.spec)
+    if stats.lines == 0:
+        raise DataError(f"{source.spec}: the dataset is empty (no records)")
+    if stats.kept == 0:
+        hint = f" at max_seq_len {encoder.max_seq_len}" if stats.too_long else ""
+        raise DataError(f"no usable examples in {stats.summary()}{hint}")
+    return stats
+
+
+def build_store(sources: list[Source], tokenizer, max_seq_len: int, train_on: str, folder: Path,
+                keys: tuple[str, str], max_line_bytes: int = MAX_LINE_BYTES) -> list[DataStats]:
+    """Tokenize every source into `folder` (which must exist and be empty). DataError lists the bad records."""
+    encoder = _Encoder(tokenizer, max_seq_len, train_on)
+    writer = _Writer(folder)
+    try:
+        stats = [_build_source(s, encoder, writer, max_line_bytes) for s in sources]
+    finally:
+        writer.ids_f.close()
+        writer.mask_f.close()
+    writer.finish(*keys, stats)
+    return stats
+
+
+def open_store(folder: Path, key: str) -> TokenStore | None:
+    """Memory-map a complete store folder; None when it is missing, of another key or damaged."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != STORE_VERSION or meta.get("key") != key:
+            return None
+        n = meta["n_tokens"]
+        ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
+        mask = np.memmap(folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                  for name in ("offsets", "n_target", "where_file", "where_pos")}
+        if len(arrays["offsets"]) != meta["n_examples"] + 1 or int(arrays["offsets"][-1]) != n:
+            return None
+        stats = [DataStats(**s) for s in meta["stats"]]
+        return TokenStore(ids, mask, arrays["offsets"], arrays["n_target"], arrays["where_file"],
+                          arrays["where_pos"], meta["prefixes"], key, meta["content_key"], stats)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cache_root(setting: str) -> Path | None:
+    """data_cache: "auto" -> $XDG_CACHE_HOME (or ~/.cache)/phi3-lora/data, "off" -> None, else that folder."""
+    if setting in ("off", "none", ""):
+        return None
+    if setting == "auto":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "phi3-lora" / "data"
+    return Path(setting).expanduser()
+
+
+def load_or_build(sources: list[Source], tokenizer, max_seq_len: int, train_on: str, cache: str = "auto",
+                  max_line_bytes: int = MAX_LINE_BYTES) -> tuple[TokenStore, bool]:
+    """The store of these sources and settings: memory-mapped from the cache when there, else built (into the
+    cache, or into a temporary folder removed once mapped) -> (store, from_cache)."""
+    keys = store_keys(sources, tokenizer, max_seq_len, train_on, max_line_bytes)
+    key = keys[0]
+    root = cache_root(cache)
+    if root is not None:
+        store = open_store(root / key, key)
+        if store is not None:
+            return store, True
+        try:
+            if (root / key).exists():  # damaged (an interrupted copy, a full disk): moved away, then rebuilt
+                stale = Path(tempfile.mkdtemp(prefix=f"{key}.stale-", dir=root))
+                os.replace(root / key, stale / key)
+                shutil.rmtree(stale, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
+        except OSError as e:
+            warnings.warn(f"data cache {root}: cannot write there ({e.strerror}); building without a cache",
+                          stacklevel=2)
+            root = None
+    if root is None:
+        tmp = Path(tempfile.mkdtemp(prefix="phi3-lora-data-"))
+    try:
+        build_store(sources, tokenizer, max_seq_len, train_on, tmp, keys, max_line_bytes)
+        if root is not None:
+            try:
+                os.replace(tmp, root / key)
+            except OSError:  # another run finished the same store first: use theirs
+                pass
+            store = open_store(root / key, key)
+        else:
+            store = open_store(tmp, key)
+        if store is None:
+            raise DataError(f"the tokenized data written to {root or tmp} cannot be read back")
+        return store, False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # mapped files stay readable (POSIX) once unlinked
+
+
+__all__ = ["DataStats", "TokenStore", "build_store", "open_store", "load_or_build", "store_keys", "cache_root",
+           "tokenizer_hash"]
