@@ -61,7 +61,7 @@ def peak_rss_bytes() -> int:
 def write_chats(path: Path, n: int, seed: int) -> None:
     import numpy as np
 
-    from phi3mini.tokenizer import _TINY_WORDS
+    from phi3mini.tiny import _TINY_WORDS
 
     words = np.array(sorted(set(_TINY_WORDS.split())), dtype=object)
     rng = np.random.default_rng(seed)
