@@ -1,0 +1,151 @@
+"""What a training run reports at each evaluation besides its loss: greedy sample replies for a few fixed eval
+prompts (samples.jsonl and the console), the adapter's size per module (into the metrics record), and, when
+asked, TensorBoard event files (torch.utils.tensorboard; the `[tensorboard]` extra) or a wandb run (when wandb is
+installed). metrics.jsonl and loss.svg stay the trainer's own.
+
+    reporter = Reporter(out, report_to="tensorboard")
+    prompts = sample_prompts(eval_set, tokenizer, 3)
+    ...
+    record = {"step": step, "eval_loss": loss, "adapter_norms": adapter_norm_metrics(model)}
+    reporter.log(record)
+    reporter.log_samples(step, greedy_samples(model, tokenizer, prompts))
+    reporter.close()
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .generation import generate
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class ReportError(ValueError):
+    """A reporting backend that cannot run (not installed, unknown name): the message says what to do."""
+
+
+def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
+    """Prompts of the first n examples that hold an assistant reply: every token up to and including the last
+    <|assistant|> marker (exactly the prompt chat.py would build), and the reply the data gives there.
+    Returns [{"prompt_ids": [...], "reference": str}]. examples: phi3mini.data.Example (input_ids, labels)."""
+    assistant, end = tokenizer.token_to_id("<|assistant|>"), tokenizer.token_to_id("<|end|>")
+    out = []
+    for ex in examples:
+        if len(out) >= n:
+            break
+        ids = list(ex.input_ids)
+        marks = [i for i, t in enumerate(ids) if t == assistant]
+        if assistant is None or not marks:
+            continue
+        reply = ids[marks[-1] + 1:]
+        reply = reply[:reply.index(end)] if end in reply else reply
+        out.append({"prompt_ids": ids[:marks[-1] + 1], "reference": tokenizer.decode(reply, skip_special_tokens=True)})
+    return out
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 48,
+                   stop_ids=None) -> list[dict]:
+    """The model's greedy reply to each prompt (generate restores train/eval mode afterwards).
+    Returns [{"prompt": text, "reply": text, "reference": text}]."""
+    out = []
+    for p in prompts:
+        new = generate(model, p["prompt_ids"], max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+        reply = tokenizer.decode(new, skip_special_tokens=True)
+        out.append({"prompt": tokenizer.decode(p["prompt_ids"]), "reply": reply, "reference": p["reference"]})
+    return out
+
+
+def adapter_norm_metrics(model) -> dict[str, float]:
+    """{module name: ‖s·B·A‖ Frobenius} for every adapted module, plus "total" (the norm of all of them together)."""
+    from .probe import adapter_norms
+
+    norms = {n.name.removeprefix("model."): n.frobenius for n in adapter_norms(model)}
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
+def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers of a metrics record, nested dicts flattened to "outer/inner" (TensorBoard's tag groups)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[prefix + key] = float(value)
+    return out
+
+
+class Reporter:
+    """Sends each metrics record and the sample replies where report_to says ("none", "tensorboard", "wandb"),
+    and keeps samples.jsonl in out_dir. resume_step: keep the samples.jsonl lines up to that step (the later
+    ones are about to be redone); None starts the file afresh."""
+
+    def __init__(self, out_dir, report_to: str = "none", config: dict | None = None,
+                 resume_step: int | None = None, echo: Callable[[str], None] | None = None):
+        if report_to not in REPORT_TO:
+            raise ReportError(f"report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+        self.out_dir = Path(out_dir)
+        self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.tb = self.wandb = None
+        if report_to == "tensorboard":
+            self.tb = self._tensorboard()
+        elif report_to == "wandb":
+            self.wandb = self._wandb(config)
+        self.samples_path = self.out_dir / "samples.jsonl"
+        kept = []
+        if resume_step is not None and self.samples_path.exists():
+            lines = [x for x in self.samples_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+            kept = [x for x in lines if json.loads(x)["step"] <= resume_step]
+        self.samples_path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch raises this when the tensorboard package is missing
+            raise ReportError("report_to tensorboard needs the tensorboard package: pip install "
+                              "'phi3-lora[tensorboard]' (or pip install tensorboard)") from None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def _wandb(self, config):
+        try:
+            import wandb
+        except ImportError:
+            raise ReportError("report_to wandb needs wandb: pip install wandb (then wandb login)") from None
+        return wandb.init(project="phi3-lora", name=self.out_dir.name, dir=str(self.out_dir), config=config or {})
+
+    def log(self, record: dict) -> None:
+        """One metrics record (with its "step"): every number in it, nested dicts as "outer/inner"."""
+        scalars = _scalars(record)
+        if self.tb is not None:
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Append the replies to samples.jsonl, print them, and send them to TensorBoard / wandb as text."""
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for i, s in enumerate(samples):
+                f.write(json.dumps({"step": step, "index": i, **s}, ensure_ascii=False) + "\n")
+        for i, s in enumerate(samples):
+            self.echo(f"sample {i} @ step {step}: {s['reply']!r} (data: {s['reference']!r})")
+        text = "\n\n".join(f"**{i}** `{s['prompt'][-200:]}`\n\n→ {s['reply']}" for i, s in enumerate(samples))
+        if self.tb is not None:
+            self.tb.add_text("samples", text, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({"samples": text}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

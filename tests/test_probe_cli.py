@@ -1,0 +1,72 @@
+"""probe.py, the command line: a report for the tiny model, one with an adapter, and its errors."""
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+from phi3mini import Phi3
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+cli = importlib.import_module("probe")  # the top-level script (phi3mini.probe is the library it drives)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_pngs(out: Path, names: list[str]) -> str:
+    page = (out / "index.html").read_text(encoding="utf-8")
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5_000, name  # a real picture, not an empty canvas
+        assert f'src="{name}"' in page
+    assert not list(out.glob("*.tmp-*"))
+    return page
+
+
+def test_report_for_tiny(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["--model", "tiny", "--prompt", "the cat sat on the mat", "--out", str(out)]) == 0
+    n = Phi3.from_name("tiny").config.num_hidden_layers
+    layers = sorted({0, n // 2, n - 1})
+    page = check_pngs(out, [f"attention_layer{i}.png" for i in layers] + ["logit_lens.png"])
+    assert not (out / "adapter_norms.png").exists()
+    assert "Logit lens" in page and "<code>␣the</code>" in page
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_report_with_an_adapter(tmp_path):
+    model = Phi3.from_name("tiny")
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=("qkv_proj", "lm_head")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    lora.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "report"
+    argv = ["--model", "tiny", "--adapter", str(tmp_path / "adapter"), "--chat", "--prompt", "What is LoRA?",
+            "--reply", "A low-rank update.", "--layers", "1", "--heads", "0,3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    page = check_pngs(out, ["attention_layer1.png", "logit_lens.png", "adapter_norms.png", "adapter_effect.png"])
+    assert "model.layers.1.self_attn.qkv_proj" in page and "lm_head" in page
+    assert "&lt;|user|&gt;" in page  # the chat markers are shown, escaped
+    assert not (out / "attention_layer0.png").exists()
+
+
+def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "r")
+    cases = [(["--layers", "7"], "--layers '7': choose from 0.."),
+             (["--heads", "x"], "expected comma-separated integers"),
+             (["--adapter", str(tmp_path / "missing")], "--adapter")]
+    for extra, message in cases:
+        assert cli.main(["--model", "tiny", "--prompt", "hi", "--out", out, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["--model", "tiny", "--prompt", "hi", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert cli.main(["--model", "tiny", "--prompt", "hi", "--out", out]) == 2
+    assert "pip install 'phi3-lora[viz]'" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""phi3mini.report: sample prompts cut where chat.py would, greedy replies equal generate's, adapter norms, and
+what lands in samples.jsonl and TensorBoard's event files (read back with tensorboard's own reader)."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import lora
+from helpers import CONV
+from phi3mini import Phi3, Tokenizer, generate
+from phi3mini.data import encode_example
+from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.tiny()
+
+
+def examples(tok):
+    one_turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    return [encode_example(tok, messages, 512)[0] for messages in (CONV, one_turn, CONV)]
+
+
+def test_sample_prompts_are_chat_prompts_of_the_last_reply(tok):
+    prompts = sample_prompts(examples(tok), tok, 2)
+    assert len(prompts) == 2
+    assert prompts[0]["prompt_ids"] == tok.encode_chat(CONV[:-1], add_generation_prompt=True)
+    assert prompts[0]["reference"] == "Its rank."
+    assert prompts[1]["reference"] == "Hello."
+    assert len(sample_prompts(examples(tok), tok, 10)) == 3
+
+
+def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
+    model = Phi3.from_name("tiny").train()
+    prompts = sample_prompts(examples(tok), tok, 1)
+    samples = greedy_samples(model, tok, prompts, max_new_tokens=5)
+    assert model.training
+    with torch.no_grad():
+        new = generate(model.eval(), prompts[0]["prompt_ids"], 5)
+    assert samples == [{"prompt": tok.decode(prompts[0]["prompt_ids"]),
+                        "reply": tok.decode(new, skip_special_tokens=True), "reference": "Its rank."}]
+
+
+def test_adapter_norm_metrics(tok):
+    model = Phi3.from_name("tiny")
+    lora.inject(model, lora.LoraConfig(r=2, target_modules=("o_proj",)))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.lora_B.fill_(0.5)
+    norms = adapter_norm_metrics(model)
+    layer1 = model.model.layers[1].self_attn.o_proj
+    assert norms["layers.1.self_attn.o_proj"] == pytest.approx(torch.linalg.matrix_norm(layer1.delta_weight()).item(),
+                                                               rel=1e-5)
+    assert norms["layers.0.self_attn.o_proj"] == 0
+    assert norms["total"] == pytest.approx(math.sqrt(sum(v * v for k, v in norms.items() if k != "total")))
+
+
+SAMPLES = [{"prompt": "<|user|>\nHi?<|end|>\n<|assistant|>", "reply": "Hello.", "reference": "Hi."}]
+
+
+def test_samples_jsonl_and_resume(tmp_path):
+    said = []
+    rep = Reporter(tmp_path, echo=said.append)
+    rep.log({"step": 1, "loss": 2.0})  # report_to none: nothing but the samples file
+    rep.log_samples(10, SAMPLES)
+    rep.log_samples(20, SAMPLES)
+    rep.close()
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [10, 20] and lines[0]["reply"] == "Hello." and lines[0]["index"] == 0
+    assert "Hello." in said[0] and "step 10" in said[0]
+    Reporter(tmp_path, resume_step=15).close()  # steps after the checkpoint are redone
+    assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [10]
+    Reporter(tmp_path).close()  # a fresh run starts the file afresh
+    assert (tmp_path / "samples.jsonl").read_text() == ""
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rep = Reporter(tmp_path, report_to="tensorboard", echo=lambda m: None)
+    rep.log({"step": 5, "loss": 1.5, "lr": 1e-3, "adapter_norms": {"total": 0.25}, "note": "x", "nan_ok": True})
+    rep.log({"step": 6, "loss": 1.25})
+    rep.log_samples(6, SAMPLES)
+    rep.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    assert set(tags["scalars"]) == {"loss", "lr", "adapter_norms/total"}
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(5, 1.5), (6, 1.25)]
+    assert acc.Scalars("adapter_norms/total")[0].value == pytest.approx(0.25)
+    assert "samples/text_summary" in tags["tensors"]
+
+
+def test_missing_backends_name_the_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ReportError, match=r"pip install 'phi3-lora\[tensorboard\]'"):
+        Reporter(tmp_path, report_to="tensorboard")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ReportError, match="pip install wandb"):
+        Reporter(tmp_path, report_to="wandb")
+    with pytest.raises(ReportError, match="one of none, tensorboard, wandb"):
+        Reporter(tmp_path, report_to="mlflow")
