@@ -33,13 +33,13 @@ class ReportError(ValueError):
 def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
     """Prompts of the first n examples that hold an assistant reply: every token up to and including the last
     <|assistant|> marker (exactly the prompt chat.py would build), and the reply the data gives there.
-    Returns [{"prompt_ids": [...], "reference": str}]. examples: phi3mini.data.Example (input_ids, labels)."""
+    Returns [{"prompt_ids": [...], "reference": str}]. examples: phi3mini.data Examples or a TokenSet."""
     assistant, end = tokenizer.token_to_id("<|assistant|>"), tokenizer.token_to_id("<|end|>")
     out = []
-    for ex in examples:
+    for i in range(len(examples)):  # a list of Examples or a data.TokenSet (indexable, rows on demand)
         if len(out) >= n:
             break
-        ids = list(ex.input_ids)
+        ids = [int(t) for t in examples[i].input_ids]
         marks = [i for i, t in enumerate(ids) if t == assistant]
         if assistant is None or not marks:
             continue

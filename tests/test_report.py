@@ -10,7 +10,7 @@ import torch
 import lora
 from helpers import CONV
 from phi3mini import Phi3, Tokenizer, generate
-from phi3mini.data import encode_example
+from phi3mini.data import encode_example, load_data
 from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
 
 
@@ -31,6 +31,15 @@ def test_sample_prompts_are_chat_prompts_of_the_last_reply(tok):
     assert prompts[0]["reference"] == "Its rank."
     assert prompts[1]["reference"] == "Hello."
     assert len(sample_prompts(examples(tok), tok, 10)) == 3
+
+
+def test_sample_prompts_from_a_token_set(tok, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": CONV}) + "\n")
+    sets = load_data(str(path), tok, 512, eval_data=str(path), cache="off")
+    prompts = sample_prompts(sets.eval, tok, 3)
+    assert [p["prompt_ids"] for p in prompts] == [tok.encode_chat(CONV[:-1], add_generation_prompt=True)]
+    assert all(type(t) is int for t in prompts[0]["prompt_ids"])
 
 
 def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
