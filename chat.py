@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from phi3mini import ConfigError, CheckpointError, Phi3, Tokenizer, TokenizerError, default_stop_ids, generate
-from phi3mini.weights import resolve_checkpoint
+from phi3mini import Phi3, Tokenizer, default_stop_ids, generate, hub
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -42,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat with Phi-3-mini, with or without a LoRA adapter.",
                                 epilog=f"In a chat, {HELP}. Ctrl-C stops a reply; Ctrl-D quits.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hub id, local checkpoint folder, or 'tiny' (built-in random demo model); default {DEFAULT_MODEL}")
+                   help=f"Hub id, local checkpoint folder, or 'tiny' (built-in random demo model); "
+                        f"default {DEFAULT_MODEL}")
     p.add_argument("--adapter", help="LoRA adapter folder (ours, from train.py, or a PEFT one)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (in fp32, cast once)")
     p.add_argument("--system", help="system message")
@@ -84,15 +84,9 @@ def load(args) -> tuple[Phi3, Tokenizer]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     try:
-        if args.model == "tiny":
-            model = Phi3.from_name("tiny", seed=0, dtype=dtype or torch.float32, device=device)
-            tokenizer = Tokenizer.tiny()
-        else:
-            folder = resolve_checkpoint(args.model)
-            tokenizer = Tokenizer.from_pretrained(folder)  # first: a missing tokenizer fails before gigabytes load
-            model = Phi3.from_pretrained(folder, dtype=dtype, device=device)
-            model.name_or_path = args.model
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        tokenizer = hub.load_tokenizer(args.model)  # first: a missing tokenizer fails before gigabytes load
+        model = hub.load_model(args.model, dtype=dtype, device=device)
+    except hub.ERRORS as e:
         raise ChatError(f"--model {args.model}: {e}") from None
     if args.adapter:
         load_adapter(model, args.adapter, merge=args.merge)

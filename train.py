@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 
 import lora
-from phi3mini import Phi3, Tokenizer, atomic
+from phi3mini import Phi3, Tokenizer, atomic, hub
 from phi3mini.data import DataError, collate, epoch_plan, fingerprint, load_dataset, split_eval
 
 # ----- defaults ---------------------------------------------------------------------------------------------------
@@ -277,37 +276,19 @@ def keep_freed_cpu_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-@functools.lru_cache(maxsize=4)
-def model_folder(name: str) -> Path:
-    """A local folder for --model: as given, or the Hub snapshot (downloaded once: config, weights, tokenizer)."""
-    from phi3mini.weights import CheckpointError, resolve_checkpoint
-    try:
-        return resolve_checkpoint(name)
-    except CheckpointError as e:
-        raise TrainError(str(e)) from None
-
-
 def load_tokenizer(name: str) -> Tokenizer:
-    if name == "tiny":
-        return Tokenizer.tiny()
     try:
-        return Tokenizer.from_pretrained(model_folder(name))
-    except (FileNotFoundError, ValueError) as e:
+        return hub.load_tokenizer(name)
+    except hub.ERRORS as e:
         raise TrainError(f"--model {name}: cannot load its tokenizer: {e}") from None
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device) -> Phi3:
-    """The frozen base model: "tiny" (built in, always seed 0: it stands for a pretrained model), a local folder
-    in the Hugging Face layout, or a Hub id."""
-    if name == "tiny":
-        return Phi3.from_name("tiny", seed=0, dtype=dtype, device=device)
-    from phi3mini.weights import CheckpointError
+    """The frozen base model: "tiny", a local folder in the Hugging Face layout, or a Hub id (phi3mini.hub)."""
     try:
-        model = Phi3.from_pretrained(model_folder(name), dtype=dtype, device=device)
-    except CheckpointError as e:
-        raise TrainError(str(e)) from None
-    model.name_or_path = name
-    return model
+        return hub.load_model(name, dtype=dtype, device=device)
+    except hub.ERRORS as e:
+        raise TrainError(f"--model {name}: {e}") from None
 
 
 def build_model(t: dict, lc: dict, device: torch.device, dtype: torch.dtype):

@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as _Backend
 
 from . import atomic
+from .download import SourceError, find_folder, looks_like_hub_id
 
 IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -147,23 +148,20 @@ class Tokenizer:
 
     # ----- construction ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
+    def from_pretrained(cls, path_or_hub_id) -> "Tokenizer":
         """Load from a folder holding tokenizer.json (or the path of a tokenizer.json itself), or a Hub id.
         tokenizer_config.json (special tokens, added tokens, chat template), chat_template.jinja and
         special_tokens_map.json are read when present."""
-        path = Path(path).expanduser()
+        path = Path(path_or_hub_id).expanduser()
         if path.is_file():
             folder, tok_file = path.parent, path
         else:
             folder = path
-            if not path.exists():
-                text = str(path)
-                if not text.startswith((".", "/", "~")) and text.count("/") == 1:  # a Hub id
-                    from .weights import CheckpointError, resolve_checkpoint
-                    try:
-                        folder = resolve_checkpoint(text)
-                    except CheckpointError as e:
-                        raise TokenizerError(str(e)) from None
+            if looks_like_hub_id(path_or_hub_id):
+                try:
+                    folder = find_folder(str(path_or_hub_id))
+                except SourceError as e:
+                    raise TokenizerError(str(e)) from None
             tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
             raise TokenizerError(f"{tok_file}: no such file (a tokenizer folder needs tokenizer.json; "
@@ -223,8 +221,8 @@ class Tokenizer:
     @classmethod
     def tiny(cls) -> "Tokenizer":
         """A small Phi-3-style tokenizer built in code (no download, deterministic): see phi3mini/tiny.py."""
-        from .tiny import tiny_tokenizer_config, tiny_tokenizer_json  # tiny.py builds on this module's constants
-        return cls(_Backend.from_str(tiny_tokenizer_json()), tiny_tokenizer_config(), source="tiny")
+        from .tiny import tiny_tokenizer  # tiny.py builds on this module's constants
+        return tiny_tokenizer()
 
     def save_pretrained(self, out_dir) -> None:
         """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json, in

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .download import SourceError, find_folder
 from .config import ConfigError, Phi3Config
 
 
@@ -27,29 +28,15 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-
 
 # ----- finding the files ----------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_hub_id) -> Path:
-    """A local folder as is; otherwise a Hub id, downloading only config, safetensors and tokenizer files."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()
-    if looks_local:
-        raise CheckpointError(f"{text}: no such checkpoint folder")
+    """A local folder as is; otherwise a Hub id, downloading only config, safetensors and tokenizer files
+    (phi3mini.download)."""
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        raise CheckpointError(
-            f"could not get {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
-            f"Without network access, pass a local folder that holds config.json and the *.safetensors files "
-            f"(for instance one made elsewhere with `huggingface-cli download {text} --local-dir DIR`), "
-            f"or --model tiny for the built-in demo model.") from None
+        return find_folder(path_or_hub_id)
+    except SourceError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
