@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-from phi3mini import CheckpointError, ConfigError, Phi3, Tokenizer, TokenizerError
-from phi3mini import probe, viz
+from phi3mini import Phi3, Tokenizer, hub, probe, viz
 from phi3mini.atomic import write_file
-from phi3mini.weights import resolve_checkpoint
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -79,13 +77,9 @@ def load(args) -> tuple[Phi3, Tokenizer]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     try:
-        if args.model == "tiny":
-            model, tokenizer = Phi3.from_name("tiny", dtype=dtype or torch.float32, device=device), Tokenizer.tiny()
-        else:
-            folder = resolve_checkpoint(args.model)
-            tokenizer = Tokenizer.from_pretrained(folder)
-            model = Phi3.from_pretrained(folder, dtype=dtype, device=device)
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        tokenizer = hub.load_tokenizer(args.model)
+        model = hub.load_model(args.model, dtype=dtype, device=device)
+    except hub.ERRORS as e:
         raise ProbeError(f"--model {args.model}: {e}") from None
     if args.adapter:
         import lora
