@@ -1,0 +1,239 @@
+"""QLoRA's fused linear: the frozen base weight is NF4 (kernels/nf4.py), dequantized tile by tile inside the GEMM.
+
+    y = x·dequant(W4)ᵀ + s·(x_l·Aᵀ)·Bᵀ + bias
+
+The same fusion as kernels/lora_linear.py (the low-rank term in the epilogue, y and dX written once), with the
+base weight's tiles decoded from 4-bit codes in registers instead of loaded in 16 bits: W is read at ~0.53 bytes
+per element (4 bits + the double-quantized scales) and never exists densely in memory. bitsandbytes (and unsloth,
+which calls it) dequantizes the whole W into a temporary bf16 matrix and then runs a cuBLAS GEMM; torchao's NF4 is
+not bitsandbytes' format.
+
+  forward   xa = x_l·Aᵀ                                  (M, R)  thin GEMM, torch
+            y  = x·Wᵀ ⊕ s·xa·Bᵀ ⊕ bias                   (M, N)  one Triton GEMM over K, W decoded per tile
+  backward  g  = dY·B                                    (M, R)  thin GEMM, torch
+            dX = dY·W ⊕ s·g·A                            (M, K)  the same kernel, reducing over N
+            dA = s·gᵀ·x_l,  dB = s·dYᵀ·xa,  dbias = Σ_m dY         thin, torch
+
+The decoded W tile is rounded to the input dtype before tl.dot, exactly as `dequantize_nf4(tensors, x.dtype)`
+rounds it, so the contract is `nf4_lora_linear_reference`: F.linear with the dequantized weight (the adapter is
+trained against dequant(W4), which is also what a merge must fold into).
+
+The kernel sees W through "virtual strides" into its flat row-major index j = n·K + k: the forward's right operand
+Wᵀ (K, N) has strides (1, K), the backward's W (N, K) has (K, 1). The 64-element scale blocks run along rows of W,
+so within a tile the scale changes along k only every 64 elements.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._device import device_guard
+from .nf4 import HAS_TRITON, INTERPRET, dequantize_nf4, kernel_args, nf4_quant_state
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .nf4 import _decode_nf4
+
+    @triton.jit
+    def _nf4_matmul_lowrank_kernel(
+        a_ptr,        # (M, KR)  left operand: x (forward) or dY (backward)
+        packed_ptr,   # uint8 ((N·K + 1) // 2,): the NF4 codes of W (N, K), two per byte, high nibble first
+        absmax_ptr,   # (blocks,) uint8 codes of the scales (double quant) or fp32 scales
+        code_ptr,     # (16,) fp32 NF4 table
+        absmax2_ptr,  # (ceil(blocks / 256),) fp32 nested scales (double quant)
+        code2_ptr,    # (256,) fp32 dynamic map (double quant)
+        u_ptr,        # (M, R)   thin left factor: xa forward, g backward
+        v_ptr,        # (R, NO)  thin right factor, any strides: Bᵀ forward, A backward
+        bias_ptr,     # (NO,)    read only when HAS_BIAS
+        c_ptr,        # (M, NO)  output, written once
+        M, NO, KR, R, M_KEY,
+        stride_am, stride_ak,
+        stride_wk, stride_wn,  # virtual strides of the right operand into W's flat index: (1, K) or (K, 1)
+        stride_um, stride_ur, stride_vr, stride_vn, stride_cm, stride_cn,
+        offset, scaling,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # c = a·W' + scaling·u·v (+ bias), W' = Wᵀ or W decoded from NF4: one program per (BLOCK_M, BLOCK_N) tile.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(NO, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n  # grouped ordering: row-blocks share decoded W tiles through L2
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,), 64-bit row offsets
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                # (BLOCK_N,)
+        offs_k = tl.arange(0, BLOCK_K)                                  # (BLOCK_K,)
+        rows = offs_m % M  # past-the-edge rows/columns wrap to valid ones; the store mask drops them
+        cols = offs_n % NO
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak   # (BLOCK_M, BLOCK_K)
+        # flat index into W of the (BLOCK_K, BLOCK_N) right-operand tile; int64: N·K may pass 2³¹ one day
+        w_idx = offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(KR, BLOCK_K)):
+            k_left = KR - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w_mask = offs_k[:, None] < k_left
+            w = _decode_nf4(w_idx, w_mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+                            BLOCKSIZE, DOUBLE_QUANT)                    # (BLOCK_K, BLOCK_N) fp32
+            w = tl.where(w_mask, w, 0.0)
+            if DOT_FP32:  # interpreter: round W to the input dtype (as the GPU path does), then dot in fp32
+                a = a.to(tl.float32)
+                w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                w = w.to(a_ptr.dtype.element_ty)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_idx += BLOCK_K * stride_wk
+
+        if HAS_LORA:  # one accumulator, (acc/s + u·v)·s: a second (BLOCK_M, BLOCK_N) fp32 tile spills
+            # on sm_90 (shared/KERNELS-COMPILED.md); exact for power-of-two s, else ~1 fp32 ulp
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                        mask=r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
+            v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                        mask=r_ok[:, None], other=0.0)  # (BLOCK_R, BLOCK_N)
+            if DOT_FP32:
+                u = u.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = tl.dot(u, v, acc * (1.0 / scaling), input_precision=PRECISION) * scaling
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < NO)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    def _config(bm, bn, bk, warps, stages):
+        return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+
+    # Smaller tiles than the bf16 GEMM's: decoding costs registers (codes, scales) next to the accumulator.
+    _GPU_CONFIGS = [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 128, 64, 4, 3),
+        _config(64, 128, 64, 4, 3),
+        _config(128, 64, 64, 4, 3),
+        _config(64, 64, 64, 4, 2),
+        _config(16, 128, 64, 4, 2),  # decode-sized M (chat): a few rows, wide N
+    ]
+    _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
+    _nf4_matmul_lowrank_tuned = triton.autotune(
+        configs=_GPU_CONFIGS, key=["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS", "stride_wk"],
+    )(_nf4_matmul_lowrank_kernel)
+
+
+def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.0, bias=None):
+    """c = a·W' + scaling·u·v + bias, W' = dequant(W4)ᵀ (transpose_w, the forward) or dequant(W4) (the backward).
+
+    a (M, KR); W (N, K) from its NF4 tensors; u (M, R), v (R, NO) any strides; output in a's dtype."""
+    N, K = meta.shape
+    M, KR = a.shape
+    NO = N if transpose_w else K
+    assert KR == (K if transpose_w else N), (a.shape, meta.shape, transpose_w)
+    interpret_bf16 = INTERPRET and a.dtype == torch.bfloat16  # see lora_linear.matmul_lowrank
+    c = torch.empty((M, NO), dtype=torch.float32 if interpret_bf16 else a.dtype, device=a.device)
+    if M == 0 or NO == 0:
+        return c.to(a.dtype)
+    has_lora = u is not None and u.shape[1] > 0
+    R = u.shape[1] if has_lora else 0
+    if has_lora:
+        assert u.shape == (M, R) and v.shape == (R, NO) and u.dtype == v.dtype == a.dtype, (u.shape, v.shape)
+    else:
+        u = v = c
+    if bias is not None:
+        bias = bias.contiguous()
+    packed, absmax, code, absmax2, code2, offset = kernel_args(tensors, meta)
+    args = (a, packed, absmax, code, absmax2, code2, u, v, bias if bias is not None else c, c,
+            M, NO, KR, R, triton.next_power_of_2(M), a.stride(0), a.stride(1),
+            *((1, K) if transpose_w else (K, 1)),
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
+            offset, float(scaling))
+    meta_kw = dict(BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, HAS_BIAS=bias is not None,
+                   HAS_LORA=has_lora, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                   DOT_FP32=interpret_bf16, BLOCK_R=max(16, triton.next_power_of_2(R)))
+
+    def grid(m):
+        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(NO, m["BLOCK_N"]),)
+
+    with device_guard(a):
+        if INTERPRET:
+            _nf4_matmul_lowrank_kernel[grid](*args, **meta_kw, **_INTERPRET_META)
+        else:
+            _nf4_matmul_lowrank_tuned[grid](*args, **meta_kw)
+    return c.to(a.dtype)
+
+
+class NF4LoRALinearFunction(torch.autograd.Function):
+    """Inputs as in `nf4_lora_linear`; the NF4 tensors are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, tensors, meta, bias, lora_A, lora_B, scaling, lora_x):
+        N, K = meta.shape
+        x2 = x.reshape(-1, K)                                          # (M, K)
+        lx2 = x2 if lora_x is None else lora_x.reshape(-1, K)          # (M, K)
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)                  # (R, K), (N, R)
+        xa = lx2 @ A.t()                                               # (M, R)
+        y2 = nf4_matmul_lowrank(x2, tensors, meta, True, xa, B.t(), scaling, bias)  # (M, N)
+        ctx.save_for_backward(A, B, lx2, xa)
+        ctx.tensors, ctx.meta, ctx.scaling = tensors, meta, scaling  # buffers of a frozen module: not copied
+        ctx.lora_x_given = lora_x is not None
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype, bias.dtype if bias is not None else None)
+        return y2.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        A, B, lx2, xa = ctx.saved_tensors
+        s, meta = ctx.scaling, ctx.meta
+        need_x, _, _, need_bias, need_A, need_B, _, need_lx = ctx.needs_input_grad
+        N, K = meta.shape
+        lead = dy.shape[:-1]
+        dy2 = dy.reshape(-1, N).contiguous()                           # (M, N)
+        dx = dbias = dA = dB = dlx = None
+        fused_dx = need_x and not ctx.lora_x_given
+        g = dy2 @ B if (fused_dx or need_A or need_lx) else None      # (M, R)
+        if need_x:  # dX = dY·W (+ s·g·A when the low-rank path saw x itself)
+            dx = nf4_matmul_lowrank(dy2, ctx.tensors, meta, False, g if fused_dx else None, A, s)
+            dx = dx.reshape(*lead, K)
+        if need_lx:
+            dlx = torch.mm(g, A).mul_(s).reshape(*lead, K)             # (M, K)
+        if need_A:
+            dA = torch.mm(g.t(), lx2).mul_(s).to(ctx.dtypes[0])       # (R, K)
+        if need_B:
+            dB = torch.mm(dy2.t(), xa).mul_(s).to(ctx.dtypes[1])      # (N, R)
+        if need_bias:
+            dbias = dy2.sum(0).to(ctx.dtypes[2])                       # (N,)
+        return dx, None, None, dbias, dA, dB, None, dlx
+
+
+def nf4_lora_linear(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None):
+    """y = x·dequant(W4)ᵀ + scaling·(x_l·Aᵀ)·Bᵀ (+ bias): one Triton GEMM forward, one for dX backward.
+
+    tensors: the weight's NF4 entries (kernels.nf4.quantize_nf4's dict) on x's device; lora_A (R, K), lora_B
+    (N, R) (R may be 0: the base GEMM alone); bias (N,) or None. Triton on CUDA tensors (or anywhere under
+    TRITON_INTERPRET=1), else `nf4_lora_linear_reference`."""
+    meta = nf4_quant_state(tensors)
+    if len(meta.shape) != 2 or x.shape[-1] != meta.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the 4-bit weight has shape {meta.shape}")
+    if not HAS_TRITON or not (x.is_cuda or INTERPRET):
+        return nf4_lora_linear_reference(x, tensors, bias, lora_A, lora_B, scaling, lora_x)
+    return NF4LoRALinearFunction.apply(x, tensors, meta, bias, lora_A, lora_B, float(scaling), lora_x)
+
+
+def nf4_lora_linear_reference(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None):
+    """The contract in plain torch: the dense dequant(W4) in x's dtype, then peft's unfused formula."""
+    weight = dequantize_nf4(tensors, x.dtype)                          # (N, K)
+    y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+    if lora_A.shape[0] == 0:
+        return y
+    lx = x if lora_x is None else lora_x
+    return y + scaling * F.linear(F.linear(lx, lora_A.to(x.dtype)), lora_B.to(x.dtype))
