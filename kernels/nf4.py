@@ -21,25 +21,16 @@ Dequantization, as bitsandbytes computes it (fp32 throughout, one rounding to th
 
 Layers: `quantize_nf4` / `dequantize_nf4` (plain torch: the contract), `nf4_quant_state` / `NF4Meta` (the JSON
 entry), and `dequantize_nf4_triton` (the same in one Triton kernel; the fused LoRA GEMM in nf4_lora.py decodes
-tiles with `_decode_nf4`).
+tiles with `decode_nf4`).
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: dequantize_nf4 is plain torch anyway
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._triton import HAS_TRITON, INTERPRET, device_guard, tl, triton
 
 # The 16 NF4 values (QLoRA appendix E; bitsandbytes' table, index 0..15). Asymmetric: 8 negative levels including
 # -1, 7 positive levels plus 0 and 1, so zero is exact. Hard-coded, as bitsandbytes does.
@@ -243,7 +234,7 @@ def dequantize_nf4(tensors: dict, dtype: torch.dtype | None = None) -> torch.Ten
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_nf4(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+    def decode_nf4(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
         # fp32 values of the weight elements at flat indices `flat` (any shape, int32/int64), masked loads.
         byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
@@ -263,7 +254,7 @@ if HAS_TRITON:
         # one program per BLOCK elements of the flat weight; out (numel,) in its own dtype
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        w = _decode_nf4(offs, mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+        w = decode_nf4(offs, mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
                         BLOCKSIZE, DOUBLE_QUANT)
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -279,8 +270,6 @@ def kernel_args(tensors: dict, meta: NF4Meta) -> tuple:
 
 def dequantize_nf4_triton(tensors: dict, dtype: torch.dtype | None = None, block: int = 1024) -> torch.Tensor:
     """dequantize_nf4 in one Triton kernel (CUDA tensors, or anywhere under TRITON_INTERPRET=1)."""
-    from ._device import device_guard
-
     meta = nf4_quant_state(tensors)
     dtype = dtype or getattr(torch, meta.dtype)
     packed = tensors["weight"]

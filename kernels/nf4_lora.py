@@ -27,14 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._device import device_guard
-from .nf4 import HAS_TRITON, INTERPRET, dequantize_nf4, kernel_args, nf4_quant_state
+from ._triton import HAS_TRITON, INTERPRET, device_guard, tl, triton, use_triton
+from .nf4 import dequantize_nf4, kernel_args, nf4_quant_state
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from .nf4 import _decode_nf4
+    from .nf4 import decode_nf4
 
     @triton.jit
     def _nf4_matmul_lowrank_kernel(
@@ -83,7 +80,7 @@ if HAS_TRITON:
             k_left = KR - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             w_mask = offs_k[:, None] < k_left
-            w = _decode_nf4(w_idx, w_mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+            w = decode_nf4(w_idx, w_mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
                             BLOCKSIZE, DOUBLE_QUANT)                    # (BLOCK_K, BLOCK_N) fp32
             w = tl.where(w_mask, w, 0.0)
             if DOT_FP32:  # interpreter: round W to the input dtype (as the GPU path does), then dot in fp32
@@ -224,7 +221,7 @@ def nf4_lora_linear(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None):
     meta = nf4_quant_state(tensors)
     if len(meta.shape) != 2 or x.shape[-1] != meta.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the 4-bit weight has shape {meta.shape}")
-    if not HAS_TRITON or not (x.is_cuda or INTERPRET):
+    if not use_triton(x):
         return nf4_lora_linear_reference(x, tensors, bias, lora_A, lora_B, scaling, lora_x)
     return NF4LoRALinearFunction.apply(x, tensors, meta, bias, lora_A, lora_B, float(scaling), lora_x)
 
