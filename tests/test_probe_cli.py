@@ -70,3 +70,30 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert cli.main(["--model", "tiny", "--prompt", "hi", "--out", out]) == 2
     assert "pip install 'phi3-lora[viz]'" in capsys.readouterr().err
+
+
+def test_report_for_a_trained_adapter(tmp_path):
+    # a few Adam steps on one chat: the report must show the reply's tokens made likelier by the adapter
+    from phi3mini import Tokenizer
+    from phi3mini import probe as lib
+
+    tok = Tokenizer.tiny()
+    chat = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "A low-rank update."}]
+    ids, labels = (torch.tensor([x]) for x in tok.encode_for_training(chat))
+    model = Phi3.from_name("tiny")
+    cfg = lora.LoraConfig(r=8, lora_alpha=64, lora_dropout=0.0, target_modules=("qkv_proj", "lm_head"))
+    lora.inject(model, cfg)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        model(ids, labels=labels).backward()
+        opt.step()
+    lora.save_adapter(model, tmp_path / "adapter", cfg)
+    out = tmp_path / "report"
+    argv = ["--model", "tiny", "--adapter", str(tmp_path / "adapter"), "--chat", "--prompt", "What is LoRA?",
+            "--reply", "A low-rank update.", "--layers", "1", "--heads", "0", "--out", str(out)]
+    assert cli.main(argv) == 0
+    check_pngs(out, ["logit_lens.png", "adapter_norms.png", "adapter_effect.png"])
+    effect = lib.adapter_effect(model.eval(), ids)
+    reply = labels[0, 1:] != -100  # positions whose next token is a trained reply token
+    assert effect.logprob_change[0][reply].min() > 1.0
