@@ -201,8 +201,13 @@ class DataSets:
 
 
 def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str, max_examples: int, cache: str,
-               report: list[str]) -> tuple[TokenSet, bool]:
+               report: list[str], split_only: bool = False) -> tuple[TokenSet, bool]:
     sources = resolve(spec, split)
+    if split_only:  # --eval-split of the training sources: the files named by split, not the plain files again
+        sources = [s for s in sources if s.by_split]
+        if not sources:
+            raise DataError(f"--eval-split {split}: none of the data sources ({spec}) has splits (a Hub dataset or a "
+                            "folder of split-named files); use --eval-data or --eval-fraction")
     for s in sources:
         s.limit = s.limit or max_examples
     store, cached = load_or_build(sources, tokenizer, max_seq_len, train_on, cache)
@@ -224,7 +229,7 @@ def load_data(data: str, tokenizer, max_seq_len: int, train_on: str = "assistant
     train, cached = _load_sets(data, split, tokenizer, max_seq_len, train_on, max_examples, cache, report)
     if eval_data or eval_split:
         eval_set, _ = _load_sets(eval_data or data, eval_split or split, tokenizer, max_seq_len, train_on,
-                                 max_examples if not eval_data else 0, cache, report)
+                                 0 if eval_data else max_examples, cache, report, split_only=not eval_data)
     else:
         train, eval_set = split_eval(train, eval_fraction, seed)
         if len(eval_set):

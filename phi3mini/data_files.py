@@ -49,6 +49,7 @@ class Source:
     spec: str
     files: list[Path]
     limit: int = 0
+    by_split: bool = False  # the files were chosen by split (a Hub dataset, a folder of split-named files)
 
 
 # ----- resolving a spec ---------------------------------------------------------------------------------------
@@ -94,22 +95,23 @@ def _data_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def files_of_split(folder: Path, split: str, what: str) -> list[Path]:
-    """The files of `split` under a Hub-style folder; a folder with no split names gives all its data files."""
+def files_of_split(folder: Path, split: str, what: str) -> tuple[list[Path], bool]:
+    """(the files of `split` under a Hub-style folder, True); a folder with no split names gives (all its data
+    files, False)."""
     files = _data_files(folder)
     if not files:
         raise DataError(f"{what}: no data files in it (looked for {', '.join(DATA_SUFFIXES)})")
     splits: dict[str, list[Path]] = {}
     for f in files:
         splits.setdefault(split_of(f.relative_to(folder)), []).append(f)
-    if split in splits:
-        return splits[split]
     named = any(_SHARD.match(f.name[: len(f.name) - len(_suffix(f))]) for f in files) or \
         any(s in splits for s in ("train", "test", "validation", "train_sft", "test_sft"))
+    if named and split in splits:
+        return splits[split], True
     if named:
         raise DataError(f"{what}: no split {split!r}; splits found: {', '.join(sorted(splits))} "
                         "(choose one with --data-split / --eval-split)")
-    return files  # a plain folder of shards
+    return files, False  # a plain folder of shards
 
 
 def _from_hub(repo_id: str, split: str) -> list[Path]:
@@ -134,7 +136,7 @@ def _from_hub(repo_id: str, split: str) -> list[Path]:
         found = _hub_splits(repo_id)
         hint = f"; splits found: {', '.join(found)}" if found else ""
         raise DataError(f"{repo_id}: no files for split {split!r}{hint} (choose one with --data-split)")
-    return files_of_split(folder, split, repo_id)
+    return files_of_split(folder, split, repo_id)[0]
 
 
 def _hub_splits(repo_id: str) -> list[str]:
@@ -151,21 +153,21 @@ def resolve(spec: str, split: str = "train") -> list[Source]:
     missing or holds no data file."""
     sources = []
     for name, limit in parse_spec(spec):
-        path = Path(name).expanduser()
+        path, by_split = Path(name).expanduser(), False
         if path.is_file():
             files = [path]
         elif path.is_dir():
-            files = files_of_split(path, split, name)
+            files, by_split = files_of_split(path, split, name)
         elif glob.has_magic(name):
             files = sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True)
                            if Path(p).is_file())
             if not files:
                 raise DataError(f"{name}: no file matches this pattern")
         elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and _suffix(path) not in DATA_SUFFIXES:
-            files = _from_hub(name, split)
+            files, by_split = _from_hub(name, split), True
         else:
             raise DataError(f"{name}: no such file")
-        sources.append(Source(name, files, limit))
+        sources.append(Source(name, files, limit, by_split))
     return sources
 
 

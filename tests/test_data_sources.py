@@ -137,9 +137,12 @@ def test_hub_style_folder_splits(tmp_path, tok):
     assert split_of(repo.relative_to(tmp_path) / "data/train_sft-00001-of-00002.parquet") == "train_sft"
     with pytest.raises(DataError, match=r"no split 'train'; splits found: test_sft, train_sft"):
         load_data(str(repo), tok, 512, cache="off")
-    sets = load_data(str(repo), tok, 512, split="train_sft", eval_split="test_sft", cache="off")
-    assert (len(sets.train), len(sets.eval)) == (5, 1)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"messages": CONV}])
+    sets = load_data(f"{repo},{plain}", tok, 512, split="train_sft", eval_split="test_sft", cache="off")
+    assert (len(sets.train), len(sets.eval)) == (6, 1)  # the plain file trains, and is not read again for eval
     assert ids_labels(sets.eval[0]) == reference(tok, SHORT)
+    with pytest.raises(DataError, match="--eval-split test: none of the data sources"):
+        load_data(str(plain), tok, 512, eval_split="test", cache="off")
 
 
 def test_hub_dataset_id_from_the_cache_offline(tmp_path, tok, monkeypatch):
