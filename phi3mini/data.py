@@ -36,7 +36,7 @@ import torch
 
 from .data_files import MAX_LINE_BYTES, Source, resolve
 from .data_formats import DataError, parse_phi3_text, record_to_messages
-from .data_store import DataStats, TokenStore, _read_source, _raise_errors, load_or_build
+from .data_store import DataStats, TokenStore, read_source, raise_errors, load_or_build
 from .tokenizer import ROLES
 
 IGNORE = -100
@@ -49,8 +49,8 @@ def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, 
     path = Path(path)
     stats = stats if stats is not None else DataStats(str(path))
     errors: list[str] = []
-    out = list(_read_source(Source(str(path), [path]), MAX_LINE_BYTES, stats, errors))
-    _raise_errors(errors, str(path))
+    out = list(read_source(Source(str(path), [path]), MAX_LINE_BYTES, stats, errors))
+    raise_errors(errors, str(path))
     if stats.lines == 0:
         raise DataError(f"{path}: the dataset is empty (no JSON lines)")
     return out

@@ -294,7 +294,7 @@ class _Writer:
         (self.folder / "meta.json").write_text(json.dumps(meta))
 
 
-def _read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: list[str]):
+def read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: list[str]):
     """(where, messages) of a source's usable records; bad records go to errors, no-assistant ones to stats."""
     for path in source.files:
         for where, rec in iter_records(path, max_line_bytes):
@@ -313,7 +313,7 @@ def _read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: 
             yield where, messages
 
 
-def _raise_errors(errors: list[str], name: str) -> None:
+def raise_errors(errors: list[str], name: str) -> None:
     if len(errors) == 1:
         raise DataError(errors[0])
     if errors:
@@ -340,14 +340,14 @@ def _build_source(source: Source, encoder: _Encoder, writer: _Writer, max_line_b
         stats.kept += len(kept)
         return bool(stats.limit)
 
-    for where, messages in _read_source(source, max_line_bytes, stats, errors):
+    for where, messages in read_source(source, max_line_bytes, stats, errors):
         chunk.append((where, messages))
         chars += sum(len(m["content"]) for m in messages)
         if chars >= CHUNK_CHARS and flush():
             break
     else:
         flush()
-    _raise_errors(errors, source.spec)
+    raise_errors(errors, source.spec)
     if stats.lines == 0:
         raise DataError(f"{source.spec}: the dataset is empty (no records)")
     if stats.kept == 0:
@@ -443,4 +443,5 @@ def load_or_build(sources: list[Source], tokenizer, max_seq_len: int, train_on: 
 
 
 __all__ = ["DataStats", "TokenStore", "build_store", "open_store", "load_or_build", "store_keys", "cache_root",
+           "read_source", "raise_errors",
            "tokenizer_hash"]
