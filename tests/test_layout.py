@@ -12,10 +12,7 @@ KNOWN_LAZY = {
     ("phi3mini.tokenizer", "phi3mini.tiny"): "Tokenizer.tiny() builds on tiny.py, which builds on the Phi-3 constants",
 }
 # Private names imported across modules that predate this check (another helper's files, in flux): to make public.
-KNOWN_PRIVATE = {
-    ("phi3mini/data.py", "phi3mini.data_store", "_read_source"),
-    ("phi3mini/data.py", "phi3mini.data_store", "_raise_errors"),
-}
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def project_imports(path: Path):
