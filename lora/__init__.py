@@ -1,7 +1,7 @@
 """LoRA for phi3mini with loralib's API (`import lora` runs microsoft/LoRA's README examples), plus injection into
 a model, adapter files and PEFT interop. See layers.py for what deviates from loralib on purpose."""
 from .adapter import load_adapter, save_adapter
-from .adapter_io import AdapterError
+from .adapter_io import AdapterError, AdapterWarning
 from .inject import (LayerSpec, LoraConfig, inject, lora_layers, merge, print_trainable_parameters,
                      unmerge)
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
@@ -12,5 +12,5 @@ __all__ = [
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d",
     "mark_only_lora_as_trainable", "lora_state_dict",
     "LoraConfig", "LayerSpec", "inject", "merge", "unmerge", "print_trainable_parameters", "lora_layers",
-    "AdapterError", "save_adapter", "load_adapter", "export_peft", "load_peft",
+    "AdapterError", "AdapterWarning", "save_adapter", "load_adapter", "export_peft", "load_peft",
 ]

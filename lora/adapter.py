@@ -4,12 +4,14 @@ strictly.
     DIR/adapter.safetensors   every tensor of lora_state_dict(model, config.bias), keys as in the model's
                               state dict (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the parameters' dtype
     DIR/adapter_config.json   {"format": "phi3-lora-adapter", "format_version": 1, "lora": LoraConfig,
-                               "layers": {module: LayerSpec}, "base_model": ..., "model": {sizes},
-                               "tensors": {key: shape}}
+                               "layers": {module: LayerSpec}, "base_model": name_or_path,
+                               "base_fingerprint": {param: 4 values}, "model": {sizes}, "tensors": {key: shape}}
 
 `load_adapter` checks everything before it changes the model: a missing folder or file, a corrupt file, another
 model size (the tensor is named with both shapes), other LoRA settings, missing or unexpected keys are each one
-AdapterError. A folder holding a PEFT adapter (adapter_config.json with peft_type "LORA") goes to `load_peft`.
+AdapterError. An adapter that fits a base model other than the one it was trained on (same shapes, other weights:
+base_fingerprint) loads with an AdapterWarning. A folder holding a PEFT adapter (adapter_config.json with peft_type
+"LORA") goes to `load_peft`; a checkpoint or run folder that holds an adapter/ is pointed at it.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter_io import (CONFIG_NAME, MODEL_KEYS, AdapterError, install, model_info, read_json, read_tensors,
-                         save_tensors, write_adapter_dir)
+from .adapter_io import (CONFIG_NAME, MODEL_KEYS, AdapterError, base_fingerprint, check_base, install, model_info,
+                         read_json, read_tensors, save_tensors, write_adapter_dir)
 from .inject import LayerSpec, LoraConfig, lora_layers
 from .peft_io import load_peft
 from .utils import lora_state_dict
@@ -47,6 +49,7 @@ def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None) -> Pat
         "lora": config.to_dict(),
         "layers": {n: LayerSpec.of(m).to_dict() for n, m in layers.items()},
         "base_model": getattr(model, "name_or_path", None),
+        "base_fingerprint": base_fingerprint(model),
         "model": model_info(model),
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
@@ -68,6 +71,9 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
     dir = Path(dir)
     if not dir.is_dir():
         raise AdapterError(f"{dir}: no such adapter folder")
+    if not (dir / CONFIG_NAME).exists() and (dir / "adapter" / CONFIG_NAME).exists():
+        # a training checkpoint (checkpoints/step-N) or a run folder holds its adapter one level down
+        raise AdapterError(f"{dir}: not an adapter folder, but it holds one: point at {dir / 'adapter'}")
     meta = read_json(dir / CONFIG_NAME)
     if "peft_type" in meta:
         if meta["peft_type"] != "LORA":
@@ -89,4 +95,6 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
     info, saved_info = model_info(model), meta.get("model") or {}
     context = [f"the adapter was saved for {k}={saved_info[k]}, the model has {k}={info[k]}"
              for k in MODEL_KEYS if k in info and k in saved_info and info[k] != saved_info[k]]
-    return install(model, specs, config, tensors, where, dir / WEIGHTS_NAME, context)
+    install(model, specs, config, tensors, where, dir / WEIGHTS_NAME, context)
+    check_base(where, meta, model)  # after the strict checks: a warning only for an adapter that fits
+    return model

@@ -8,6 +8,8 @@ puts checked LoRA tensors into a model.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,10 @@ from .utils import lora_state_dict, mark_only_lora_as_trainable
 CONFIG_NAME = "adapter_config.json"  # ours and PEFT's: load_adapter tells them apart by its peft_type field
 MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size")
+
+
+class AdapterWarning(UserWarning):
+    """An adapter that loads but may not do what it did in training (e.g. onto another base model)."""
 
 
 class AdapterError(ValueError):
@@ -182,6 +188,41 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             params[k].copy_(v)
     for m in merged:
         m.merge()
+
+
+# ----- which base model ---------------------------------------------------------------------------------------------
+def base_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """{parameter: 4 of its values} for the base weights outside the repeated blocks and in the first block
+    (embedding, final norm, lm_head, layer 0): cheap to take (about 20 small reads), yet two bases of the same
+    shape (another seed, another fine-tune) differ in them. Weights of merged LoRA layers are left out (they hold
+    the adapter too)."""
+    merged = {f"{n}.{p}" for n, m in lora_layers(model) if m.merged for p in ("weight", "bias")}
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name.rsplit(".", 1)[-1] or name in merged or (".layers." in name and ".layers.0." not in name):
+            continue
+        n = p.numel()
+        if n:
+            idx = torch.tensor(sorted({0, n // 3, 2 * n // 3, n - 1}), device=p.device)
+            out[name] = [float(v) for v in p.detach().reshape(-1)[idx].float().cpu()]
+    return out
+
+
+def check_base(where, meta: dict, model: nn.Module) -> None:
+    """Warn (AdapterWarning) when the model's base weights differ from those the adapter was saved with (its
+    base_fingerprint), naming both bases. A tolerance of 2% covers the same base loaded in another dtype."""
+    saved = meta.get("base_fingerprint")
+    if not isinstance(saved, dict):
+        return  # an adapter written before fingerprints were recorded
+    mine = base_fingerprint(model)
+    differ = [k for k in sorted(set(saved) & set(mine)) if len(saved[k]) != len(mine[k]) or not all(
+        math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(saved[k], mine[k]))]
+    if differ:
+        name = getattr(model, "name_or_path", None)
+        warnings.warn(f"{where}: this adapter was trained on base model {meta.get('base_model')!r}, and this model "
+                      f"({name!r}) has other weights (e.g. {listing(differ, limit=3)}); "
+                      "it will not behave as in training: load it onto the base it was trained on",
+                      AdapterWarning, stacklevel=3)
 
 
 def install(model: nn.Module, specs: dict[str, LayerSpec], config: LoraConfig, tensors: dict[str, torch.Tensor],

@@ -29,6 +29,9 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
 # ----- finding the files ----------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_hub_id) -> Path:
     """A local folder as is; otherwise a Hub id, downloading only config, safetensors and tokenizer files
@@ -41,7 +44,7 @@ def resolve_checkpoint(path_or_hub_id) -> Path:
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by model.safetensors.index.json, or the one file."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -54,7 +57,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
         return files
     # model.safetensors alone when present, as transformers: an adapter_model.safetensors (or any other file) saved
     # next to it is not part of the model
-    files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(folder.glob("*.safetensors"))
+    single = folder / "model.safetensors"
+    files = [single] if single.exists() else sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are not loaded; convert them to safetensors)" if pickles else ""
@@ -160,6 +164,77 @@ def _weight_dtype(dtype):
     return found
 
 
+def _listing(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def check_tensors(folder: Path, headers: dict, model, tied: bool) -> None:
+    """Every tensor the model needs is in the files (headers: {path: (header, data_start)}), with its shape and a
+    floating-point dtype where the model's is one; nothing else is there. One CheckpointError lists every problem,
+    with a hint when a safetensors index is what leaves tensors out."""
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    found: dict[str, tuple[Path, dict]] = {}
+    for path, (header, _) in headers.items():
+        for name, info in header.items():
+            found[name] = (path, info)
+    if tied:
+        found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    common = sorted(set(expected) & set(found))
+    mismatched = [f"{k}: checkpoint {tuple(found[k][1]['shape'])} ({found[k][0].name}) vs model "
+                  f"{tuple(expected[k].shape)}"
+                  for k in common if tuple(found[k][1]["shape"]) != tuple(expected[k].shape)]
+    # an integer tensor where the model has a float one (a quantized or corrupt file) cannot be a weight: converting
+    # it would be wrong, and load_state_dict would fail later with a message naming nothing
+    not_float = [f"{k} ({found[k][0].name}): stored as {_DTYPES[found[k][1]['dtype']]}".replace("torch.", "")
+                 for k in common if expected[k].is_floating_point()
+                 and not _DTYPES[found[k][1]["dtype"]].is_floating_point]
+    if not (missing or unexpected or mismatched or not_float):
+        return
+    lines = [f"{folder}: checkpoint does not match the Phi-3 model built from its config.json"]
+    if missing:
+        lines.append(f"  missing tensors ({len(missing)}): {_listing(missing)}")
+        lines += [f"  {hint}" for hint in index_hints(folder, headers, missing)]
+    if unexpected:
+        lines.append(f"  unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        lines.append("  shape mismatches:\n    " + "\n    ".join(mismatched[:20]))
+    if not_float:
+        lines.append("  not floating-point (the model's weights are; a quantized checkpoint must be dequantized "
+                     "first):\n    " + "\n    ".join(not_float[:20]))
+    raise CheckpointError("\n".join(lines))
+
+
+def index_hints(folder: Path, headers: dict, missing: list[str]) -> list[str]:
+    """Why tensors are missing when model.safetensors.index.json chose the files: it leaves out a shard that holds
+    them, or it maps them to a shard that does not."""
+    index = folder / INDEX_NAME
+    if not index.exists():
+        return []
+    weight_map = json.loads(index.read_text())["weight_map"]  # checkpoint_files read it already
+    hints, left = [], set(missing)
+    for path in sorted(folder.glob("*.safetensors")):
+        if path in headers:
+            continue
+        try:
+            held = sorted(left & set(read_header(path)[0]))
+        except CheckpointError:
+            continue
+        if held:
+            hints.append(f"{path.name} holds {len(held)} of them but {INDEX_NAME} does not list it: the index is "
+                         "incomplete (add the file's tensors to its weight_map, or regenerate it)")
+            left -= set(held)
+    mapped = sorted(k for k in left if k in weight_map)
+    if mapped:
+        hints.append(f"{INDEX_NAME} maps {len(mapped)} of them to shards that do not hold them (e.g. {mapped[0]} -> "
+                     f"{weight_map[mapped[0]]}): the index does not match its shards")
+    elif left and not hints:
+        hints.append(f"{INDEX_NAME}'s weight_map does not name them either: the index and its shards both leave them "
+                     "out (an incomplete download or conversion?)")
+    return hints
+
+
 def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
     dtype = _weight_dtype(dtype)
     folder = resolve_checkpoint(path_or_hub_id)
@@ -172,32 +247,10 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
 
     with torch.device("meta"):
         model = cls(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-
-    # check names and shapes of every file before reading any data
-    headers = {}
-    found: dict[str, tuple[Path, tuple]] = {}
-    for path in files:
-        headers[path] = read_header(path)
-        for name, info in headers[path][0].items():
-            found[name] = (path, tuple(info["shape"]))
-    if config.tie_word_embeddings:
-        found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [f"{k}: checkpoint {found[k][1]} ({found[k][0].name}) vs model {expected[k]}"
-                  for k in sorted(set(expected) & set(found)) if found[k][1] != expected[k]]
-    if missing or unexpected or mismatched:
-        lines = [f"{folder}: checkpoint does not match the Phi-3 model built from its config.json"]
-        if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        if mismatched:
-            lines.append("  shape mismatches:\n    " + "\n    ".join(mismatched[:20]))
-        raise CheckpointError("\n".join(lines))
+    # check names, shapes and dtypes of every file before reading any data
+    headers = {path: read_header(path) for path in files}
+    check_tensors(folder, headers, model, config.tie_word_embeddings)
+    expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
 
     state = {}
     staging: list = [torch.empty(0, dtype=torch.uint8)]
@@ -260,7 +313,7 @@ def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
     config = model.config.to_hf()
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
-    index = out / "model.safetensors.index.json"
+    index = out / INDEX_NAME
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in state.values())

@@ -536,3 +536,26 @@ def test_adapter_folders_respect_the_umask(ckpt, tmp_path):
                 assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     finally:
         os.umask(old)
+
+
+def test_checkpoint_folder_points_at_its_adapter(ckpt, tmp_path):
+    # issue 13.9: `--adapter run/checkpoints/step-N` said "missing (not an adapter folder?)"
+    model, config = injected(ckpt)
+    lora.save_adapter(model, tmp_path / "step-0000020" / "adapter", config)
+    with pytest.raises(lora.AdapterError, match=r"step-0000020: not an adapter folder, .*point at .*0020/adapter"):
+        lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "step-0000020")
+
+
+def test_adapter_onto_another_base_of_the_same_shape_warns(ckpt, tmp_path):
+    # issue 13.9: it loaded silently; the adapter now records its base's name and a few of its weights
+    import warnings
+    model, config = injected(ckpt)
+    lora.save_adapter(model, tmp_path / "a", config)
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["base_model"] == str(ckpt) and "model.embed_tokens.weight" in meta["base_fingerprint"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.AdapterWarning)  # the same base, in another dtype: no warning
+        lora.load_adapter(Phi3.from_pretrained(ckpt, dtype=torch.bfloat16), tmp_path / "a")
+    other = save_hf_checkpoint(make_hf_model(seed=1, **HF_KW), tmp_path / "other")
+    with pytest.warns(lora.AdapterWarning, match="trained on base model .*other weights"):
+        lora.load_adapter(Phi3.from_pretrained(other), tmp_path / "a")

@@ -222,6 +222,39 @@ def test_wrong_shape_and_missing_tensor_are_listed(tmp_path):
     assert "unexpected tensors (1): model.layers.1.extra.weight" in msg
 
 
+def test_integer_tensor_in_a_float_checkpoint_is_named(tmp_path):
+    # issue 13.5: was a traceback from load_state_dict ("Only Tensors of floating point ... can require gradients")
+    from safetensors.torch import load_file, save_file
+
+    path = save_hf_checkpoint(make_hf_model(), tmp_path / "c")
+    sd = load_file(path / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int8)
+    save_file(sd, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight \(model\.safetensors\): stored as int8"):
+        Phi3.from_pretrained(path)
+
+
+def test_an_index_that_leaves_out_tensors_is_named_as_the_cause(tmp_path):
+    # issue 13.9: the missing tensors were listed with no hint that the index was at fault
+    path = save_hf_checkpoint(make_hf_model(), tmp_path / "c", max_shard_size="100KB")
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    left_out = {k: v for k, v in index["weight_map"].items() if v != last}
+    index_path.write_text(json.dumps({**index, "weight_map": left_out}))
+    with pytest.raises(CheckpointError, match=f"{last} holds .* does not list it: the index is incomplete"):
+        Phi3.from_pretrained(path)
+    # the index maps a tensor to a shard that does not hold it
+    from safetensors.torch import load_file, save_file
+
+    index_path.write_text(json.dumps(index))
+    shard = load_file(path / last)
+    key = sorted(shard)[0]
+    save_file({k: v for k, v in shard.items() if k != key}, path / last)
+    with pytest.raises(CheckpointError, match=f"maps 1 of them to shards that do not hold them .*{key} -> {last}"):
+        Phi3.from_pretrained(path)
+
+
 def test_other_model_type_and_corrupt_file_are_clear_errors(tmp_path):
     hf = make_hf_model()
     path = save_hf_checkpoint(hf, tmp_path / "c")
