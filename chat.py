@@ -170,7 +170,7 @@ class Chat:
         if self.limit < 1:
             raise ChatError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in a context "
                             f"of {context} tokens")
-        self.stop_ids = list(dict.fromkeys(default_stop_ids(model) + list(tokenizer.stop_ids)))
+        self.stop_ids = default_stop_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
 

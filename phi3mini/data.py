@@ -37,10 +37,8 @@ import torch
 from .data_files import MAX_LINE_BYTES, Source, resolve
 from .data_formats import DataError, parse_phi3_text, record_to_messages
 from .data_store import DataStats, TokenStore, read_source, raise_errors, load_or_build
-from .tokenizer import ROLES
+from .tokenizer import IGNORE, ROLES
 
-IGNORE = -100
-END_ID = 32007  # <|end|>: closes every turn; the last trained token of each assistant reply
 
 
 def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, list[dict]]]:
@@ -91,8 +89,8 @@ def encode_example(tokenizer, messages: list[dict], max_seq_len: int, train_on: 
         raise RuntimeError(f"{source}: tokenizer labels are not aligned with its input ids")
     status = "ok"
     if len(ids) > max_seq_len:
-        # ends of assistant replies: a trained <|end|> followed by an untrained token (or the end)
-        ends = [p for p in range(min(len(ids), max_seq_len)) if asst[p] == END_ID
+        # ends of assistant replies: a trained <|end|> (the tokenizer's id) followed by an untrained token (or the end)
+        ends = [p for p in range(min(len(ids), max_seq_len)) if asst[p] == tokenizer.end_id
                 and (p + 1 == len(asst) or asst[p + 1] == IGNORE)]
         if not ends:
             return None, "too_long"

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import re
 
-from .tokenizer import check_messages
+from .tokenizer import ROLES, check_messages
+
+# roles a record may use; whether the tokenizer's chat format has them is checked when it encodes (Phi-4-mini: tool)
+RECORD_ROLES = ROLES + ("tool",)
 
 
 class DataError(ValueError):
@@ -144,7 +147,10 @@ def record_to_messages(obj) -> list[dict]:
         messages = _alpaca_messages(obj)
     else:
         raise ValueError(f"{FORMS}, got keys {sorted(obj)}")
-    return [{"role": role, "content": content} for role, content in check_messages(messages)]
+    checked = check_messages(messages, RECORD_ROLES)
+    # a system message's "tools" (Phi-4-mini's format) travels with it; every other key is dropped
+    return [{"role": role, "content": content, **({"tools": m["tools"]} if m.get("tools") is not None else {})}
+            for (role, content), m in zip(checked, messages)]
 
 
 __all__ = ["DataError", "parse_phi3_text", "record_to_messages", "SHAREGPT_ROLES"]

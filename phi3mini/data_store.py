@@ -103,6 +103,7 @@ class TokenStore:
 def tokenizer_hash(tokenizer) -> str:
     h = hashlib.sha256(tokenizer.backend.to_str().encode())
     h.update(json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
+    h.update(tokenizer.chat_format.name.encode())  # the same vocabulary renders Phi-3's or Phi-4-mini's format
     return h.hexdigest()
 
 
@@ -153,7 +154,8 @@ class _Encoder:
 
     def _encode(self, convs, errors):
         """Tokenize every message of the chunk; conversations whose text the tokenizer refuses are dropped."""
-        texts = [self.tok._render_message(m["role"], m["content"]) for _, ms in convs for m in ms]
+        convs = self._fit_format(convs, errors)
+        texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in convs for m in ms]
         try:
             return convs, self.encode_batch(texts, add_special_tokens=False)
         except Exception:  # tokenizers raises TypeError/Exception without saying which string: find it
@@ -164,8 +166,22 @@ class _Encoder:
                     errors.append(f"{where}: {bad}")
                 else:
                     good.append((where, ms))
-            texts = [self.tok._render_message(m["role"], m["content"]) for _, ms in good for m in ms]
+            texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in good for m in ms]
             return good, self.encode_batch(texts, add_special_tokens=False) if texts else []
+
+    def _fit_format(self, convs, errors):
+        """Drop (with a file:line error) conversations the chat format cannot render: a role it lacks (Phi-3 has no
+        tool role) or tools where it has no tool section. Only unusual conversations pay for the full check."""
+        good = []
+        for where, ms in convs:
+            if any(m["role"] not in self.role_ids or m.get("tools") is not None for m in ms):
+                try:
+                    self.tok._check_chat(ms)
+                except ValueError as e:
+                    errors.append(f"{where}: {e}")
+                    continue
+            good.append((where, ms))
+        return good
 
     def chunk(self, convs: list[tuple[str, list[dict]]], errors: list[str], stats: DataStats):
         """Encode conversations -> (ids, mask, [(length, n_target, where)]) of the kept examples."""

@@ -13,17 +13,16 @@ import torch
 
 from .model import KVCache, Phi3
 
-# Phi-3's end-of-turn and end-of-text tokens; generation_config.json may add more.
-PHI3_STOP_IDS = (32007, 32000)
 
-
-def default_stop_ids(model: Phi3) -> list[int]:
-    ids = list(PHI3_STOP_IDS)
+def default_stop_ids(model: Phi3, tokenizer=None) -> list[int]:
+    """The ids that end a reply: generation_config.json's eos_token_id (Phi-3-mini: [32000, 32001, 32007], Phi-4-mini:
+    [200020, 199999]), else config.json's, then the tokenizer's stop ids (its <|end|> and eos) when one is given.
+    No id is written here: each checkpoint names its own."""
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-    for i in eos if isinstance(eos, list) else [eos]:
-        if i is not None and i not in ids:
-            ids.append(i)
-    return ids
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer is not None:
+        ids += list(tokenizer.stop_ids)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
@@ -59,7 +58,7 @@ def generate(model: Phi3, input_ids, max_new_tokens: int, temperature: float = 0
 
     input_ids: a list of ints or a 1-D tensor (returns a list of ints), or a 2-D left-padded batch (B, T) with its
     attention_mask (returns one list per row). Generation of a row ends at the first stop id (included in the
-    result); stop_ids=None means Phi-3's (<|end|>, <|endoftext|>) plus generation_config.json's eos ids.
+    result); stop_ids=None means `default_stop_ids(model)` (generation_config.json's or config.json's eos ids).
     on_token(id) is called for each new token of a single sequence as soon as it is chosen (for streaming).
     """
     single = not (torch.is_tensor(input_ids) and input_ids.dim() == 2)

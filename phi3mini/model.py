@@ -23,6 +23,7 @@ from kernels.reference import (apply_rope_reference, cross_entropy_reference, rm
                                swiglu_reference)
 
 from .config import Phi3Config
+from .tokenizer import IGNORE
 
 # The kernels a module can own (its class attribute `kernel`); lora_linear is lora/'s Linear and MergedLinear.
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce", "lora_linear")
@@ -316,8 +317,8 @@ class Phi3(nn.Module):
         # lm_head, or a merged-away wrapper, would be skipped and never trained)
         if self.use_kernel and type(self.lm_head) is nn.Linear:
             from kernels.cross_entropy import fused_linear_cross_entropy
-            return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=-100, reduction=reduction)
-        return cross_entropy_reference(self.lm_head(h), y, ignore_index=-100, reduction=reduction)
+            return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=IGNORE, reduction=reduction)
+        return cross_entropy_reference(self.lm_head(h), y, ignore_index=IGNORE, reduction=reduction)
 
     # ----- weights ----------------------------------------------------------------------------------------------
     @classmethod

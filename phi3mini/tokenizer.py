@@ -1,18 +1,18 @@
-"""Phi-3's tokenizer and chat format over the `tokenizers` library.
+"""The Phi family's tokenizers and chat formats over the `tokenizers` library.
 
-Phi-3-mini uses Llama 2's SentencePiece BPE (32000 pieces, byte fallback) plus eleven added tokens at 32000-32010.
-Its tokenizer.json does SentencePiece's "▁" handling in the normalizer (prepend "▁", spaces become "▁"), with no
+Phi-4-mini's tokenizer.json is a byte-level BPE (GPT-4o's family) and needs nothing more. Phi-3-mini uses Llama 2's
+SentencePiece BPE (32000 pieces, byte fallback) plus eleven added tokens at 32000-32010. Its tokenizer.json does SentencePiece's "▁" handling in the normalizer (prepend "▁", spaces become "▁"), with no
 pre-tokenizer, so every stretch of text between two added tokens is normalized on its own: the text right after a
 special token starts with "▁" (SentencePiece's "legacy" behaviour, the one tokenizer.json, transformers' fast
 tokenizer and llama.cpp share). All added tokens but <|endoftext|> are rstrip tokens: the whitespace after them
 ("\\n" in the chat format) is absorbed into the token.
 
-The chat format (PHI3_CHAT_TEMPLATE, the Jinja template of Phi-3-mini-4k-instruct's tokenizer_config.json) is
-built in: "<|role|>\\n{content}<|end|>\\n" per message, then "<|assistant|>\\n" for a generation prompt or the eos
-token to close a training example. No BOS: the current template has no bos_token, so transformers'
-`apply_chat_template(..., tokenize=True)` adds none and neither does `encode_chat`. A chat_template found in
-tokenizer_config.json is kept (and written back by save_pretrained) but not executed: this module renders the
-format above in Python, so it needs no Jinja.
+The chat format comes from the checkpoint (chat_format.py): Phi-3's "<|role|>\\n{content}<|end|>\\n" per message
+and "<|assistant|>\\n" for a generation prompt, or Phi-4-mini's, the same without the newlines and with tools in
+the system turn; the eos token closes a training example. No BOS: the current templates have no bos_token, so
+transformers' `apply_chat_template(..., tokenize=True)` adds none and neither does `encode_chat`. The
+chat_template found in tokenizer_config.json is kept (and written back by save_pretrained) but not executed: the
+format is rendered in Python, so it needs no Jinja.
 
 Conversations are encoded message by message. Every message starts and ends at an added token, which is also where
 the `tokenizers` library splits the whole rendered string, so the concatenation equals the ids of the rendered
@@ -35,30 +35,11 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as _Backend
 
 from . import atomic
+from .chat_format import BASE_ROLES as ROLES
+from .chat_format import END_TOKEN, PHI3_CHAT_TEMPLATE, PHI4_CHAT_TEMPLATE, for_checkpoint
 from .download import SourceError, find_folder, looks_like_hub_id
 
-IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index)
-ROLES = ("system", "user", "assistant")
-
-# microsoft/Phi-3-mini-4k-instruct tokenizer_config.json "chat_template" (the July 2024 update, with system
-# messages; the April 2024 file began with {{ bos_token }} and had no system role). Phi-3.5-mini's template only
-# adds `and message['content']` to the system test, which renders the same for the non-empty contents accepted here.
-PHI3_CHAT_TEMPLATE = (  # as the file spells it: backslash-n escapes inside the Jinja strings, no newlines
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-
-# Templates that render this module's format for the messages it accepts (Phi-3.5-mini / the 128k update skip empty
-# system messages, which are refused here anyway). Compared with newlines written as backslash-n: the Hub's
-# tokenizer_config.json spells '<|user|>\n' with a JSON escape, so the parsed template holds real newlines where
-# PHI3_CHAT_TEMPLATE has Jinja's backslash-n escapes; Jinja renders both the same.
-_PHI3_TEMPLATES = (PHI3_CHAT_TEMPLATE,
-                   PHI3_CHAT_TEMPLATE.replace("message['role'] == 'system' %}", "message['role'] == 'system' and "
-                                              "message['content'] %}"))
+IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index); defined here only
 
 # Phi-3's added tokens and their ids (tokenizer.json "added_tokens"); all but <|endoftext|> are rstrip.
 PHI3_ADDED_TOKENS = {
@@ -66,14 +47,15 @@ PHI3_ADDED_TOKENS = {
     "<|placeholder3|>": 32004, "<|placeholder4|>": 32005, "<|system|>": 32006, "<|end|>": 32007,
     "<|placeholder5|>": 32008, "<|placeholder6|>": 32009, "<|user|>": 32010,
 }
-END_TOKEN = "<|end|>"
 EOS_TOKEN = "<|endoftext|>"
 
 
-def check_messages(messages) -> list[tuple[str, str]]:
+def check_messages(messages, roles: Sequence[str] = ROLES) -> list[tuple[str, str]]:
     """A conversation [{"role", "content"}, ...] -> [(role, content), ...]; ValueError naming the bad message.
-    Roles are system, user and assistant; content a string with something besides whitespace (whitespace alone
-    would vanish into the newline after <|role|>: an empty turn). The renderer and the dataset reader share it."""
+    Roles are system, user and assistant (and those `roles` adds, e.g. Phi-4-mini's tool); content a string with
+    something besides whitespace (whitespace alone would vanish into the newline after <|role|>: an empty turn).
+    A system message may carry "tools" (a string, or None for none); whether the chat format can render them is
+    the tokenizer's check. The renderer and the dataset reader share this validator."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
@@ -81,12 +63,16 @@ def check_messages(messages) -> list[tuple[str, str]]:
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise ValueError(f"message {i} must be an object with \"role\" and \"content\", got {msg!r:.80}")
         role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role not in roles:
+            raise ValueError(f"message {i} has unknown role {role!r} (expected one of {', '.join(roles)})")
         if not isinstance(content, str):
             raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
         if not content.strip():
             raise ValueError(f"message {i} ({role}) has empty content")
+        tools = msg.get("tools")
+        if tools is not None and (role != "system" or not isinstance(tools, str)):
+            raise ValueError(f"message {i} ({role}): \"tools\" must be a string (the tool definitions as JSON text) "
+                             "on a system message")
         out.append((role, content))
     return out
 
@@ -125,7 +111,11 @@ class Tokenizer:
         self.backend = backend
         self.config = dict(config or {})
         self.source = source
-        self.chat_template = self.config.get("chat_template") or PHI3_CHAT_TEMPLATE
+        template = self.config.get("chat_template")
+        # the chat format comes from the checkpoint: its template text, else its special tokens (chat_format.py)
+        self.chat_format, self.template_known = for_checkpoint(
+            template if isinstance(template, str) else None, lambda text: backend.token_to_id(text) is not None)
+        self.chat_template = template or self.chat_format.templates[0]
         tokens = {
             "bos": _token_content(self.config.get("bos_token")) or "<s>",
             "eos": _token_content(self.config.get("eos_token")) or EOS_TOKEN,
@@ -140,8 +130,9 @@ class Tokenizer:
                 raise TokenizerError(f"{source}: its {kind} token {text!r} is not in the vocabulary")
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = ids["bos"], ids["eos"], ids["unk"], ids["pad"]
         self.eos_token = tokens["eos"]
-        # the chat format's tokens; None when this is not a Phi-3-style vocabulary (chat methods then refuse)
-        self.role_ids = {role: backend.token_to_id(f"<|{role}|>") for role in ROLES}
+        # the chat format's tokens; None when this is not a Phi-style vocabulary (chat methods then refuse)
+        self.roles = self.chat_format.roles(lambda text: backend.token_to_id(text) is not None)
+        self.role_ids = {role: backend.token_to_id(f"<|{role}|>") for role in self.roles}
         self.end_id = backend.token_to_id(END_TOKEN)
         stops = [self.end_id, backend.token_to_id(EOS_TOKEN), self.eos_id]
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
@@ -178,17 +169,17 @@ class Tokenizer:
         jinja = folder / "chat_template.jinja"  # where transformers 5 writes the template
         if jinja.is_file() and not config.get("chat_template"):
             config["chat_template"] = jinja.read_text(encoding="utf-8")
-        template = config.get("chat_template")
-        if template and (not isinstance(template, str) or template.replace("\n", "\\n") not in _PHI3_TEMPLATES):
-            warnings.warn(f"{folder}: its chat_template is not Phi-3's; this tokenizer renders and trains on Phi-3's "
-                          "chat format (<|role|>\\n...<|end|>\\n) and only keeps the file's template for saving",
-                          stacklevel=2)
         map_file = folder / "special_tokens_map.json"
         if map_file.is_file():  # like transformers: its named tokens take precedence over tokenizer_config.json
             for key, value in _read_json(map_file).items():
                 if key in ("bos_token", "eos_token", "unk_token", "pad_token") and _token_content(value):
                     config[key] = _token_content(value)
-        return cls(backend, config, source=str(folder))
+        tokenizer = cls(backend, config, source=str(folder))
+        if not tokenizer.template_known:
+            warnings.warn(f"{folder}: its chat_template is not Phi-3's or Phi-4-mini's; this tokenizer renders "
+                          f"and trains on the {tokenizer.chat_format.name} chat format (chosen from its special "
+                          "tokens) and only keeps the file's template for saving", stacklevel=2)
+        return tokenizer
 
     @staticmethod
     def _check_added_tokens(backend: _Backend, added: dict, where: Path) -> None:
@@ -289,41 +280,53 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     # ----- chat format ---------------------------------------------------------------------------------------------
-    def _check_chat(self, messages) -> list[tuple[str, str]]:
+    def _check_chat(self, messages) -> list[tuple[str, str, str | None]]:
+        """(role, content, tools) per message, checked against this vocabulary's chat format."""
         needed = {f"<|{role}|>": tid for role, tid in self.role_ids.items()} | {END_TOKEN: self.end_id}
         missing = [token for token, tid in needed.items() if tid is None]
         if missing:
-            raise TokenizerError(f"{self.source}: no {', '.join(missing)} token in the vocabulary: not Phi-3's chat "
+            raise TokenizerError(f"{self.source}: no {', '.join(missing)} token in the vocabulary: not a Phi chat "
                                  "format")
-        return check_messages(messages)
+        turns = check_messages(messages, self.roles)
+        out = []
+        for i, ((role, content), msg) in enumerate(zip(turns, messages)):
+            tools = msg.get("tools")
+            if tools is not None and not self.chat_format.tools:
+                raise ValueError(f"message {i} ({role}) has \"tools\", which {self.chat_format.name}'s chat format "
+                                 "cannot render (Phi-4-mini's can)")
+            out.append((role, content, tools))
+        return out
 
-    @staticmethod
-    def _render_message(role: str, content: str) -> str:
-        return f"<|{role}|>\n{content}{END_TOKEN}\n"
+    def _render_message(self, role: str, content: str, tools: str | None = None) -> str:
+        """One message as text in this checkpoint's chat format (the data store renders whole chunks with it)."""
+        return self.chat_format.render(role, content, tools)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text in Phi-3's chat format (what transformers renders from PHI3_CHAT_TEMPLATE)."""
-        turns = self._check_chat(messages)
-        text = "".join(self._render_message(role, content) for role, content in turns)
-        return text + ("<|assistant|>\n" if add_generation_prompt else self.eos_token)
+        """The conversation as text in this checkpoint's chat format (what transformers renders from its
+        chat_template; see chat_format.py)."""
+        fmt = self.chat_format
+        text = "".join(fmt.render(*turn) for turn in self._check_chat(messages))
+        return text + (fmt.generation_prompt if add_generation_prompt else self.eos_token)
 
     def _encode_turns(self, messages) -> list[tuple[str, list[int]]]:
-        # (role, ids) per message; ids[0] is the role token, ids[-1] the closing <|end|> (its "\n" absorbed)
+        # (role, ids) per message; ids[0] is the role token, ids[-1] the closing <|end|> (Phi-3: its "\n" absorbed)
         out = []
-        for i, (role, content) in enumerate(self._check_chat(messages)):
-            ids = self.backend.encode(self._render_message(role, content), add_special_tokens=False).ids
+        for i, (role, content, tools) in enumerate(self._check_chat(messages)):
+            ids = self.backend.encode(self.chat_format.render(role, content, tools), add_special_tokens=False).ids
             if ids[0] != self.role_ids[role] or ids[-1] != self.end_id:
                 raise TokenizerError(f"{self.source}: message {i} does not encode as <|{role}|> ... <|end|> "
-                                     "(the vocabulary's added tokens are not Phi-3's)")
+                                     f"(the vocabulary's added tokens do not fit the {self.chat_format.name} "
+                                     "chat format)")
             out.append((role, ids))
         return out
 
     def _tail(self, add_generation_prompt: bool) -> list[int]:
-        return [self.role_ids["assistant"]] if add_generation_prompt else self.encode(self.eos_token)
+        return self.encode(self.chat_format.generation_prompt if add_generation_prompt else self.eos_token)
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of the conversation, equal to transformers' `apply_chat_template(messages, tokenize=True)` with
-        Phi-3's template and to `encode(apply_chat_template(messages))`. No BOS (see the module docstring)."""
+        the checkpoint's template and to `encode(apply_chat_template(messages))`. No BOS (see the module
+        docstring)."""
         ids = [t for _, turn in self._encode_turns(messages) for t in turn]
         return ids + self._tail(add_generation_prompt)
 
@@ -393,5 +396,5 @@ class StreamDecoder:
         return self._step(final=True)
 
 
-__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "check_messages", "PHI3_CHAT_TEMPLATE", "PHI3_ADDED_TOKENS",
-           "ROLES", "IGNORE"]
+__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "check_messages", "PHI3_CHAT_TEMPLATE", "PHI4_CHAT_TEMPLATE",
+           "PHI3_ADDED_TOKENS", "ROLES", "IGNORE"]
