@@ -5,7 +5,7 @@ from .adapter_io import AdapterError, AdapterWarning
 from .inject import (LayerSpec, LoraConfig, inject, lora_layers, merge, print_trainable_parameters,
                      unmerge)
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
-from .peft_io import export_peft, load_peft
+from .peft_io import export_peft, load_peft, vllm_max_lora_rank
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict",
     "LoraConfig", "LayerSpec", "inject", "merge", "unmerge", "print_trainable_parameters", "lora_layers",
     "AdapterError", "AdapterWarning", "save_adapter", "load_adapter", "export_peft", "load_peft",
+    "vllm_max_lora_rank",
 ]

@@ -15,6 +15,7 @@ Choices, documented here once:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
@@ -257,19 +258,36 @@ def inject(model: nn.Module, config: LoraConfig, dtype: torch.dtype | None = Non
 
 
 # ----- merging -----------------------------------------------------------------------------------------------------
-def _check_not_shared(model: nn.Module, layers) -> None:
+def _untie_before_merge(model: nn.Module, layers) -> None:
+    """A weight shared with another module (tied embeddings: lm_head and embed_tokens hold one matrix) cannot take
+    an adapter's ΔW without changing the other module too. Such a layer gets its own copy of the weight first, and
+    a config that declares the tie stops declaring it, so save_pretrained writes both matrices and transformers
+    loads the merged model with the same outputs."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name, m in layers:
-        if m.has_lora and uses[id(m._base_weight())] > 1:
-            raise ValueError(f"{name}'s weight is shared with another module (tied embeddings?): merging its "
-                             "adapter would change that module too")
+        weight = m._base_weight()
+        if not m.has_lora or uses[id(weight)] <= 1:
+            continue
+        warnings.warn(f"{name}'s weight is shared with another module (tied embeddings): merging gives {name} its "
+                      f"own copy ({weight.numel() * weight.element_size() / 2**20:.0f} MiB) and unties them",
+                      stacklevel=3)
+        copy = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if isinstance(m, ConvLoRA):
+            m.conv.weight = copy
+        else:
+            m.weight = copy
+        uses[id(weight)] -= 1
+        config = getattr(model, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W += s·B·A, computed in fp32, rounded once). Merging a merged layer
-    does nothing. The forward pass then costs what the base model's does."""
+    does nothing. The forward pass then costs what the base model's does. An adapter on a tied weight (lm_head or
+    embed_tokens of a tied-embedding model such as Phi-4-mini) unties it first: see `_untie_before_merge`."""
     layers = lora_layers(model)
-    _check_not_shared(model, [(n, m) for n, m in layers if not m.merged])
+    _untie_before_merge(model, [(n, m) for n, m in layers if not m.merged])
     for _, m in layers:
         m.merge()
     return model

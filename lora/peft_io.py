@@ -10,8 +10,15 @@ projection (q, k, v of qkv_proj). It is the same map as a single adapter of rank
     A' = lora_A (r·n, in)           the enabled slices' A blocks, stacked (as MergedLinear already stores them)
     B' = block-structured (out, r·n): slice e's rows hold its B in columns [e·r, (e+1)·r), disabled slices are zero
     alpha' = s·r'  (rsLoRA: s·sqrt(r')), so that peft's scaling alpha'/r' equals ours, s,
-since x·A'ᵀ·B'ᵀ puts slice e's x·A_eᵀ·B_eᵀ on its own rows and nothing elsewhere. export_peft writes that, with
-r' and alpha' in rank_pattern / alpha_pattern when they differ from the config's r and lora_alpha.
+since x·A'ᵀ·B'ᵀ puts slice e's x·A_eᵀ·B_eᵀ on its own rows and nothing elsewhere.
+
+One r for every reader: vLLM (vllm/lora/peft_helper.py) reads only r, lora_alpha, target_modules, bias, use_rslora,
+use_dora and modules_to_save, applies the one scaling lora_alpha / r (rsLoRA: / sqrt(r)) to every module, takes each
+module's rank from its tensors, and refuses r above its --max-lora-rank; rank_pattern / alpha_pattern are ignored.
+So export_peft writes r = the largest rank of any adapter (r·n_enabled of a MergedLinear qkv_proj: 48 for r 16 on
+q, k and v), lora_alpha = s0·r (s0: the most common scaling), and folds s / s0 into B where a module's scaling
+differs. peft, which sizes modules from rank_pattern, finds the modules of smaller rank there, each with the alpha
+that gives s0 at its rank in alpha_pattern. Both readers then compute exactly our s·B·A for every module.
 
 split_fused=True writes qkv_proj as q_proj / k_proj / v_proj and gate_up_proj as gate_proj / up_proj (for servers
 that refuse LoRA on fused modules, vllm #4915): a plain adapter's A is copied to each part and B sliced by rows; a
@@ -111,8 +118,10 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
 def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_model_name_or_path: str | None = None,
                 split_fused: bool = False) -> Path:
     """Write the model's adapters as a peft LoRA folder (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(transformers Phi3ForCausalLM, dir)` loads with the same outputs. MergedLinear
-    becomes a rank r·n_enabled adapter with a block-structured B (module docstring). Written atomically."""
+    `peft.PeftModel.from_pretrained(transformers Phi3ForCausalLM, dir)` loads with the same outputs, and that a
+    reader of only r / lora_alpha (vLLM: one scaling for every module) loads the same way: see "One r" in the
+    module docstring. MergedLinear becomes a rank r·n_enabled adapter with a block-structured B. Written
+    atomically. A server needs a maximum LoRA rank of at least the top-level r (`vllm_max_lora_rank`)."""
     config = config if config is not None else getattr(model, "lora_config", None)
     if lora_state_dict(model, config.bias if config else "none").keys() - lora_state_dict(model).keys():
         raise ValueError(f"bias={config.bias!r}: exporting trained biases to peft is not supported")
@@ -124,24 +133,27 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
     def peft_alpha(r, s):  # alpha that gives scaling s at rank r under peft's rule
         return s * (math.sqrt(r) if rslora else r)
 
-    if config is not None:
-        r0, alpha0 = config.r, config.lora_alpha
-    else:  # the most common (r, alpha) becomes the default
-        (r0, alpha0), _ = Counter((r, _number(peft_alpha(r, s))) for _, _, _, _, r, s in adapters).most_common(1)[0]
+    # One top-level r and lora_alpha that are right for every module, for readers that use nothing else (vLLM):
+    # r = the largest rank, alpha the one giving the most common scaling s0 at that rank, and an adapter with
+    # another scaling carries s / s0 in its B. peft sizes each module from rank_pattern, so modules of another
+    # rank are named there, with the alpha that gives s0 at their rank in alpha_pattern.
+    r0 = max(r for *_, r, _ in adapters)
+    s0 = Counter(s for *_, s in adapters).most_common(1)[0][0]
+    alpha0 = peft_alpha(r0, s0)
+    adapters = [(name, emb, A, B if math.isclose(s, s0, rel_tol=1e-12) else (B.float() * (s / s0)).to(B.dtype), r, s0)
+                for name, emb, A, B, r, s in adapters]
 
     # rank_pattern / alpha_pattern: a module-name suffix when all its modules agree, else full module names
     rank_pattern, alpha_pattern = {}, {}
     groups: dict[str, list] = {}
-    for name, _, _, _, r, s in adapters:
-        groups.setdefault(leaf_name(name), []).append((name, r, peft_alpha(r, s)))
+    for name, _, _, _, r, _ in adapters:
+        groups.setdefault(leaf_name(name), []).append((name, r))
     for suffix, members in groups.items():
-        uniform = len({(r, round(a, 9)) for _, r, a in members}) == 1
-        for name, r, a in (members[:1] if uniform else members):
-            key = suffix if uniform else name
+        uniform = len({r for _, r in members}) == 1
+        for name, r in (members[:1] if uniform else members):
             if r != r0:
-                rank_pattern[key] = r
-            if not math.isclose(a, alpha0, rel_tol=1e-12):
-                alpha_pattern[key] = _number(a)
+                key = suffix if uniform else name
+                rank_pattern[key], alpha_pattern[key] = r, _number(peft_alpha(r, s0))
 
     tensors = {}
     for name, emb, A, B, _, _ in adapters:
@@ -178,6 +190,14 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2))
 
     return write_adapter_dir(dir, write)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts for an adapter of top-level rank r: a power of two from 8 to
+    512 (vLLM's allowed values) not below r."""
+    if r > 512:
+        raise ValueError(f"rank {r} is above 512, the largest --max-lora-rank vLLM accepts")
+    return max(8, 1 << (r - 1).bit_length())
 
 
 # ----- reading ------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .tiny import TINY_CONFIG
+from .presets import preset
 
 
 class ConfigError(ValueError):
@@ -98,18 +98,13 @@ class Phi3Config:
     # ----- constructors ---------------------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Phi3Config":
-        """Presets: "phi3-mini-4k", "phi3-mini-128k" (LongRoPE factors must come from its config.json to be
-        exact; the preset uses ones so the shapes are right), "tiny" (phi3mini/tiny.py: the demo's small model)."""
-        presets = {
-            "phi3-mini-4k": {},
-            "phi3-mini-128k": dict(max_position_embeddings=131072, sliding_window=262144,
-                                   rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
-                                                 "long_factor": [1.0] * 48}),
-            "tiny": TINY_CONFIG,  # phi3mini/tiny.py: Phi-3's vocabulary and ids, small widths
-        }
-        if name not in presets:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
-        kw = dict(presets[name])
+        """A preset of phi3mini/presets.py: "phi3-mini-4k", "phi3-mini-128k", "phi3.5-mini", "phi3-medium-4k",
+        "phi3-medium-128k", "phi4-mini" (LongRoPE factors are placeholders: exact ones come from each checkpoint's
+        config.json), "tiny" (phi3mini/tiny.py: the demo's small model). Keyword overrides change any field."""
+        try:
+            kw = dict(preset(name).config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         kw.update(overrides)
         return cls(**kw)
 

@@ -335,9 +335,11 @@ class Phi3(nn.Module):
     @classmethod
     def from_name(cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **overrides):
         """A randomly initialised model from a preset (e.g. "tiny"), deterministic for a seed."""
+        from .presets import preset
         model = cls(Phi3Config.from_name(name, **overrides))
         model.init_weights(seed)
         model.name_or_path = name  # recorded in adapters trained on it
+        model.generation_config = {"eos_token_id": list(preset(name).eos_ids)}  # as the Hub's generation_config
         return model.to(dtype=dtype, device=device)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

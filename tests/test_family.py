@@ -5,8 +5,12 @@ import json
 import random
 import warnings
 
+import peft
 import pytest
+import safetensors.torch
 import torch
+
+import lora
 
 from family import PHI4_SPECIAL, PHI4_TEMPLATE, SHAPES, write_phi4_tokenizer
 from helpers import CONV, make_hf_model, save_hf_checkpoint
@@ -138,3 +142,216 @@ def test_tools_and_tool_role_refused_where_the_format_has_none(phi4):
         phi4.encode_chat([CONV[0], {"role": "user", "content": "x", "tools": TOOLS}])
     with pytest.raises(ValueError, match=r"\"tools\" must be a string"):
         phi4.encode_chat([{"role": "system", "content": "x", "tools": [{"name": "f"}]}])
+
+
+# ----- each member's shape against transformers --------------------------------------------------------------------
+def pair(tmp_path, name):
+    hf = make_hf_model(seed=1, **SHAPES[name])
+    return hf, Phi3.from_pretrained(save_hf_checkpoint(hf, tmp_path / name))
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_logits_and_greedy_generation_match_transformers(tmp_path, name):
+    hf, ours = pair(tmp_path, name)
+    assert ours.config.tie_word_embeddings == (name == "phi4-mini")
+    long = "rope_scaling" in SHAPES[name]
+    for T in ((20, 45) if long else (24,)):  # LongRoPE: below and above original_max_position_embeddings (32)
+        ids = torch.randint(0, 320, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
+    # greedy decoding with the KV cache; from 24 tokens the LongRoPE members cross 32 and switch factor sets
+    prompt = torch.randint(3, 320, (1, 24), generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      min_new_tokens=14)[0, 24:].tolist()
+    assert generate(ours, prompt[0], max_new_tokens=14, stop_ids=[]) == ref
+
+
+def test_phi4_mini_partial_rotary_leaves_the_last_quarter_of_each_head_unrotated(tmp_path):
+    _, ours = pair(tmp_path, "phi4-mini")
+    c = ours.config
+    assert (c.head_dim, c.rotary_dim, len(c.rope_scaling["long_factor"])) == (16, 12, 6)
+    q = torch.randn(1, c.num_attention_heads, 5, c.head_dim)
+    pos = torch.arange(5)[None]
+    cos, sin = ours.rotary(pos, False, torch.float32)
+    from phi3mini.model import apply_rope
+    q2, _ = apply_rope(q, q[:, :c.num_key_value_heads], cos, sin)
+    assert torch.equal(q2[..., 12:], q[..., 12:]) and not torch.allclose(q2[:, :, 1:, :12], q[:, :, 1:, :12])
+
+
+# ----- presets ----------------------------------------------------------------------------------------------------
+# (layers, hidden, intermediate, heads, kv heads, head_dim, rotary dim, vocab, tied, max positions, window)
+PRESET_SHAPES = {
+    "phi3-mini-4k": (32, 3072, 8192, 32, 32, 96, 96, 32064, False, 4096, 2047),
+    "phi3-mini-128k": (32, 3072, 8192, 32, 32, 96, 96, 32064, False, 131072, 262144),
+    "phi3.5-mini": (32, 3072, 8192, 32, 32, 96, 96, 32064, False, 131072, 262144),
+    "phi3-medium-4k": (40, 5120, 17920, 40, 10, 128, 128, 32064, False, 4096, 2047),
+    "phi3-medium-128k": (40, 5120, 17920, 40, 10, 128, 128, 32064, False, 131072, 131072),
+    "phi4-mini": (32, 3072, 8192, 24, 8, 128, 96, 200064, True, 131072, 262144),
+}
+# parameter counts: Phi-3-mini 3.82 B, Phi-3-medium 13.96 B, Phi-4-mini 3.84 B (model cards: 3.8 B, 14 B, 3.8 B)
+PRESET_PARAMS = {"phi3-mini-4k": 3_821_079_552, "phi3-medium-4k": 13_960_238_080, "phi4-mini": 3_836_021_760}
+
+
+@pytest.mark.parametrize("name", PRESET_SHAPES)
+def test_presets(name):
+    from phi3mini.presets import PRESETS
+    c = Phi3Config.from_name(name)
+    got = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+           c.head_dim, c.rotary_dim, c.vocab_size, c.tie_word_embeddings, c.max_position_embeddings, c.sliding_window)
+    assert got == PRESET_SHAPES[name]
+    assert c.original_max_position_embeddings == 4096 and (c.rope_scaling is not None) == (got[9] > 4096)
+    assert PRESETS[name].hub_id.startswith("microsoft/")
+    if name in PRESET_PARAMS:
+        with torch.device("meta"):
+            model = Phi3(c)
+        assert model.num_parameters() == PRESET_PARAMS[name]
+    if name == "phi4-mini":
+        assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (199999, 199999, 199999)
+        assert PRESETS[name].eos_ids == (200020, 199999)
+
+
+def test_tiny_phi4_model_stops_on_its_own_ids(phi4):
+    model = Phi3.from_name("tiny", vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
+    model.generation_config = {"eos_token_id": [200020, 199999]}  # Phi-4-mini's generation_config.json
+    assert default_stop_ids(model, phi4) == [200020, 199999]
+    assert 32007 not in default_stop_ids(model, phi4)
+
+
+# ----- tied embeddings with LoRA ------------------------------------------------------------------------------------
+def randomize_lora(model, seed=2, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+IDS = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+def test_tied_model_saves_and_merges_tied_when_no_adapter_touches_the_tie(tmp_path):
+    hf, ours = pair(tmp_path, "phi4-mini")
+    lora.inject(ours, lora.LoraConfig(r=4, lora_alpha=8))
+    randomize_lora(ours)
+    with torch.no_grad():
+        want = ours(IDS)
+    lora.merge(ours)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and ours.config.tie_word_embeddings
+    ours.save_pretrained(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    names = set(safetensors.torch.load_file(tmp_path / "merged" / "model.safetensors"))
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    from transformers import AutoModelForCausalLM
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, want, atol=1e-5, rtol=0)
+
+
+def test_lora_on_a_tied_lm_head_matches_peft_and_merging_unties(tmp_path):
+    hf, ours = pair(tmp_path, "phi4-mini")
+    embed = ours.model.embed_tokens.weight.detach().clone()
+    lora.inject(ours, lora.LoraConfig(r=4, lora_alpha=8, target_modules=("qkv_proj", "lm_head", "embed_tokens")))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the adapters share the frozen matrix
+    randomize_lora(ours)
+    with torch.no_grad():
+        want = ours(IDS)
+        base = hf(IDS).logits
+    assert (want - base).abs().max() > 1e-2
+    # peft on transformers' tied model computes the same (the adapters change outputs, never the shared matrix)
+    lora.export_peft(ours, tmp_path / "peft")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(IDS).logits
+    torch.testing.assert_close(theirs, want, atol=1e-5, rtol=0)
+    # merging gives each side its own matrix; the merged checkpoint is untied and loads in transformers
+    with pytest.warns(UserWarning, match="tied embeddings"):
+        lora.merge(ours)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), want, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, want, atol=1e-5, rtol=0)
+    # and the original matrix was never written through
+    lora.unmerge(ours)
+    torch.testing.assert_close(ours.model.embed_tokens.weight.detach(), embed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.lm_head.weight.detach(), embed, atol=1e-6, rtol=0)
+
+
+# ----- a PEFT export that vLLM reads ------------------------------------------------------------------------------
+VLLM_KEYS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "use_dora", "modules_to_save")
+
+
+def vllm_rule_logits(ckpt, folder, ids, max_lora_rank):
+    """Logits of the base checkpoint plus the adapter read by vLLM's documented rules (vllm/lora/peft_helper.py,
+    vllm/lora/models.py): only the keys above; one scaling lora_alpha / r (rsLoRA: / sqrt(r)) for every module;
+    each module's rank from its tensors, at most --max-lora-rank; r above it refused; DoRA, biases and
+    modules_to_save refused; rank_pattern / alpha_pattern never read."""
+    cfg = {k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items() if k in VLLM_KEYS}
+    assert not cfg.get("use_dora") and not cfg.get("modules_to_save") and cfg.get("bias", "none") == "none"
+    assert cfg["r"] <= max_lora_rank
+    scaling = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    tensors = safetensors.torch.load_file(folder / "adapter_model.safetensors")
+    model = Phi3.from_pretrained(ckpt)
+    modules = dict(model.named_modules())
+    hooked = 0
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        assert name.rsplit(".", 1)[-1] in cfg["target_modules"]
+        B = tensors[key.replace("lora_A", "lora_B")]
+        assert A.shape[0] == B.shape[1] <= max_lora_rank
+
+        def hook(module, inputs, out, A=A, B=B):
+            return out + scaling * (inputs[0] @ A.T @ B.T)
+
+        modules[name].register_forward_hook(hook)
+        hooked += 1
+    assert hooked
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("case", ["qkv_slices", "mixed_ranks_and_alphas_rslora"])
+def test_peft_export_reads_the_same_in_peft_and_by_vllm_rules(tmp_path, case):
+    hf, ours = pair(tmp_path, "phi3-medium-4k")
+    ckpt = tmp_path / "phi3-medium-4k"
+    if case == "qkv_slices":  # MergedLinear on q and v (rank 2·4 in peft's form), plain r 4 elsewhere
+        lora.inject(ours, lora.LoraConfig(r=4, lora_alpha=16, enable_lora=(True, False, True)))
+    else:  # a peft adapter with per-module ranks and alphas (patterns), loaded into ours
+        kw = dict(r=4, lora_alpha=8, use_rslora=True, task_type="CAUSAL_LM",
+                  target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                  rank_pattern={"o_proj": 2, "down_proj": 6}, alpha_pattern={"gate_up_proj": 3, "o_proj": 5})
+        peft.get_peft_model(make_hf_model(seed=1, **SHAPES["phi3-medium-4k"]), peft.LoraConfig(**kw)) \
+            .save_pretrained(tmp_path / "src")
+        lora.load_adapter(ours, tmp_path / "src")
+    randomize_lora(ours)
+    with torch.no_grad():
+        want = ours(IDS)
+        base = hf(IDS).logits
+    assert (want - base).abs().max() > 1e-2
+    lora.export_peft(ours, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    top = max(t.shape[0] for k, t in safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+              .items() if k.endswith("lora_A.weight"))
+    assert cfg["r"] == top == (8 if case == "qkv_slices" else 6)
+    assert lora.vllm_max_lora_rank(cfg["r"]) == 8
+    got = vllm_rule_logits(ckpt, tmp_path / "peft", IDS, max_lora_rank=lora.vllm_max_lora_rank(cfg["r"]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(IDS).logits
+    torch.testing.assert_close(theirs, want, atol=1e-5, rtol=0)
+    # and back into ours
+    again = Phi3.from_pretrained(ckpt)
+    lora.load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS), want, atol=1e-5, rtol=0)
+
+
+def test_vllm_max_lora_rank():
+    assert [lora.vllm_max_lora_rank(r) for r in (1, 8, 9, 16, 48, 64, 65, 512)] == [8, 8, 16, 16, 64, 64, 128, 512]
+    with pytest.raises(ValueError, match="above 512"):
+        lora.vllm_max_lora_rank(513)

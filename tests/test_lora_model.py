@@ -128,17 +128,6 @@ def test_merge_equals_w_plus_s_b_a_and_is_idempotent(ckpt, enable_lora):
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
 
 
-def test_merge_refuses_a_weight_shared_with_another_module(tmp_path):
-    tied = Phi3.from_pretrained(save_hf_checkpoint(make_hf_model(seed=0, tie_word_embeddings=True), tmp_path / "t"))
-    lora.inject(tied, lora.LoraConfig(r=2, target_modules=("lm_head", "o_proj")))
-    randomize_lora(tied)
-    embed = tied.model.embed_tokens.weight.detach().clone()
-    with pytest.raises(ValueError, match="lm_head's weight is shared"):
-        lora.merge(tied)
-    assert torch.equal(tied.model.embed_tokens.weight, embed)
-    assert not any(m.merged for _, m in lora.lora_layers(tied))
-
-
 def test_lora_params_take_the_base_dtype(ckpt):
     model = Phi3.from_pretrained(ckpt, dtype=torch.bfloat16)
     lora.inject(model, lora.LoraConfig(r=4))
@@ -334,7 +323,12 @@ def test_export_peft_loads_in_peft_with_same_logits(ckpt, tmp_path, enable_lora,
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == "microsoft/Phi-3-mini-4k-instruct"
     n = sum(enable_lora)
-    assert cfg["rank_pattern"] == ({"qkv_proj": 4 * n} if n > 1 else {})
+    # one top-level r (the largest rank: qkv_proj's 4·n) with the scaling every module has; the others' ranks
+    # in rank_pattern for peft, with the alpha that keeps their scaling
+    others = {m: 4 for m in TARGETS[1:] + extra}
+    assert (cfg["r"], cfg["rank_pattern"]) == ((4 * n, others) if n > 1 else (4, {}))
+    s = 8 / (2 if use_rslora else 4)
+    assert cfg["lora_alpha"] == pytest.approx(s * ((4 * n) ** 0.5 if use_rslora else 4 * n))
     keys = safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert keys["base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"].shape == (4 * n, 64)
     assert keys["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"].shape == (128, 4 * n)

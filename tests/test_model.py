@@ -163,12 +163,13 @@ def test_generate_restores_training_mode_after_an_error():
     assert model.training
 
 
-def test_default_stop_ids_add_generation_config_eos_ids():
-    from phi3mini import default_stop_ids
+def test_default_stop_ids_come_from_the_generation_config_and_tokenizer():
+    from phi3mini import Tokenizer, default_stop_ids
     model = Phi3.from_name("tiny", seed=0)
-    assert default_stop_ids(model) == [32007, 32000]
-    model.generation_config = {"eos_token_id": [32000, 32001, 32007]}  # Phi-3-mini's generation_config.json
-    assert default_stop_ids(model) == [32007, 32000, 32001]
+    assert default_stop_ids(model) == [32000, 32001, 32007]  # the preset's: Phi-3-mini's generation_config.json
+    model.generation_config = {}
+    assert default_stop_ids(model) == [32000]  # config.json's eos_token_id alone
+    assert default_stop_ids(model, Tokenizer.tiny()) == [32000, 32007]  # + the tokenizer's <|end|>
 
 
 def test_our_save_pretrained_loads_in_transformers(tmp_path):
