@@ -212,13 +212,14 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         return dx, None, None, dbias, dA, dB, None, dlx
 
 
-def nf4_lora_linear(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None):
+def nf4_lora_linear(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None, meta=None):
     """y = x·dequant(W4)ᵀ + scaling·(x_l·Aᵀ)·Bᵀ (+ bias): one Triton GEMM forward, one for dX backward.
 
     tensors: the weight's NF4 entries (kernels.nf4.quantize_nf4's dict) on x's device; lora_A (R, K), lora_B
     (N, R) (R may be 0: the base GEMM alone); bias (N,) or None. Triton on CUDA tensors (or anywhere under
-    TRITON_INTERPRET=1), else `nf4_lora_linear_reference`."""
-    meta = nf4_quant_state(tensors)
+    TRITON_INTERPRET=1; not under PHI3LORA_NO_TRITON=1), else `nf4_lora_linear_reference`. meta: the decoded
+    quant state when the caller holds it (saves parsing the JSON entry on every call)."""
+    meta = meta or nf4_quant_state(tensors)
     if len(meta.shape) != 2 or x.shape[-1] != meta.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the 4-bit weight has shape {meta.shape}")
     if not use_triton(x):

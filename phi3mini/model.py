@@ -322,10 +322,12 @@ class Phi3(nn.Module):
 
     # ----- weights ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, dtype: torch.dtype | None = None, device=None) -> "Phi3":
-        """Load a Hugging Face Phi-3 checkpoint (local folder or Hub id) straight into dtype and device."""
+    def from_pretrained(cls, path_or_hub_id, dtype: torch.dtype | None = None, device=None,
+                        quantize: str = "") -> "Phi3":
+        """Load a Hugging Face Phi-3 checkpoint (local folder or Hub id) straight into dtype and device;
+        quantize="nf4" makes the decoder projections 4-bit while loading (bitsandbytes 4-bit checkpoints are)."""
         from .weights import load_pretrained
-        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device)
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, quantize=quantize)
 
     def save_pretrained(self, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write config.json + safetensors (sharded above max_shard_bytes) in the Hugging Face layout."""

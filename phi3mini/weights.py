@@ -235,7 +235,13 @@ def index_hints(folder: Path, headers: dict, missing: list[str]) -> list[str]:
     return hints
 
 
-def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
+def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize: str = ""):
+    """quantize="nf4": the decoder projections become 4-bit (phi3mini/quant.py), each quantized as soon as it is
+    read, so the full-precision model never exists. A bitsandbytes 4-bit checkpoint loads 4-bit whatever quantize
+    says (and is never quantized again)."""
+    from .quant import QUANTIZE_CHOICES, quantized_names, swap_in_4bit  # here: it imports the kernels (Triton)
+    if quantize not in QUANTIZE_CHOICES:
+        raise CheckpointError(f"quantize={quantize!r}: choose one of {QUANTIZE_CHOICES}")
     dtype = _weight_dtype(dtype)
     folder = resolve_checkpoint(path_or_hub_id)
     try:
@@ -247,10 +253,20 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
 
     with torch.device("meta"):
         model = cls(config)
-    # check names, shapes and dtypes of every file before reading any data
+    # check names, shapes and dtypes of every file before reading any data; a bitsandbytes 4-bit checkpoint
+    # (its projections stored as NF4) loads 4-bit whatever quantize says, never quantized again
     headers = {path: read_header(path) for path in files}
-    check_tensors(folder, headers, model, config.tie_word_embeddings)
+    prequantized = prequantized_modules(headers)
+    swap_in_4bit(model, prequantized)
+    check_tensors(folder, without_4bit_entries(headers, prequantized), model, config.tie_word_embeddings)
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    raw = {name for header, _ in headers.values() for name in header
+           if any(name.startswith(m + ".weight") for m in prequantized)}
+    four_bit = set()
+    if quantize == "nf4" and not prequantized:  # quantize each projection as it is read
+        names = quantized_names(model)
+        swap_in_4bit(model, names)
+        four_bit = {n + ".weight" for n in names}
 
     state = {}
     staging: list = [torch.empty(0, dtype=torch.uint8)]
@@ -258,9 +274,12 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
         header, data_start = headers[path]
         with open(path, "rb") as f:
             for name, info in header.items():
-                if name not in expected:
-                    continue
-                state[name] = read_tensor(f, info, data_start, dtype, device, staging)
+                if name in raw:  # a bitsandbytes entry: codes and fp32 scales exactly as stored
+                    state[name] = read_tensor(f, info, data_start, None, device, staging)
+                elif name in four_bit:  # quantize now: one dense tensor at a time
+                    state.update(_quantized(name, read_tensor(f, info, data_start, dtype, device, staging)))
+                elif name in expected:
+                    state[name] = read_tensor(f, info, data_start, dtype, device, staging)
     del staging
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -276,6 +295,29 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
             raise CheckpointError(f"{gen_path}: not valid JSON ({e})") from None
     model.name_or_path = str(path_or_hub_id)
     return model.eval()
+
+
+def prequantized_modules(headers: dict) -> list[str]:
+    """Modules whose weight the files store as bitsandbytes 4-bit (they have a quant-state entry)."""
+    from kernels.nf4 import QUANT_STATE_KEY
+
+    suffix = ".weight." + QUANT_STATE_KEY
+    return sorted(name[: -len(suffix)] for header, _ in headers.values() for name in header if name.endswith(suffix))
+
+
+def without_4bit_entries(headers: dict, modules: list[str]) -> dict:
+    """headers without the 4-bit weights' side entries (weight.absmax, ...): Linear4bit checks those itself."""
+    side = tuple(m + ".weight." for m in modules)
+    return {path: ({k: v for k, v in header.items() if not k.startswith(side)}, start)
+            for path, (header, start) in headers.items()} if modules else headers
+
+
+def _quantized(name: str, dense: torch.Tensor) -> dict:
+    """A dense "x.weight" as its bitsandbytes NF4 entries "x.weight", "x.weight.absmax", ..."""
+    from kernels.nf4 import quantize_nf4
+
+    prefix = name[: -len("weight")]
+    return {prefix + k: v for k, v in quantize_nf4(dense).items()}
 
 
 # ----- saving ----------------------------------------------------------------------------------------------------
@@ -311,7 +353,10 @@ def save_pretrained(model, out_dir, max_shard_bytes: int = 5 * 1024**3) -> None:
     for name, shard in zip(names, shards):
         atomic.write_file(out / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     config = model.config.to_hf()
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    dtypes = {v.dtype for k, v in state.items() if v.is_floating_point() and ".weight." not in k}  # not 4-bit scales
+    from .quant import is_quantized, quantization_config
+    if is_quantized(model):
+        config["quantization_config"] = quantization_config(next(iter(dtypes), torch.bfloat16))
     config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
     index = out / INDEX_NAME
     if len(shards) > 1:
