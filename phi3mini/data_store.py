@@ -200,7 +200,9 @@ class _Encoder:
         inner = self.special_lut[flat]
         inner[starts] = inner[lasts] = False
         n_msgs = np.fromiter((len(ms) for _, ms in convs), dtype=np.int64, count=len(convs))
+        tool_errors = self._tools_errors(convs, inner, starts, lasts, errors)
         bad_convs = self._special_errors(np.flatnonzero(inner), flat, starts, n_msgs, convs, roles, errors)
+        bad_convs |= tool_errors
         is_asst = np.fromiter((r == "assistant" for r in roles), dtype=bool, count=len(roles))
         if self.train_on == "all":
             mask = np.ones(len(flat), dtype=np.uint8)
@@ -208,6 +210,24 @@ class _Encoder:
             mask = np.repeat(is_asst, lens).astype(np.uint8)
             mask[starts] = 0  # the <|assistant|> token is prompt; the reply and its <|end|> train
         return self._cut(flat, mask, starts, lasts, is_asst, n_msgs, convs, bad_convs, stats)
+
+    def _tools_errors(self, convs, inner, starts, lasts, errors) -> set[int]:
+        """A system message with tools (Phi-4-mini) holds <|tool|> and <|/tool|> as structure: its tokens are left
+        out of the id check (inner is cleared there) and its content and tools texts are checked as strings."""
+        bad, msg = set(), 0
+        for c, (where, ms) in enumerate(convs):
+            for i, m in enumerate(ms):
+                if m.get("tools") is not None:
+                    inner[starts[msg] + 1:lasts[msg]] = False
+                    for field in ("content", "tools"):
+                        found = next((t for t in self.special_text.values() if t in m[field]), None)
+                        if found and c not in bad:
+                            bad.add(c)
+                            errors.append(f"{where}: message {i} ({m['role']}) {field} contains the special token "
+                                          f"{found!r}: it would be read as that token, not as text; remove or "
+                                          "rewrite it")
+                msg += 1
+        return bad
 
     def _special_errors(self, positions, flat, starts, n_msgs, convs, roles, errors) -> set[int]:
         """file:line errors for special-token text inside a message's content -> the conversations to drop."""

@@ -109,6 +109,7 @@ class Tokenizer:
 
     def __init__(self, backend: _Backend, config: dict | None = None, source: str = "tokenizer"):
         self.backend = backend
+        self._vocab_size = None  # computed on first use (vocab_size)
         self.config = dict(config or {})
         self.source = source
         template = self.config.get("chat_template")
@@ -251,8 +252,11 @@ class Tokenizer:
     # ----- plain text ----------------------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        """Number of tokens, added tokens included (32011 for Phi-3; the model's embedding is padded to 32064)."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """One past the largest token id, added tokens included (32011 for Phi-3, whose embedding is padded to
+        32064). Equal to the number of tokens for a vocabulary without gaps in its ids, as the Hub's are."""
+        if self._vocab_size is None:
+            self._vocab_size = max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        return self._vocab_size
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
