@@ -158,7 +158,7 @@ class _Encoder:
         texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in convs for m in ms]
         try:
             return convs, self.encode_batch(texts, add_special_tokens=False)
-        except Exception:  # tokenizers raises TypeError/Exception without saying which string: find it
+        except Exception as e:  # tokenizers raises TypeError/Exception without saying which string: find it
             good = []
             for where, ms in convs:
                 bad = _unencodable(ms)
@@ -166,6 +166,9 @@ class _Encoder:
                     errors.append(f"{where}: {bad}")
                 else:
                     good.append((where, ms))
+            if len(good) == len(convs):
+                raise DataError(f"{convs[0][0]} ... {convs[-1][0]}: the tokenizer failed on these records "
+                                f"({type(e).__name__}: {e})") from None
             texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in good for m in ms]
             return good, self.encode_batch(texts, add_special_tokens=False) if texts else []
 
