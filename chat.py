@@ -17,8 +17,11 @@ Replies, and nothing else, go to stdout; notices, --stats and errors go to stder
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -34,6 +37,24 @@ HELP = "commands: /reset (clear the history), /system TEXT (set the system messa
 
 class ChatError(Exception):
     """A problem the user can fix: printed as `error: ...`, exit code 2."""
+
+
+class BrokenModel(Exception):
+    """The model computes non-finite logits: no reply can be trusted, so the session ends (`error: ...`, exit 2)."""
+
+
+def refuse_non_finite_logits(model: Phi3) -> None:
+    """Make every forward pass of model check its logits (B, T, V): NaN or inf there means broken weights (an
+    adapter trained at too high a learning rate, a damaged checkpoint) or an overflow, and greedy decoding would
+    otherwise print an empty or garbage reply and exit 0. One device-to-host read per token, next to the one
+    generate does anyway."""
+    def check(module, args, logits):
+        if not bool(torch.isfinite(logits).all()):
+            raise BrokenModel("the model computes NaN or infinite logits, so it cannot reply: its weights or the "
+                              "adapter's hold non-finite or huge values (an adapter trained with too high an --lr?); "
+                              "try without --adapter, another checkpoint, or --dtype float32")
+
+    model.register_forward_hook(check)
 
 
 # ----- command line ----------------------------------------------------------------------------------------------
@@ -65,10 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_new_tokens = 64 if args.model == "tiny" else 512
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
+    if not 0 <= args.temperature < math.inf:  # also refuses nan, which every comparison calls false
+        p.error(f"--temperature must be a number >= 0 (0 is greedy), not {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
+    if args.max_context is not None and args.max_context < 1:
+        p.error(f"--max-context must be at least 1 token (leave it out for the model's whole context), "
+                f"not {args.max_context}")
     if args.top_k < 0:
         p.error("--top-k must be >= 0")
     if args.merge and not args.adapter:
@@ -77,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----- loading ---------------------------------------------------------------------------------------------------
-def load(args) -> tuple[Phi3, Tokenizer]:
+def load(args, stderr=None) -> tuple[Phi3, Tokenizer]:
     """The model (with the adapter, merged if asked) and the tokenizer from the same checkpoint."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ChatError("--device cuda: no CUDA device is available")
@@ -89,17 +113,25 @@ def load(args) -> tuple[Phi3, Tokenizer]:
     except hub.ERRORS as e:
         raise ChatError(f"--model {args.model}: {e}") from None
     if args.adapter:
-        load_adapter(model, args.adapter, merge=args.merge)
+        load_adapter(model, args.adapter, merge=args.merge, stderr=stderr or sys.stderr)
+    refuse_non_finite_logits(model)
     return model.eval(), tokenizer
 
 
-def load_adapter(model: Phi3, adapter_dir: str, merge: bool) -> None:
+def load_adapter(model: Phi3, adapter_dir: str, merge: bool, stderr=None) -> None:
     import lora
 
     try:
-        lora.load_adapter(model, adapter_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", lora.AdapterWarning)
+            lora.load_adapter(model, adapter_dir)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
         raise ChatError(f"--adapter {adapter_dir}: {e}") from None
+    for w in caught:  # e.g. trained on another base model: one plain line, not Python's warning format
+        if issubclass(w.category, lora.AdapterWarning):
+            print(f"warning: {w.message}", file=stderr or sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if merge:
         # W + s·B·A is computed in fp32 inside each layer and cast once to W's dtype (a bf16 sum drifts:
         # peft #1388); the model itself stays in its dtype, so merging needs no second copy of the weights
@@ -285,24 +317,52 @@ def run_chat(chat: Chat, stdin, stdout) -> int:
             print(f"error: {e}", file=chat.stderr, flush=True)
 
 
+def check_streams(args, stdin, stdout) -> None:
+    """A closed stdin (`<&-`) or stdout (`>&-`) is None in sys: say so before loading anything."""
+    if stdout is None:
+        raise ChatError("stdout is closed: there is nowhere to write the replies (run without >&-)")
+    if stdin is None and args.prompt is None:
+        raise ChatError("stdin is closed: pass --prompt TEXT, or give the messages on stdin (one per line)")
+
+
+def quiet_broken_pipe(stdout) -> int:
+    """The reader of stdout went away (`| head -c 1`): stop without a word, as Unix tools do (they die of
+    SIGPIPE, which the shell reports as 128 + 13). Later flushes of sys.stdout, at exit too, go to /dev/null
+    instead of raising again."""
+    if stdout is sys.__stdout__ and stdout is not None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout.fileno())
+        except (OSError, ValueError):
+            pass
+    return 128 + 13
+
+
 def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
-    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    stderr = stderr or sys.stderr or open(os.devnull, "w")
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage and the error
         return int(e.code or 0)
     try:
-        model, tokenizer = load(args)
+        check_streams(args, stdin, stdout)
+        model, tokenizer = load(args, stderr)
         chat = Chat(model, tokenizer, args, stdout, stderr)
         if args.prompt is not None:
             chat.ask(args.prompt)
             return 0
         return run_chat(chat, stdin, stdout)
-    except ChatError as e:
+    except (ChatError, BrokenModel) as e:
         print(f"error: {e}", file=stderr, flush=True)
         return 2
+    except BrokenPipeError:
+        return quiet_broken_pipe(stdout)
     except KeyboardInterrupt:
-        stdout.write("\n")
+        try:
+            stdout.write("\n")
+        except (OSError, AttributeError):
+            pass
         return 130
 
 

@@ -229,9 +229,9 @@ def install(model: nn.Module, specs: dict[str, LayerSpec], config: LoraConfig, t
             where, weights_path, context=()) -> nn.Module:
     """The one step both loaders end with. Checks tensors ({state-dict key: tensor}) against the model: a model
     without LoRA layers must be able to take specs (modules present, of the right kind and size), a model with
-    LoRA layers must hold exactly specs; every key and shape must match (an AdapterError naming weights_path
-    otherwise, context lines first). Only then is the model changed: fresh layers injected, only LoRA trainable,
-    model.lora_config set, the tensors copied in (merged layers merged again). Returns model."""
+    LoRA layers must hold exactly specs; every key and shape must match, every value be finite (an AdapterError
+    naming weights_path otherwise, context lines first). Only then is the model changed: fresh layers injected,
+    only LoRA trainable, model.lora_config set, the tensors copied in (merged layers merged again). Returns model."""
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     fresh, problems = not lora_layers(model), []
     if fresh:
@@ -240,6 +240,11 @@ def install(model: nn.Module, specs: dict[str, LayerSpec], config: LoraConfig, t
         check_existing_layers(where, model, specs)
         expected = {k: tuple(v.shape) for k, v in lora_state_dict(model, config.bias).items()}
     check_tensors(weights_path, found, expected, problems, context)
+    poisoned = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if poisoned:
+        raise AdapterError(f"{weights_path}: NaN or infinite values in {len(poisoned)} tensors "
+                           f"({listing(poisoned, limit=5)}): the adapter is broken (trained with too high a learning "
+                           "rate?); use an earlier checkpoint's adapter")
     if fresh:
         apply_specs(model, specs)
         mark_only_lora_as_trainable(model, config.bias)

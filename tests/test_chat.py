@@ -273,6 +273,63 @@ def test_bad_arguments_exit_2():
     assert run(["--model", "tiny", "--merge"])[0] == 2
 
 
+def test_bad_numbers_exit_2_with_one_line(capsys):
+    # issue 13.6: --temperature nan was a RuntimeError from multinomial; --max-context 0 silently meant the whole
+    # context and -5 said "context of -5 tokens"
+    for args in (["--temperature", "nan"], ["--temperature", "inf"], ["--max-context", "0"], ["--max-context", "-5"]):
+        assert run(["--model", "tiny", "--prompt", "hi", *args])[0] == 2, args
+        err = capsys.readouterr().err
+        assert f"error: {args[0]} must be" in err and "Traceback" not in err, err
+
+
+def test_nan_logits_are_refused(monkeypatch):
+    # issue 13.2: a poisoned model printed an empty reply and exited 0
+    from phi3mini import hub
+
+    real = hub.load_model
+
+    def poisoned(*a, **kw):
+        model = real(*a, **kw)
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")
+        return model
+
+    monkeypatch.setattr(hub, "load_model", poisoned)
+    code, out, err = run(["--model", "tiny", "--prompt", "hi"])
+    assert code == 2 and out == "" and err.startswith("error: the model computes NaN or infinite logits"), err
+    code, out, err = run(["--model", "tiny"], "hello\nagain\n")  # a session ends too, at the first message
+    assert code == 2 and err.count("error:") == 1, err
+
+
+def test_adapter_with_nan_weights_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_adapter(tmp_path / "a")
+    tensors = load_file(path / "adapter.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path / "adapter.safetensors")
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(path)])
+    assert code == 2 and err.startswith("error: --adapter") and "NaN or infinite values" in err and key in err
+
+
+def test_adapter_for_another_base_warns(tmp_path):
+    model = Phi3.from_name("tiny", seed=1)  # same shapes as --model tiny (seed 0), other weights
+    lora.inject(model, lora.LoraConfig(r=2))
+    model.name_or_path = "my-other-base"
+    lora.save_adapter(model, tmp_path / "a")
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--adapter",
+                          str(tmp_path / "a")])
+    assert code == 0 and "warning:" in err and "'my-other-base'" in err and "Traceback" not in err, err
+
+
+def test_checkpoint_folder_as_adapter_points_at_its_adapter(adapter, tmp_path):
+    import shutil
+    shutil.copytree(adapter, tmp_path / "step-0000010" / "adapter")
+    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(tmp_path / "step-0000010")])
+    assert code == 2 and "point at" in err and str(tmp_path / "step-0000010" / "adapter") in err
+
+
 # ----- real processes -----------------------------------------------------------------------------------------------
 def _subprocess(args, stdin=""):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -309,3 +366,23 @@ def test_demo_memorizes_its_chats(tmp_path, demo_tiny):
         assert base[0] == tuned[0] == 0, tuned[2]
         assert tuned[1].strip() == assistant, (tuned[1], assistant)
         assert base[1].strip() != assistant
+
+
+def test_closed_streams_and_a_reader_that_goes_away():
+    # issue 13.6: stdin or stdout closed was an AttributeError; `| head -c 1` a BrokenPipeError traceback
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = f"{sys.executable} {ROOT / 'chat.py'} --model tiny --max-new-tokens 4"
+    closed_in = subprocess.run(["bash", "-c", cmd + " <&-"], capture_output=True, text=True, env=env, timeout=120)
+    assert closed_in.returncode == 2 and closed_in.stderr.startswith("error: stdin is closed"), closed_in.stderr
+    closed_out = subprocess.run(["bash", "-c", cmd + " --prompt hi >&-"], stderr=subprocess.PIPE, text=True,
+                                env=env, timeout=120)
+    assert closed_out.returncode == 2 and closed_out.stderr.startswith("error: stdout is closed"), closed_out.stderr
+    # a pipe whose reader is gone before the first byte: every write fails (EPIPE), as after `head -c 1` exits
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        gone = subprocess.run(cmd.split() + ["--prompt", "hi"], stdout=w, stderr=subprocess.PIPE, text=True,
+                              env=env, timeout=120)
+    finally:
+        os.close(w)
+    assert gone.returncode == 141 and gone.stderr == "", gone.stderr
