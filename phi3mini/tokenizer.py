@@ -1,10 +1,11 @@
 """The Phi family's tokenizers and chat formats over the `tokenizers` library.
 
 Phi-4-mini's tokenizer.json is a byte-level BPE (GPT-4o's family) and needs nothing more. Phi-3-mini uses Llama 2's
-SentencePiece BPE (32000 pieces, byte fallback) plus eleven added tokens at 32000-32010. Its tokenizer.json does SentencePiece's "▁" handling in the normalizer (prepend "▁", spaces become "▁"), with no
-pre-tokenizer, so every stretch of text between two added tokens is normalized on its own: the text right after a
-special token starts with "▁" (SentencePiece's "legacy" behaviour, the one tokenizer.json, transformers' fast
-tokenizer and llama.cpp share). All added tokens but <|endoftext|> are rstrip tokens: the whitespace after them
+SentencePiece BPE (32000 pieces, byte fallback) plus eleven added tokens at 32000-32010. Its tokenizer.json does
+SentencePiece's "▁" handling in the normalizer (prepend "▁", spaces become "▁"), with no pre-tokenizer, so every
+stretch of text between two added tokens is normalized on its own: the text right after a special token starts with
+"▁" (SentencePiece's "legacy" behaviour, the one tokenizer.json, transformers' fast tokenizer and llama.cpp share).
+All added tokens but <|endoftext|> are rstrip tokens: the whitespace after them
 ("\\n" in the chat format) is absorbed into the token.
 
 The chat format comes from the checkpoint (chat_format.py): Phi-3's "<|role|>\\n{content}<|end|>\\n" per message

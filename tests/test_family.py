@@ -355,3 +355,18 @@ def test_vllm_max_lora_rank():
     assert [lora.vllm_max_lora_rank(r) for r in (1, 8, 9, 16, 48, 64, 65, 512)] == [8, 8, 16, 16, 64, 64, 128, 512]
     with pytest.raises(ValueError, match="above 512"):
         lora.vllm_max_lora_rank(513)
+
+
+def test_family_memory_bench_counts_the_presets():
+    """bench/family_memory.py: base parameters as the presets' (a tied matrix once), LoRA parameters by hand."""
+    import runpy
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "family_memory.py"
+    estimate = runpy.run_path(str(script), run_name="family_memory")["estimate"]
+    row = estimate("phi4-mini", 16, 2048)
+    assert row["params"] == PRESET_PARAMS["phi4-mini"]
+    # per layer: qkv (A 3r x 3072, B (3072 + 2 x 1024) x r), o (r x 3072 + 3072 x r), gate_up, down
+    per_layer = 48 * 3072 + 5120 * 16 + 2 * 16 * 3072 + 16 * 3072 + 16384 * 16 + 16 * 8192 + 3072 * 16
+    assert row["lora_params"] == 32 * per_layer
+    assert row["weights_gb"] == pytest.approx(2 * PRESET_PARAMS["phi4-mini"] / 1e9)
+    assert row["activations_gb"] == pytest.approx(2048 * 32 * 3072 * 2 / 1e9)
