@@ -25,10 +25,10 @@ stops at once (still saving the last completed step when that is safe).
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -42,16 +42,22 @@ import lora
 from phi3mini import Tokenizer, atomic
 from phi3mini.data import DataError, collate, fingerprint, load_dataset, split_eval
 from training import config
-from training.checkpoints import (clean_partial, list_checkpoints, load_checkpoint, read_trainer_state, rng_state,
-                                  save_checkpoint)
+from training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
+                                  newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
+from training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
 from training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
 from training.errors import TrainError
+from training.health import lora_weight_problem
 from training.report import MetricsLog, Progress, log, memory_gb, read_metrics, write_loss_svg
 from training.schedule import EpochPlans, lr_at, total_and_warmup
 from training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
                             resolve_device_dtype)
 
 DEFAULTS = config.defaults()
+# what an earlier run leaves in --out: a new run there needs --resume or --overwrite
+EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg")
+REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg")  # --overwrite deletes these at the start
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 @dataclass
@@ -68,7 +74,7 @@ class Run:
     data_hash: str
     model: torch.nn.Module
     lora_config: lora.LoraConfig
-    params: list
+    params: list  # the trainable (LoRA) parameters
     optimizer: torch.optim.Optimizer
     plans: EpochPlans
     total_steps: int
@@ -86,6 +92,7 @@ class Position:
     rng: dict | None = None
     last_saved: Path | None = None
     updating: bool = False  # inside optimizer.step(): the adapter may be half updated
+    zero_grad_steps: int = 0  # steps whose gradient norm was exactly 0 (the adapter learned nothing)
 
 
 def main(argv=None) -> int:
@@ -93,6 +100,11 @@ def main(argv=None) -> int:
         return train(parse_config(argv))
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: cannot write {e.filename or 'to the output folder'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the loop: while loading (nothing to save yet) or while writing the final
         # adapter (the last step's checkpoint is complete: --resume writes the adapter again)
@@ -106,7 +118,7 @@ def train(cfg: dict) -> int:
     if device.type == "cpu" and sys.platform == "linux":
         keep_freed_cpu_memory()
     out = Path(t.out)
-    checkpoints = prepare_out(out, t)
+    resume_from = prepare_out(out, t)
     tokenizer = load_tokenizer(t.model)
     train_set, eval_set = load_data(t, tokenizer)
 
@@ -122,18 +134,24 @@ def train(cfg: dict) -> int:
               lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup)
     describe_schedule(run)
 
-    pos, records = resume(run, checkpoints) if t.resume else start_afresh(run, checkpoints)
+    pos, records = resume(run, resume_from) if resume_from else start_afresh(run)
     # resume/overwrite describe this invocation, not the run: the file, reused with --config, starts a new run
     resolved = {**cfg, "training": {**cfg["training"], "resume": False, "overwrite": False}}
-    (out / "config.toml").write_text(config.to_toml(resolved))
+    try:
+        atomic.write_file(out / "config.toml", config.to_toml(resolved))  # whole or not at all, never 0 bytes
+    except OSError as e:
+        raise TrainError(f"cannot write {out / 'config.toml'} ({e.strerror}): free some space first") from None
     metrics = MetricsLog(out / "metrics.jsonl", records)
     try:
         status = loop(run, pos, metrics)
     finally:
         metrics.close()
-        write_loss_svg(metrics.records, out / "loss.svg")
+        try:
+            write_loss_svg(metrics.records, out / "loss.svg", f"Loss per step: {out.name}")
+        except OSError as e:  # never hides why the loop ended
+            log(f"warning: could not write {out / 'loss.svg'} ({e.strerror})")
     if status == 0:
-        save_outputs(run)
+        save_outputs(run, pos.last_saved)
     return status
 
 
@@ -169,6 +187,9 @@ def loop(run: Run, pos: Position, metrics: MetricsLog) -> int:
             pos.last_saved = save(run, pos)
         log(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
         return 130
+    if pos.zero_grad_steps:
+        log(f"warning: {pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "
+            f"learned nothing in them")
     return 0
 
 
@@ -198,10 +219,26 @@ def train_step(run: Run, pos: Position) -> dict:
     # one statement, so a second Ctrl-C cannot land between the counters and the RNG state they go with
     pos.step, pos.epoch, pos.index, pos.rng, pos.updating = pos.step + 1, epoch, index + len(micro), rng, False
     run.optimizer.zero_grad(set_to_none=True)
+    check_progress(run, pos, loss, grad_norm)
     n_tokens = sum(b.n_tokens for b in batches)
     return {"step": pos.step, "epoch": round(epoch + pos.index / len(run.plans(epoch)), 4), "loss": loss,
             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_target,
             "tokens_per_s": n_tokens / (time.perf_counter() - t0), "mem_gb": round(memory_gb(run.device), 3)}
+
+
+def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> None:
+    """Stop when the update left the adapter unfit to save (its checkpoint would poison every resume); warn once
+    when a step's gradient is exactly zero (the adapter learns nothing: a saturated model, e.g. from --lr 1e6)."""
+    why = lora_weight_problem([(n, p) for n, p in run.model.named_parameters() if p.requires_grad])
+    if why:
+        raise TrainError(f"{why} after step {pos.step}: the run diverged, nothing of it is saved. Last good "
+                         f"checkpoint: {pos.last_saved or 'none yet'}. Try a lower --lr (now {run.t.lr:g}).")
+    if grad_norm == 0.0:
+        pos.zero_grad_steps += 1
+        if pos.zero_grad_steps == 1:
+            log(f"warning: gradient norm 0 at step {pos.step} (loss {loss:.4f}): the adapter is not learning. "
+                f"A saturated model does this (a learning rate far too high, now --lr {run.t.lr:g}), as do targets "
+                f"that never reach the loss.")
 
 
 def micro_step(model, batch, n_target_total: int, amp) -> torch.Tensor:
@@ -270,32 +307,51 @@ def save(run: Run, pos: Position) -> Path:
              "scheduler": {"schedule": t.schedule, "total_steps": run.total_steps, "warmup_steps": run.warmup,
                            "lr": t.lr, "min_lr": t.min_lr, "last_lr": run.optimizer.param_groups[0]["lr"]},
              "config": run.cfg}
-    path = save_checkpoint(run.out / "checkpoints", pos.step, run.model, run.optimizer, run.lora_config, state,
-                           pos.rng, t.keep_last)
+    try:
+        path = save_checkpoint(run.out / "checkpoints", pos.step, run.model, run.optimizer, run.lora_config, state,
+                               pos.rng, t.keep_last)
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        raise TrainError(f"cannot write the checkpoint of step {pos.step} in {run.out / 'checkpoints'} "
+                         f"({write_error_text(e)}); the last complete checkpoint is {pos.last_saved or 'none'}: "
+                         "free some space, then continue with --resume") from None
     log(f"saved checkpoint {path}")
     return path
 
 
+def write_error_text(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:200]
+
+
 # ----- before the loop ----------------------------------------------------------------------------------------------
-def prepare_out(out: Path, t: TrainingConfig) -> list[tuple[int, Path]]:
-    """Check and create the output folder now, not after minutes of loading; returns its checkpoints."""
+def prepare_out(out: Path, t: TrainingConfig) -> Path | None:
+    """Check and create the output folder now, not after minutes of loading. An earlier run's files are never
+    replaced without --overwrite (or continued without --resume). Returns the checkpoint to resume from."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
     ckpt_root = out / "checkpoints"
-    clean_partial(ckpt_root)
-    checkpoints = list_checkpoints(ckpt_root)
-    if t.resume and not checkpoints:
-        raise TrainError(f"--resume: no checkpoint in {ckpt_root} to resume from")
-    if not t.resume and checkpoints and not t.overwrite:
-        raise TrainError(f"{out} already holds checkpoints (newest {checkpoints[-1][1].name}); pass --resume to "
-                         "continue that run, --overwrite to start afresh, or choose another --out")
+    clean_leftovers(ckpt_root)
+    resume_from = None
+    if t.resume:
+        resume_from, skipped = newest_complete(ckpt_root)
+        for line in skipped:
+            log(f"skipping checkpoint {line}")
+        if resume_from is None:
+            raise TrainError(f"--resume: no complete checkpoint in {ckpt_root} to resume from"
+                             + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
+    elif not t.overwrite:
+        earlier = [name for name in EARLIER_RUN if (out / name).exists()]
+        if earlier:
+            raise TrainError(f"{out} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                             "continue it, --overwrite to start afresh (replacing those), or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise TrainError(f"--out {out}: the folder is not writable")
-    return checkpoints
+    return resume_from
 
 
 def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[list, list]:
@@ -327,11 +383,10 @@ def describe_schedule(run: Run) -> None:
             f"each step accumulates one epoch at most")
 
 
-def resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[Position, list[dict]]:
-    """Restore the newest checkpoint (adapter, optimizer, RNG, data position) after checking that nothing the
-    data order or the adapter depend on has changed; returns the position and the metrics records up to it."""
-    t, path = run.t, checkpoints[-1][1]
-    state = read_trainer_state(path)
+def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
+    """Restore a checkpoint (adapter, optimizer, RNG, data position) after checking that nothing the data order or
+    the adapter depend on has changed; returns the position and the metrics records up to it."""
+    t, state = run.t, read_trainer_state(path)
     saved = state["config"]
     changed = [f"{k} (checkpoint {saved['training'].get(k)!r}, now {getattr(t, k)!r})"
                for k in config.resume_fixed() if saved["training"].get(k) != getattr(t, k)]
@@ -340,7 +395,10 @@ def resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[Position, lis
         changed.append("the training data")
     if changed:
         raise TrainError(f"cannot resume from {path}: changed since: {'; '.join(changed)}")
-    state = load_checkpoint(path, run.model, run.optimizer, run.device)
+    try:
+        state = load_checkpoint(path, run.model, run.optimizer, run.device)
+    except (lora.AdapterError, RuntimeError, ValueError, KeyError) as e:  # whole, but not for this model
+        raise TrainError(f"cannot resume from {path}: {e}") from None
     for group in run.optimizer.param_groups:  # load_state_dict brought back the old run's; the config wins
         group.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if state["scheduler"]["total_steps"] != run.total_steps:
@@ -351,42 +409,52 @@ def resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[Position, lis
     return pos, read_metrics(run.out / "metrics.jsonl", pos.step)
 
 
-def start_afresh(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[Position, list[dict]]:
+def start_afresh(run: Run) -> tuple[Position, list[dict]]:
     if run.t.overwrite:  # only now that data and model loaded: a typo in a flag does not cost the old run
-        for _, p in checkpoints:
-            shutil.rmtree(p)
+        for _, path in step_dirs(run.out / "checkpoints"):
+            delete_checkpoint(path)
+        for name in REPLACED_BY_A_NEW_RUN:
+            atomic.remove(run.out / name)
     return Position(rng=rng_state()), []
 
 
 # ----- after the loop -----------------------------------------------------------------------------------------------
-def save_outputs(run: Run) -> None:
-    """adapter/, and with --export-peft adapter-peft/, with --merge merged/ (each written whole, then renamed)."""
+def save_outputs(run: Run, last_saved: Path) -> None:
+    """adapter/, and with --export-peft adapter-peft/, with --merge merged/ (each written whole, then renamed in
+    place of the old one). A write error leaves the old one as it was, and says that it is the older."""
     out, t = run.out, run.t
-    tmp = out / "adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_adapter(run.model, tmp, run.lora_config)
-    atomic.replace_dir(tmp, out / "adapter")
+    write_output(run, last_saved, out / "adapter", lambda path: lora.save_adapter(run.model, path, run.lora_config))
     log(f"adapter written to {out / 'adapter'}")
     if t.export_peft:
-        tmp = out / "adapter-peft.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lora.export_peft(run.model, tmp, run.lora_config, base_model_name_or_path=t.model)
-        atomic.replace_dir(tmp, out / "adapter-peft")
+        write_output(run, last_saved, out / "adapter-peft", lambda path: lora.export_peft(
+            run.model, path, run.lora_config, base_model_name_or_path=t.model))
         log(f"PEFT adapter written to {out / 'adapter-peft'}")
     if t.merge:
-        save_merged(run.model, run.tokenizer, out / "merged")
+        write_output(run, last_saved, out / "merged", lambda path: save_merged(run.model, run.tokenizer, path))
         log(f"merged model written to {out / 'merged'}")
+
+
+def write_output(run: Run, last_saved: Path, final: Path, write) -> None:
+    try:
+        write(final)
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        kept = (f"{final} is left as it was: from an earlier run, older than this run's" if final.exists()
+                else f"there is no {final}; this run's adapter is in its")
+        raise TrainError(f"cannot write {final} ({write_error_text(e)}). {kept} newest checkpoint {last_saved}: "
+                         f"free some space, then run again with --resume to write the outputs") from None
 
 
 def save_merged(model, tokenizer, final: Path) -> None:
     """Base + adapter folded into the weights (lora.merge), saved in the Hugging Face layout with the tokenizer."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.eval()
     lora.merge(model)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    atomic.replace_dir(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    atomic.write_dir(final, fill)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -169,12 +170,36 @@ def parse_config(argv=None) -> dict:
     if args["config"]:
         for section, values in read_toml(Path(args["config"])).items():
             cfg[section].update(values)
+    elif args["training.model"] == "tiny":
+        use_tiny_settings(cfg)
     for dest, value in args.items():
         if dest != "config" and value is not None:
             section, key = dest.split(".")
             cfg[section][key] = value
     check(cfg)
     return cfg
+
+
+# The demo's settings, for `--model tiny` without --config: the defaults are Phi-3-mini's, and on the random tiny
+# model they barely move the loss (a newcomer's first try on their own data would seem to do nothing).
+TINY_SETTINGS = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+PER_RUN = ("data", "eval_data", "out")  # what a run reads and writes: the user's, never the demo's
+
+
+def use_tiny_settings(cfg: dict) -> None:
+    """Put configs/tiny.toml's settings (all but data, eval_data and out) in place of the defaults, and say so."""
+    if not TINY_SETTINGS.is_file():
+        return
+    changed = []
+    for section, values in read_toml(TINY_SETTINGS).items():
+        for key, value in values.items():
+            if key not in PER_RUN and cfg[section][key] != value:
+                cfg[section][key] = value
+                shown = ",".join(map(str, value)) if isinstance(value, list) else value
+                changed.append(f"{flag_for(section, key)} {shown}")
+    if changed:
+        print(f"--model tiny without --config: starting from {TINY_SETTINGS.parent.name}/{TINY_SETTINGS.name} "
+              f"({' '.join(changed)}); flags still win", file=sys.stderr, flush=True)
 
 
 # ----- TOML ---------------------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """What a run reports: the progress line, metrics.jsonl (one JSON object per step) and loss.svg."""
 from __future__ import annotations
 
+import html
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from phi3mini import atomic
 
 
 def log(msg: str) -> None:
@@ -73,39 +77,75 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
-def write_loss_svg(records: list[dict], path: Path) -> None:
-    """Training loss per step (and eval loss) as a small self-contained SVG line chart."""
+def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step") -> None:
+    """Training loss per step and eval loss as a self-contained SVG line chart: title, axis labels, grid, legend.
+    Written by hand (no plotting library at run time); written whole, then renamed."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    points = train + evals
+    points = [(s, v) for s, v in train + evals if math.isfinite(v)]
     if not points:
         return
-    W, H, L, R, T, B = 640, 360, 60, 20, 30, 40  # size and margins
+    W, H, L, R, T, B = 720, 420, 70, 20, 50, 55  # size and margins (room for the title and the axis labels)
     x0, x1 = min(s for s, _ in points), max(s for s, _ in points)
-    y0, y1 = min(v for _, v in points), max(v for _, v in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    y0, y1 = min(0.0, min(v for _, v in points)), max(v for _, v in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1.0)
+    y1 = max(y1, nice_ticks(y0, y1)[-1])  # the top grid line at a round value
     sx = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     sy = lambda v: H - B - (v - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
-    poly = lambda pts: " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-             f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
-    for i in range(5):  # y ticks
-        v = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{L - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>'
-                     f'<line x1="{L}" y1="{sy(v):.1f}" x2="{W - R}" y2="{sy(v):.1f}" stroke="#ddd"/>')
-    for i in range(5):  # x ticks
-        s = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{sx(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>')
-    parts.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">step</text>')
+    poly = lambda pts: " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts if math.isfinite(v))  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="16" font-weight="bold">'
+             f'{html.escape(title)}</text>']
+    for v in nice_ticks(y0, y1):  # y grid and ticks
+        parts.append(f'<line x1="{L}" y1="{sy(v):.1f}" x2="{W - R}" y2="{sy(v):.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{L - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for s in nice_ticks(x0, x1):  # x ticks
+        parts.append(f'<line x1="{sx(s):.1f}" y1="{H - B}" x2="{sx(s):.1f}" y2="{H - B + 4}" stroke="black"/>'
+                     f'<text x="{sx(s):.1f}" y="{H - B + 17}" text-anchor="middle">{s:.0f}</text>')
+    parts += [f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+              f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+              f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">optimizer step</text>',
+              f'<text x="18" y="{(T + H - B) / 2}" text-anchor="middle" '
+              f'transform="rotate(-90 18 {(T + H - B) / 2})">loss (nats per target token)</text>']
+    legend = []
     if train:
-        parts.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{poly(train)}"/>')
+        parts.append(f'<polyline fill="none" stroke="{TRAIN_COLOR}" stroke-width="1.5" points="{poly(train)}"/>')
+        legend.append(("train loss", TRAIN_COLOR, False))
     if evals:
-        parts.append(f'<polyline fill="none" stroke="#ff7f0e" stroke-width="1.5" points="{poly(evals)}"/>')
-        parts += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3" fill="#ff7f0e"/>' for s, v in evals]
-    parts.append(f'<text x="{L}" y="{T - 10}" fill="#1f77b4">train loss</text>')
-    if evals:
-        parts.append(f'<text x="{L + 90}" y="{T - 10}" fill="#ff7f0e">eval loss</text>')
+        parts.append(f'<polyline fill="none" stroke="{EVAL_COLOR}" stroke-width="2" points="{poly(evals)}"/>')
+        parts += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="{EVAL_COLOR}"/>'
+                  for s, v in evals if math.isfinite(v)]
+        legend.append(("eval loss", EVAL_COLOR, True))
+    parts += _legend(legend, W - R - 130, T + 8)
     parts.append("</svg>\n")
-    path.write_text("\n".join(parts))
+    atomic.write_file(path, "\n".join(parts))
+
+
+TRAIN_COLOR, EVAL_COLOR = "#1f77b4", "#ff7f0e"
+
+
+def nice_ticks(lo: float, hi: float, about: int = 6) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) from lo up to the first at or above hi."""
+    raw = (hi - lo) / about
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    n = math.ceil((hi - first) / step - 1e-9)
+    return [round(first + i * step, 12) for i in range(n + 1)]
+
+
+def _legend(entries: list[tuple[str, str, bool]], x: float, y: float) -> list[str]:
+    """A framed legend at (x, y): a line sample (with a marker for point series) and the label per entry."""
+    if not entries:
+        return []
+    parts = [f'<rect x="{x}" y="{y}" width="122" height="{8 + 18 * len(entries)}" fill="white" '
+             f'stroke="#999"/>']
+    for i, (label, color, marker) in enumerate(entries):
+        cy = y + 13 + 18 * i
+        parts.append(f'<line x1="{x + 8}" y1="{cy}" x2="{x + 34}" y2="{cy}" stroke="{color}" stroke-width="2"/>')
+        if marker:
+            parts.append(f'<circle cx="{x + 21}" cy="{cy}" r="3.5" fill="{color}"/>')
+        parts.append(f'<text x="{x + 42}" y="{cy + 4}">{label}</text>')
+    return parts

@@ -10,6 +10,7 @@ from phi3mini import Phi3, Tokenizer, hub
 
 from .config import TrainingConfig
 from .errors import TrainError
+from .health import check_base
 
 
 def resolve_device_dtype(t: TrainingConfig) -> tuple[torch.device, torch.dtype]:
@@ -68,6 +69,7 @@ def build_model(t: TrainingConfig | dict, lc: lora.LoraConfig | dict, device: to
     t = TrainingConfig(**t) if isinstance(t, dict) else t
     lora_config = lora.LoraConfig(**lc) if isinstance(lc, dict) else lc
     model = load_base(t.model, dtype, device)
+    check_base(model, t.model)  # a NaN here would later look like a learning-rate problem
     try:
         lora.inject(model, lora_config)
     except ValueError as e:
