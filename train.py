@@ -96,15 +96,17 @@ class Position:
 
 
 def main(argv=None) -> int:
+    notes: list[str] = []  # said once the run is under way (an error in the input comes first, alone)
     try:
-        return train(parse_config(argv))
+        return train(parse_config(argv, notes), notes)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        print(f"error: cannot write {e.filename or 'to the output folder'}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot write {e.filename or 'to the output folder'}: {e.strerror}; free some space, then "
+              "continue with --resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the loop: while loading (nothing to save yet) or while writing the final
         # adapter (the last step's checkpoint is complete: --resume writes the adapter again)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         return 130
 
 
-def train(cfg: dict) -> int:
+def train(cfg: dict, notes: list[str] = ()) -> int:
     t, lc = config.typed(cfg)
     device, dtype = resolve_device_dtype(t)
     if device.type == "cpu" and sys.platform == "linux":
@@ -121,6 +123,8 @@ def train(cfg: dict) -> int:
     resume_from = prepare_out(out, t)
     tokenizer = load_tokenizer(t.model)
     train_set, eval_set = load_data(t, tokenizer)
+    for note in notes:
+        log(note)
 
     torch.manual_seed(t.seed)  # the adapter's initial A, then dropout
     random.seed(t.seed)

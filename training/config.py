@@ -162,16 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv=None) -> dict:
+def parse_config(argv=None, notes: list | None = None) -> dict:
     """Defaults, then the --config TOML file, then command-line flags -> {"training": {...}, "lora": {...}},
-    every value checked (TrainError otherwise)."""
+    every value checked (TrainError otherwise). Notes for the user (which settings were taken from where) go to
+    `notes` when given, else to stderr."""
     args = vars(build_parser().parse_args(argv))
     cfg = defaults()
     if args["config"]:
         for section, values in read_toml(Path(args["config"])).items():
             cfg[section].update(values)
     elif args["training.model"] == "tiny":
-        use_tiny_settings(cfg)
+        note = use_tiny_settings(cfg)
+        if note and notes is not None:
+            notes.append(note)
+        elif note:
+            print(note, file=sys.stderr, flush=True)
     for dest, value in args.items():
         if dest != "config" and value is not None:
             section, key = dest.split(".")
@@ -186,20 +191,31 @@ TINY_SETTINGS = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 PER_RUN = ("data", "eval_data", "out")  # what a run reads and writes: the user's, never the demo's
 
 
-def use_tiny_settings(cfg: dict) -> None:
-    """Put configs/tiny.toml's settings (all but data, eval_data and out) in place of the defaults, and say so."""
+def use_tiny_settings(cfg: dict) -> str | None:
+    """Put configs/tiny.toml's settings (all but data, eval_data and out) in place of the defaults; returns the
+    line that says so."""
     if not TINY_SETTINGS.is_file():
-        return
+        return None
     changed = []
     for section, values in read_toml(TINY_SETTINGS).items():
         for key, value in values.items():
             if key not in PER_RUN and cfg[section][key] != value:
                 cfg[section][key] = value
-                shown = ",".join(map(str, value)) if isinstance(value, list) else value
-                changed.append(f"{flag_for(section, key)} {shown}")
-    if changed:
-        print(f"--model tiny without --config: starting from {TINY_SETTINGS.parent.name}/{TINY_SETTINGS.name} "
-              f"({' '.join(changed)}); flags still win", file=sys.stderr, flush=True)
+                changed.append(as_flag(section, key, value))
+    if not changed:
+        return None
+    return (f"--model tiny without --config: starting from the demo's settings in {TINY_SETTINGS.parent.name}/"
+            f"{TINY_SETTINGS.name} ({' '.join(changed)}); any flag still wins")
+
+
+def as_flag(section: str, key: str, value) -> str:
+    """The command-line spelling of a setting: --lr 0.005, --no-packing, --lora-target-modules a,b."""
+    flag = flag_for(section, key)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 # ----- TOML ---------------------------------------------------------------------------------------------------------

@@ -54,16 +54,20 @@ class MetricsLog:
     crash loses nothing logged). `records` holds them all for loss.svg."""
 
     def __init__(self, path: Path, records: list[dict]):
-        self.records = list(records)
+        self.path, self.records = path, list(records)
         self.file = open(path, "w")
-        for r in self.records:
-            self.file.write(json.dumps(r) + "\n")
-        self.file.flush()
+        self._write("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self._write(json.dumps(rec) + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as e:  # name the file: a full disk shows up here first
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self.file.close()
@@ -73,8 +77,17 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
     """The records of metrics.jsonl up to a step (those after it run again on resume)."""
     if not path.exists():
         return []
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # e.g. the half-written last line of a killed run
+            if line.strip():
+                log(f"note: {path}:{n} is not a JSON record; dropped")
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= up_to_step:
+            records.append(rec)
+    return records
 
 
 def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step") -> None:
