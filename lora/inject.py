@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -32,13 +32,16 @@ ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear except the output
 class LoraConfig:
     """What to adapt and how. target_modules are last name components ("qkv_proj" matches
     model.layers.N.self_attn.qkv_proj), or "all-linear"; enable_lora switches the q, k, v slices of qkv_proj."""
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    enable_lora: tuple = (True, True, True)
-    bias: str = "none"
-    use_rslora: bool = False
+    # metadata: the help text and constraints train.py's flags and checks are generated from (training/config.py)
+    r: int = field(default=16, metadata={"help": "LoRA rank", "above": 0})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling numerator (scale alpha/r)", "above": 0})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA input", "min": 0, "below": 1})
+    target_modules: tuple = field(default=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                                  metadata={"help": "layers that get LoRA (last name components, or all-linear)"})
+    enable_lora: tuple = field(default=(True, True, True),
+                               metadata={"help": "LoRA on the q, k, v slices of qkv_proj", "length": 3})
+    bias: str = field(default="none", metadata={"help": "biases to train (Phi-3 has none)", "choices": BIAS_MODES})
+    use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r)"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):

@@ -386,7 +386,7 @@ def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
 def test_grad_accum_beyond_an_epoch_says_so(tmp_path, capsys):
     data = qa_data(tmp_path)  # 4 examples, batch 1: 4 micro-batches an epoch
     assert train.main(TINY + ["--data", data, "--out", str(tmp_path / "o"), "--batch-size", "1",
-                              "--grad-accum", "8"]) == 0
+                              "--grad-accum", "8", "--max-steps", "2"]) == 0
     assert "--grad-accum 8 is more than the 4 micro-batches of an epoch" in capsys.readouterr().err
 
 

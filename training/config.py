@@ -1,0 +1,337 @@
+"""The run's configuration: one dataclass per TOML section, every option declared once, on its field.
+
+[training] is TrainingConfig below; [lora] is lora.LoraConfig itself. A field holds its default, and in its
+metadata its help line and constraints:
+    help          the --help text
+    choices       the allowed values
+    min / above   value >= min / value > above
+    below         value < below
+    length        a list of exactly this many items
+    resume_fixed  changing it between a run and its --resume would change the data order or the adapter
+From these fields come the command-line flags (--max-steps, --lora-r, ...; booleans as --flag / --no-flag), the TOML
+reader and writer, and the checks of every value, run before any model loads. Adding an option is adding a field.
+Precedence: a flag wins over the --config file, the file over the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from lora import LoraConfig
+
+from .errors import TrainError
+
+
+def option(default, help: str, **constraints):
+    """A config field: its default, help text and constraints (see the module docstring)."""
+    meta = {"help": help, **constraints}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainingConfig:
+    """[training]. The defaults follow the official Phi-3 sample fine-tune (bf16 on GPU, cosine schedule, warmup
+    ratio 0.2, batch 4, max length 2048, packing, gradient checkpointing) with a LoRA learning rate."""
+    model: str = option("microsoft/Phi-3-mini-4k-instruct",
+                        "Hub id, local folder in the Hugging Face layout, or 'tiny' (built-in random model)",
+                        resume_fixed=True)
+    data: str = option("data/sample_chat.jsonl", "training JSONL: messages, text (Phi-3 format) or "
+                       "prompt/completion per line")
+    eval_data: str = option("", "evaluation JSONL; when empty, eval_fraction of data is held out")
+    eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data is empty",
+                                  min=0, below=1)
+    out: str = option("out/phi3-lora", "output folder")
+    epochs: int = option(1, "passes over the data (when max_steps is 0)", above=0)
+    max_steps: int = option(0, "optimizer steps; > 0 overrides epochs", min=0)
+    batch_size: int = option(4, "sequences per micro-batch (packed rows with packing)", above=0, resume_fixed=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step", above=0, resume_fixed=True)
+    max_seq_len: int = option(2048, "longer examples are cut after their last whole reply that fits, or skipped",
+                              above=0, resume_fixed=True)
+    train_on: str = option("assistant", "assistant: loss on the replies and their <|end|>; all: on every token",
+                           choices=("assistant", "all"), resume_fixed=True)
+    packing: bool = option(True, "pack several examples in a row (attention stays inside each)", resume_fixed=True)
+    lr: float = option(2e-4, "peak learning rate", min=0)
+    min_lr: float = option(0.0, "learning rate at the end of the decay", min=0)
+    schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = option(0.2, "warmup steps as a fraction of all steps", min=0, below=1)
+    warmup_steps: int = option(0, "warmup steps; > 0 overrides warmup_ratio", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    adam_beta1: float = option(0.9, "AdamW beta1", min=0, below=1)
+    adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
+    adam_eps: float = option(1e-8, "AdamW eps", min=0)
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 turns it off", min=0)
+    dtype: str = option("auto", "base weights and autocast: auto = bf16 on CUDA, fp32 on CPU (LoRA weights are "
+                        "fp32 always)", choices=("auto", "bf16", "fp32"))
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    kernels: str = option("auto", "Triton kernels: auto = on for CUDA", choices=("auto", "on", "off"))
+    grad_checkpointing: bool = option(True, "non-reentrant activation checkpointing")
+    compile: bool = option(False, "torch.compile each block")
+    seed: int = option(0, "adapter init, data order, dropout", min=0, resume_fixed=True)
+    log_every: int = option(10, "progress line every N steps (not on a terminal)", min=0)
+    eval_every: int = option(100, "evaluate every N steps (and at the end); 0: only at the end", min=0)
+    save_every: int = option(100, "checkpoint every N steps (and at the end); 0: only at the end", min=0)
+    keep_last: int = option(2, "checkpoints kept", above=0)
+    resume: bool = option(False, "continue from the newest complete checkpoint in out")
+    overwrite: bool = option(False, "start afresh in an out folder that holds an earlier run")
+    export_peft: bool = option(False, "also write the adapter in PEFT's format (out/adapter-peft)")
+    merge: bool = option(False, "also write base + adapter merged, Hugging Face layout (out/merged)")
+
+
+SECTIONS = {"training": TrainingConfig, "lora": LoraConfig}
+
+
+# ----- the fields ---------------------------------------------------------------------------------------------------
+def kind(f) -> type:
+    """bool, int, float, str or list (a list or tuple field; its items have the default's items' type)."""
+    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    return {"bool": bool, "int": int, "float": float, "str": str}.get(name, list)
+
+
+def default_of(f):
+    value = f.default if f.default is not MISSING else f.default_factory()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def defaults() -> dict:
+    """{"training": {key: default}, "lora": {...}}: the configuration when nothing is given."""
+    return {section: {f.name: default_of(f) for f in fields(cls)} for section, cls in SECTIONS.items()}
+
+
+def resume_fixed() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainingConfig) if f.metadata.get("resume_fixed"))
+
+
+def flag_for(section: str, key: str) -> str:
+    if section == "lora":
+        return "--lora-" + key.removeprefix("lora_").replace("_", "-")
+    return "--" + key.replace("_", "-")
+
+
+def typed(cfg: dict) -> tuple[TrainingConfig, LoraConfig]:
+    """The checked configuration dict as its dataclasses."""
+    return TrainingConfig(**cfg["training"]), LoraConfig(**cfg["lora"])
+
+
+# ----- command line -------------------------------------------------------------------------------------------------
+def _list_arg(item: type):
+    def parse(text: str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if item is bool:
+            bools = {"true": True, "1": True, "false": False, "0": False}
+            if any(s.lower() not in bools for s in items):
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list of true/false, got {text!r}")
+            return [bools[s.lower()] for s in items]
+        return items
+    return parse
+
+
+def _argument(section: str, f) -> dict:
+    default, k = default_of(f), kind(f)
+    shown = ",".join(map(str, default)) if k is list else default
+    kw = dict(dest=f"{section}.{f.name}", default=None,
+              help=f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%"))
+    if k is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif k is list:
+        kw.update(type=_list_arg(type(default[0]) if default else str), metavar="A,B,...")
+    else:
+        kw["type"] = k
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = k.__name__.upper()
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune Phi-3 with LoRA on a chat dataset (JSONL).")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [training] and [lora] sections")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"[{section}]")
+        for f in fields(cls):
+            group.add_argument(flag_for(section, f.name), **_argument(section, f))
+    return p
+
+
+def parse_config(argv=None, notes: list | None = None) -> dict:
+    """Defaults, then the --config TOML file, then command-line flags -> {"training": {...}, "lora": {...}},
+    every value checked (TrainError otherwise). Notes for the user (which settings were taken from where) go to
+    `notes` when given, else to stderr."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = defaults()
+    if args["config"]:
+        for section, values in read_toml(Path(args["config"])).items():
+            cfg[section].update(values)
+    elif args["training.model"] == "tiny":
+        note = use_tiny_settings(cfg)
+        if note and notes is not None:
+            notes.append(note)
+        elif note:
+            print(note, file=sys.stderr, flush=True)
+    for dest, value in args.items():
+        if dest != "config" and value is not None:
+            section, key = dest.split(".")
+            cfg[section][key] = value
+    check(cfg)
+    return cfg
+
+
+# The demo's settings, for `--model tiny` without --config: the defaults are Phi-3-mini's, and on the random tiny
+# model they barely move the loss (a newcomer's first try on their own data would seem to do nothing).
+TINY_SETTINGS = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+PER_RUN = ("data", "eval_data", "out")  # what a run reads and writes: the user's, never the demo's
+
+
+def use_tiny_settings(cfg: dict) -> str | None:
+    """Put configs/tiny.toml's settings (all but data, eval_data and out) in place of the defaults; returns the
+    line that says so."""
+    if not TINY_SETTINGS.is_file():
+        return None
+    changed = []
+    for section, values in read_toml(TINY_SETTINGS).items():
+        for key, value in values.items():
+            if key not in PER_RUN and cfg[section][key] != value:
+                cfg[section][key] = value
+                changed.append(as_flag(section, key, value))
+    if not changed:
+        return None
+    return (f"--model tiny without --config: starting from the demo's settings in {TINY_SETTINGS.parent.name}/"
+            f"{TINY_SETTINGS.name} ({' '.join(changed)}); any flag still wins")
+
+
+def as_flag(section: str, key: str, value) -> str:
+    """The command-line spelling of a setting: --lr 0.005, --no-packing, --lora-target-modules a,b."""
+    flag = flag_for(section, key)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+# ----- TOML ---------------------------------------------------------------------------------------------------------
+def coerce(f, value, where: str, section: str):
+    """A TOML value checked against the field's type (ints are accepted for floats)."""
+    k = kind(f)
+    if k is bool:
+        ok = isinstance(value, bool)
+    elif k is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif k is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif k is list:
+        default = default_of(f)
+        item = type(default[0]) if default else str
+        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise TrainError(f"{where}: [{section}] {f.name} must be {k.__name__}, got {value!r}")
+    return value
+
+
+def read_toml(path: Path) -> dict:
+    """{section: {key: value}} of a config file, every key known and of its field's type."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise TrainError(f"{path}: cannot read the config file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TrainError(f"{path}: not valid TOML ({e})") from None
+    out = {}
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise TrainError(f"{path}: unknown section [{section}] (expected [training] and [lora])")
+        by_name = {f.name: f for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in by_name:
+                raise TrainError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(by_name)}")
+            out.setdefault(section, {})[key] = coerce(by_name[key], value, str(path), section)
+    return out
+
+
+def to_toml(cfg: dict) -> str:
+    """The resolved configuration as TOML that --config reads back."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return repr(v)
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {val(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----- checks -------------------------------------------------------------------------------------------------------
+def _bounds(m: dict) -> str | None:
+    """The constraint text of a field's numeric bounds, e.g. "> 0", ">= 0", "in [0, 1)"."""
+    if "min" in m and "below" in m:
+        return f"in [{m['min']}, {m['below']})"
+    if "above" in m:
+        return f"> {m['above']}"
+    if "min" in m:
+        return f">= {m['min']}"
+    if "below" in m:
+        return f"< {m['below']}"
+    return None
+
+
+def check_value(section: str, f, value) -> None:
+    m, where = f.metadata, f"[{section}] {f.name} ({flag_for(section, f.name)})"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TrainError(f"{where} must be a finite number, got {value}")
+    if "choices" in m and value not in m["choices"]:
+        raise TrainError(f"{where} must be one of {', '.join(m['choices'])}, got {value!r}")
+    ok = (("above" not in m or value > m["above"]) and ("min" not in m or value >= m["min"])
+          and ("below" not in m or value < m["below"]))
+    if not ok:
+        raise TrainError(f"{where} must be {_bounds(m)}, got {value}")
+    if "length" in m and len(value) != m["length"]:
+        raise TrainError(f"{where} needs {m['length']} values, got {len(value)}")
+
+
+def check(cfg: dict) -> None:
+    """Every value within its field's constraints, and the [lora] section a LoraConfig that fits a Phi-3 model:
+    what LoraConfig, lora.inject and AdamW would refuse after minutes of loading is refused here."""
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            check_value(section, f, cfg[section][f.name])
+    try:
+        lora_config = LoraConfig(**cfg["lora"])
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"[lora] {e}") from None
+    check_targets(lora_config)
+
+
+def check_targets(lora_config: LoraConfig) -> None:
+    """The adapter plan on a Phi-3 built on the meta device (no memory, no weights): target names that match
+    no layer, or q/k/v flags that leave qkv_proj without an adapter, are found before the real model loads. Every
+    preset shares these module names."""
+    from lora.inject import plan
+    from phi3mini import Phi3
+    from phi3mini.config import Phi3Config
+
+    with torch.device("meta"):
+        skeleton = Phi3(Phi3Config.from_name("tiny"))
+    try:
+        plan(skeleton, lora_config)
+    except ValueError as e:
+        raise TrainError(f"[lora] target_modules (--lora-target-modules): {e}") from None
