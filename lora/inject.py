@@ -119,7 +119,8 @@ class LayerSpec:
             return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
         if isinstance(m, MergedLinear):
             return cls("MergedLinear", m.r, m.lora_alpha, p, m.use_rslora, tuple(m.enable_lora), tuple(m.slice_sizes))
-        return cls(type(m).__name__, m.r, m.lora_alpha, p, m.use_rslora)
+        kind = "Linear" if isinstance(m, Linear) else type(m).__name__  # a 4-bit Linear is a Linear adapter
+        return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
 
     def same_adapter(self, other: "LayerSpec") -> bool:
         """Equal in everything that decides the tensors' meaning (dropout aside; alpha up to float rounding)."""
@@ -201,6 +202,11 @@ def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
     return specs
 
 
+def _is_4bit(m: nn.Module) -> bool:
+    """An NF4 layer (phi3mini.quant): duck-typed, so `import lora` does not import the kernels."""
+    return hasattr(m, "nf4_tensors")
+
+
 # ----- swapping modules --------------------------------------------------------------------------------------------
 def build_layer(old: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = None) -> LoRALayer:
     """A LoRA layer around old's own weight (and bias) Parameter; fresh A and B on the weight's device."""
@@ -217,14 +223,19 @@ def build_layer(old: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = Non
             if not isinstance(old, nn.Linear):
                 raise ValueError(f"a {spec.kind} adapter needs an nn.Linear, not {type(old).__name__}")
             kw.update(lora_dropout=spec.lora_dropout, bias=old.bias is not None)
+            linear, merged = Linear, MergedLinear
+            if _is_4bit(old):  # a 4-bit base keeps its NF4 weight (lora/nf4.py)
+                from .nf4 import Linear4bitLoRA as linear, MergedLinear4bitLoRA as merged
             if spec.kind == "Linear":
-                new = Linear(old.in_features, old.out_features, **kw)
+                new = linear(old.in_features, old.out_features, **kw)
             else:
-                new = MergedLinear(old.in_features, old.out_features, enable_lora=list(spec.enable_lora),
-                                   slice_sizes=list(spec.slice_sizes), **kw)
+                new = merged(old.in_features, old.out_features, enable_lora=list(spec.enable_lora),
+                             slice_sizes=list(spec.slice_sizes), **kw)
         else:
             raise ValueError(f"cannot build a LoRA layer of kind {spec.kind!r}")
     new.weight = weight
+    if _is_4bit(old):
+        new.take_4bit(old)
     if getattr(old, "bias", None) is not None:
         new.bias = old.bias
     lora_dtype = dtype if dtype is not None else (weight.dtype if weight.is_floating_point() else torch.float32)
@@ -289,6 +300,9 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W += s·B·A, computed in fp32, rounded once). Merging a merged layer
     does nothing. The forward pass then costs what the base model's does. An adapter on a tied weight (lm_head or
     embed_tokens of a tied-embedding model such as Phi-4-mini) unties it first: see `_untie_before_merge`."""
+    if any(_is_4bit(m) for m in model.modules()):  # they become dense dequant(W4) + s·B·A, with a warning
+        from .nf4 import merge_4bit
+        merge_4bit(model)
     layers = lora_layers(model)
     _untie_before_merge(model, [(n, m) for n, m in layers if not m.merged])
     for _, m in layers:

@@ -30,31 +30,10 @@ def quantization_config(compute_dtype: torch.dtype) -> dict:
             "llm_int8_skip_modules": ["lm_head"]}
 
 
-class Linear4bit(nn.Linear):
-    """A frozen linear layer with an NF4 weight; weight is the packed uint8 Parameter ((out·in + 1) // 2, 1)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str = "bfloat16",
-                 device=None):
-        with torch.device("meta"):
-            nn.Linear.__init__(self, in_features, out_features, bias=bias)
-        self.nf4_meta = NF4Meta(shape=(out_features, in_features), dtype=dtype, nested_offset=0.0)
-        # placeholders until tensors are assigned (load_state_dict(assign=True) or from_linear)
-        self.weight = nn.Parameter(torch.empty(((out_features * in_features + 1) // 2, 1), dtype=torch.uint8,
-                                               device=device or "meta"), requires_grad=False)
-        for key in QUANT_KEYS:
-            self.register_buffer(key, torch.empty(0, device=device or "meta"), persistent=False)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device or "meta"), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64) -> "Linear4bit":
-        """Quantize an nn.Linear's weight (on its device); the bias stays as it is."""
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                dtype=str(linear.weight.dtype).removeprefix("torch."))
-        m.set_tensors(quantize_nf4(linear.weight.detach(), blocksize=blocksize))
-        if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return m
+class NF4Weight:
+    """A layer whose `weight` is the packed NF4 codes, with its scales and tables as buffers (a mixin for
+    Linear4bit and the 4-bit LoRA layers of lora/nf4.py): the bitsandbytes entries in and out of state dicts,
+    dequantization, and dtype casts that leave the scales alone."""
 
     def set_tensors(self, tensors: dict, where: str = "") -> None:
         """Take the bitsandbytes entries (keys relative to the layer: "weight", "weight.absmax", ...)."""
@@ -84,12 +63,6 @@ class Linear4bit(nn.Linear):
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in): fp32 products, one rounding to dtype (default: the original dtype)."""
         return dequantize_nf4(self.nf4_tensors(), dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.nf4_lora import nf4_lora_linear
-
-        no_lora = x.new_zeros(0, self.in_features), x.new_zeros(self.out_features, 0)  # rank 0: the base GEMM
-        return nf4_lora_linear(x, self.nf4_tensors(), self.bias, *no_lora, 1.0, meta=self.nf4_meta)
 
     # ----- bitsandbytes key names in state dicts ---------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -127,6 +100,44 @@ class Linear4bit(nn.Linear):
             for key in QUANT_KEYS:
                 if self._buffers[key].dtype == torch.int32:
                     self._buffers[key] = self._buffers[key].view(torch.float32)
+
+
+class Linear4bit(NF4Weight, nn.Linear):
+    """A frozen linear layer with an NF4 weight; weight is the packed uint8 Parameter ((out·in + 1) // 2, 1)."""
+
+    kernel = "lora_linear"  # Phi3.set_kernels(lora_linear=False) switches the fused NF4 GEMM off (torch dequant)
+    use_kernel = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str = "bfloat16",
+                 device=None):
+        with torch.device("meta"):
+            nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self.nf4_meta = NF4Meta(shape=(out_features, in_features), dtype=dtype, nested_offset=0.0)
+        # placeholders until tensors are assigned (load_state_dict(assign=True) or from_linear)
+        self.weight = nn.Parameter(torch.empty(((out_features * in_features + 1) // 2, 1), dtype=torch.uint8,
+                                               device=device or "meta"), requires_grad=False)
+        for key in QUANT_KEYS:
+            self.register_buffer(key, torch.empty(0, device=device or "meta"), persistent=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device or "meta"), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64) -> "Linear4bit":
+        """Quantize an nn.Linear's weight (on its device); the bias stays as it is."""
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                dtype=str(linear.weight.dtype).removeprefix("torch."))
+        m.set_tensors(quantize_nf4(linear.weight.detach(), blocksize=blocksize))
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+
+        no_lora = x.new_zeros(0, self.in_features), x.new_zeros(self.out_features, 0)  # rank 0: the base GEMM
+        if not self.use_kernel:
+            return nf4_lora_linear_reference(x, self.nf4_tensors(), self.bias, *no_lora, 1.0)
+        return nf4_lora_linear(x, self.nf4_tensors(), self.bias, *no_lora, 1.0, meta=self.nf4_meta)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nf4 blocksize={self.nf4_meta.blocksize}"
