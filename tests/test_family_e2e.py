@@ -92,6 +92,7 @@ def test_phi4_shaped_folder_trains_exports_merges_and_chats(phi4_folder, tmp_pat
     assert replies[0] == replies[1]
 
 
+@pytest.mark.slow  # about 15 s on 2 busy cores (tests/test_family.py checks the same merge without train.py)
 def test_adapter_on_the_tied_head_trains_and_merges_untied(phi4_folder, tmp_path):
     out = tmp_path / "run"
     data = write_data(tmp_path / "chats.jsonl")
