@@ -192,14 +192,17 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 # ----- which base model ---------------------------------------------------------------------------------------------
 def base_fingerprint(model: nn.Module) -> dict[str, list[float]]:
-    """{parameter: 4 of its values} for the base weights outside the repeated blocks and in the first block
-    (embedding, final norm, lm_head, layer 0): cheap to take (about 20 small reads), yet two bases of the same
-    shape (another seed, another fine-tune) differ in them. Weights of merged LoRA layers are left out (they hold
-    the adapter too)."""
+    """{parameter: 4 of its values} for the base weights outside the repeated blocks and the first block's norms
+    (embedding, final norm, lm_head, layer 0's norms): cheap to take (a few small reads), yet two bases of the same
+    shape (another seed, another fine-tune) differ in them. Left out: the projections (a 4-bit base stores them as
+    codes, and a QLoRA adapter may go onto the bf16 base), weights of merged LoRA layers (they hold the adapter
+    too), anything not floating-point."""
     merged = {f"{n}.{p}" for n, m in lora_layers(model) if m.merged for p in ("weight", "bias")}
     out = {}
     for name, p in model.named_parameters():
-        if "lora_" in name.rsplit(".", 1)[-1] or name in merged or (".layers." in name and ".layers.0." not in name):
+        in_block = ".layers." in name
+        if (not p.is_floating_point() or "lora_" in name.rsplit(".", 1)[-1] or name in merged
+                or (in_block and not (".layers.0." in name and "norm" in name))):
             continue
         n = p.numel()
         if n:

@@ -46,13 +46,19 @@ def load_tokenizer(name: str) -> Tokenizer:
     return Tokenizer.from_pretrained(folder)
 
 
-def load_model(name: str, dtype: torch.dtype | None = None, device=None, seed: int = 0) -> Phi3:
+def load_model(name: str, dtype: torch.dtype | None = None, device=None, seed: int = 0, quantize: str = "") -> Phi3:
     """The model `name`, in dtype (None: as stored; fp32 for tiny) on device, in eval mode. "tiny" is initialised
     from seed (0 stands for the one "pretrained" tiny model: adapters trained on it load onto it again).
+    quantize="nf4": the decoder projections 4-bit (phi3mini/quant.py; a checkpoint's while it is read).
     model.name_or_path is name, as adapters record it."""
     if name == TINY:
         model = Phi3.from_name(TINY, seed=seed, dtype=dtype or torch.float32, device=device)
+        if quantize:
+            from .quant import QUANTIZE_CHOICES, quantize_model  # here: it imports the kernels (Triton)
+            if quantize not in QUANTIZE_CHOICES:
+                raise CheckpointError(f"quantize={quantize!r}: choose one of {QUANTIZE_CHOICES}")
+            quantize_model(model)
     else:
-        model = Phi3.from_pretrained(model_folder(name), dtype=dtype, device=device)
+        model = Phi3.from_pretrained(model_folder(name), dtype=dtype, device=device, quantize=quantize)
     model.name_or_path = name
     return model.eval()

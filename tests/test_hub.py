@@ -41,3 +41,10 @@ def test_missing_folder_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
         hub.load_tokenizer("microsoft/Phi-3-mini-4k-instruct-does-not-exist")
     with pytest.raises(CheckpointError, match="local folder"):
         Phi3.from_pretrained("microsoft/Phi-3-mini-4k-instruct-does-not-exist")
+
+
+def test_tiny_quantizes_like_a_checkpoint():
+    from phi3mini.quant import is_quantized
+    assert is_quantized(hub.load_model("tiny", quantize="nf4")) and not is_quantized(hub.load_model("tiny"))
+    with pytest.raises(CheckpointError, match="quantize='int3'"):
+        hub.load_model("tiny", quantize="int3")
