@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--quantize", choices=["", "nf4"], default="",
+                   help="nf4: a 4-bit base (the decoder projections quantized while loading, as train.py --quantize)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="weights dtype; auto keeps the checkpoint's (fp32 for tiny)")
     p.add_argument("--max-context", type=int, default=None,
@@ -109,7 +111,7 @@ def load(args, stderr=None) -> tuple[Phi3, Tokenizer]:
     dtype = DTYPES[args.dtype]
     try:
         tokenizer = hub.load_tokenizer(args.model)  # first: a missing tokenizer fails before gigabytes load
-        model = hub.load_model(args.model, dtype=dtype, device=device)
+        model = hub.load_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
     except hub.ERRORS as e:
         raise ChatError(f"--model {args.model}: {e}") from None
     if args.adapter:

@@ -73,6 +73,8 @@ class TrainingConfig:
                         "fp32 always)", choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA", choices=("auto", "on", "off"))
+    quantize: str = option("", "4-bit base (QLoRA): nf4 quantizes the decoder projections while loading; a "
+                           "bitsandbytes 4-bit checkpoint is 4-bit anyway", choices=("", "nf4"), resume_fixed=True)
     grad_checkpointing: bool = option(True, "non-reentrant activation checkpointing")
     compile: bool = option(False, "torch.compile each block")
     seed: int = option(0, "adapter init, data order, dropout", min=0, resume_fixed=True)

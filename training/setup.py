@@ -54,10 +54,11 @@ def load_tokenizer(name: str) -> Tokenizer:
         raise TrainError(f"--model {name}: cannot load its tokenizer: {e}") from None
 
 
-def load_base(name: str, dtype: torch.dtype, device: torch.device) -> Phi3:
-    """The frozen base model: "tiny", a local folder in the Hugging Face layout, or a Hub id (phi3mini.hub)."""
+def load_base(name: str, dtype: torch.dtype, device: torch.device, quantize: str = "") -> Phi3:
+    """The frozen base model: "tiny", a local folder in the Hugging Face layout, or a Hub id (phi3mini.hub);
+    quantize="nf4": its decoder projections 4-bit (QLoRA)."""
     try:
-        return hub.load_model(name, dtype=dtype, device=device)
+        return hub.load_model(name, dtype=dtype, device=device, quantize=quantize)
     except hub.ERRORS as e:
         raise TrainError(f"--model {name}: {e}") from None
 
@@ -68,7 +69,7 @@ def build_model(t: TrainingConfig | dict, lc: lora.LoraConfig | dict, device: to
     sections of a configuration dict (config.parse_config)."""
     t = TrainingConfig(**t) if isinstance(t, dict) else t
     lora_config = lora.LoraConfig(**lc) if isinstance(lc, dict) else lc
-    model = load_base(t.model, dtype, device)
+    model = load_base(t.model, dtype, device, t.quantize)
     check_base(model, t.model)  # a NaN here would later look like a learning-rate problem
     try:
         lora.inject(model, lora_config)
