@@ -88,6 +88,15 @@ def test_loss_halves_and_outputs_are_written(overfit_run):
     assert (out / "merged" / "config.json").exists()
 
 
+def test_run_folder_modes_follow_the_umask(overfit_run):
+    # issue 13.9: adapter folders were 0700 and files 0600 (mkdtemp, safetensors); every folder and file of a run
+    umask = os.umask(0)
+    os.umask(umask)
+    wrong = [f"{p.relative_to(overfit_run)}: {oct(p.stat().st_mode & 0o777)}" for p in overfit_run.rglob("*")
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask]
+    assert not wrong, wrong
+
+
 def test_overfit_then_greedy_generation_reproduces_replies(overfit_run):
     tok = Tokenizer.tiny()
     model = Phi3.from_name("tiny", seed=0)

@@ -152,7 +152,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, traine
     try:
         lora.save_adapter(model, tmp / "adapter", lora_config)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({k: v.contiguous() for k, v in rng.items() if k != "python"}, str(tmp / "rng.safetensors"))
+        tensors = {k: v.contiguous() for k, v in rng.items() if k != "python"}
+        atomic.write_file(tmp / "rng.safetensors", lambda p: save_file(tensors, str(p)))  # umask's mode, not 0600
         state = dict(trainer_state, python_random=rng["python"])
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         write_manifest(tmp)
