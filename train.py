@@ -26,6 +26,7 @@ stops at once (still saving the last completed step when that is safe).
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import random
@@ -422,6 +423,16 @@ def start_afresh(run: Run) -> tuple[Position, list[dict]]:
     return Position(rng=rng_state()), []
 
 
+def vllm_note(folder: Path) -> str:
+    """The log's note on an exported PEFT folder, e.g. " (r 48; vLLM needs --max-lora-rank 64)": its top-level r
+    is the adapter's largest rank (lora/peft_io.py)."""
+    try:
+        r = int(json.loads((folder / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):  # the export failed and said so already
+        return ""
+    return f" (r {r}; vLLM needs --max-lora-rank {lora.vllm_max_lora_rank(r)})" if r <= 512 else f" (r {r})"
+
+
 # ----- after the loop -----------------------------------------------------------------------------------------------
 def save_outputs(run: Run, last_saved: Path) -> None:
     """adapter/, and with --export-peft adapter-peft/, with --merge merged/ (each written whole, then renamed in
@@ -432,7 +443,7 @@ def save_outputs(run: Run, last_saved: Path) -> None:
     if t.export_peft:
         write_output(run, last_saved, out / "adapter-peft", lambda path: lora.export_peft(
             run.model, path, run.lora_config, base_model_name_or_path=t.model))
-        log(f"PEFT adapter written to {out / 'adapter-peft'}")
+        log(f"PEFT adapter written to {out / 'adapter-peft'}{vllm_note(out / 'adapter-peft')}")
     if t.merge:
         write_output(run, last_saved, out / "merged", lambda path: save_merged(run.model, run.tokenizer, path))
         log(f"merged model written to {out / 'merged'}")

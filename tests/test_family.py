@@ -132,6 +132,16 @@ def test_format_follows_the_checkpoint_not_the_name(tmp_path, phi4):
     assert again.chat_format.name == "phi4" and again.encode_chat(CONV) == phi4.encode_chat(CONV)
 
 
+def test_phi35_and_hub_spelled_templates_are_phi3s_format():
+    from phi3mini.chat_format import PHI3_CHAT_TEMPLATE, for_checkpoint
+    phi35 = PHI3_CHAT_TEMPLATE.replace("message['role'] == 'system' %}",
+                                       "message['role'] == 'system' and message['content'] %}")
+    for template in (PHI3_CHAT_TEMPLATE, phi35, phi35.replace("\\n", "\n")):  # JSON-decoded: real newlines
+        fmt, known = for_checkpoint(template, lambda text: True)
+        assert (fmt.name, known) == ("phi3", True)
+    assert for_checkpoint(PHI4_TEMPLATE, lambda text: False) == (for_checkpoint(None, lambda t: True)[0], True)
+
+
 def test_tools_and_tool_role_refused_where_the_format_has_none(phi4):
     tiny = Tokenizer.tiny()
     with pytest.raises(ValueError, match=r"message 0 \(system\) has \"tools\".*phi3"):

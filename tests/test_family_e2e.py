@@ -46,7 +46,7 @@ def write_data(path):
 
 
 @pytest.mark.slow  # about 30 s on 2 busy cores: training, export, merge, and three chat runs
-def test_phi4_shaped_folder_trains_exports_merges_and_chats(phi4_folder, tmp_path, monkeypatch):
+def test_phi4_shaped_folder_trains_exports_merges_and_chats(phi4_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     data = write_data(tmp_path / "chats.jsonl")
     rc = train.main(["--model", str(phi4_folder), "--data", data, "--out", str(out), "--max-steps", "4",
@@ -54,6 +54,7 @@ def test_phi4_shaped_folder_trains_exports_merges_and_chats(phi4_folder, tmp_pat
                      "--lora-r", "4", "--lora-alpha", "8", "--log-every", "1000", "--save-every", "0",
                      "--export-peft", "--merge"])
     assert rc == 0
+    assert "(r 12; vLLM needs --max-lora-rank 16)" in capsys.readouterr().err
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(0 < x < 20 for x in losses)
