@@ -2,11 +2,14 @@
 
 Writes a random Phi-3-shaped checkpoint (default about 1.2 GB in fp32, sharded like the Hub's), then loads it in a
 fresh process with `Phi3.from_pretrained` and reports the peak resident memory the load added (VmHWM after
-minus resident memory before). Target: at most 1.3x the weights' size.
+minus resident memory before). Target: at most 1.3x the weights' size. With --quantize nf4 the projections are
+quantized tensor by tensor while loading (QLoRA): the peak should stay near the 4-bit model plus one dense tensor,
+far below the dense checkpoint.
 
     python bench/load_memory.py                 # ~1.2 GB fp32 checkpoint in a temporary folder
     python bench/load_memory.py --layers 40 --store-dtype bfloat16   # ~1.2 GB bf16 checkpoint, as on the Hub
     python bench/load_memory.py --hidden 256 --layers 2   # a quick smoke run
+    python bench/load_memory.py --layers 40 --store-dtype bfloat16 --quantize nf4   # peak of a 4-bit load
 """
 from __future__ import annotations
 
@@ -35,18 +38,21 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure(folder: str, dtype: str) -> dict:
+def measure(folder: str, dtype: str, quantize: str = "") -> dict:
     """Runs in the child process: load and report."""
     import torch
 
     from phi3mini import Phi3
+    from phi3mini.quant import base_weight_bytes  # imports the kernels (Triton) before the baseline is taken
 
     before = rss_bytes()
-    model = Phi3.from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None)
+    model = Phi3.from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None, quantize=quantize)
     peak = peak_rss_bytes()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"weights_bytes": weights, "rss_before": before, "peak_rss": peak,
-            "added_bytes": peak - before, "ratio": (peak - before) / weights}
+    # 4-bit: the packed codes plus their scales and tables (buffers); dense: the parameters
+    weights = base_weight_bytes(model) if quantize else sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    return {"weights_bytes": weights, "checkpoint_bytes": checkpoint, "quantize": quantize, "rss_before": before,
+            "peak_rss": peak, "added_bytes": peak - before, "ratio": (peak - before) / weights}
 
 
 def main(argv=None) -> dict:
@@ -57,10 +63,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--shard-mb", type=int, default=400)
     ap.add_argument("--store-dtype", default="float32", help="dtype of the checkpoint written")
     ap.add_argument("--dtype", default="", help="load as this dtype (default: as stored)")
+    ap.add_argument("--quantize", default="", choices=["", "nf4"],
+                    help="nf4: quantize the projections while loading; the ratio is then to the 4-bit weights, "
+                         "and dense_bytes says what the checkpoint holds")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.dtype)))
+        print(json.dumps(measure(args.child, args.dtype, args.quantize)))
         return {}
 
     import torch
@@ -74,7 +83,8 @@ def main(argv=None) -> dict:
                                dtype=getattr(torch, args.store_dtype))
         model.save_pretrained(tmp, max_shard_bytes=args.shard_mb * 1024**2)
         del model
-        out = subprocess.run([sys.executable, __file__, "--child", tmp, "--dtype", args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--child", tmp, "--dtype", args.dtype,
+                              "--quantize", args.quantize],
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     gb = 1024**3

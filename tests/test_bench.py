@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,3 +88,13 @@ def test_train_step_oom_search_recovers():
         "longest": 64, "capped": False, "incomplete": False}
     r = ts.try_steps(system, 2, 32, cfg.vocab_size, "cpu", warmup=0, steps=1)
     assert r is not None and r["step_s"] > 0
+
+
+@pytest.mark.slow  # the fused NF4 GEMM and the bf16 one under the interpreter, forward + backward: ~30 s
+def test_qlora_matmul_smoke():
+    out, result = run_bench("qlora_matmul.py", "--shapes", "o", "--tokens", "17")
+    assert "ours-nf4" in out
+    (row,) = result["rows"]
+    assert set(row["ms"]) >= {"ours-nf4", "ours-bf16"} and all(v > 0 for v in row["ms"].values())
+    # ours (and bitsandbytes' dequant + matmul) compute y, dX, dA, dB of the dense dequant(W4) reference
+    assert max(row["err"].values()) < 1e-5, row["err"]
