@@ -172,8 +172,8 @@ def test_zero_gradients_are_reported(tmp_path, monkeypatch, capsys):
 def test_a_nan_base_weight_is_named_at_load(tmp_path, monkeypatch, capsys):
     real = setup.load_base
 
-    def damaged(name, dtype, device):
-        model = real(name, dtype, device)
+    def damaged(*args, **kw):
+        model = real(*args, **kw)
         with torch.no_grad():
             model.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
         return model
