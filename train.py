@@ -7,13 +7,16 @@
 A run, in the order train() below does it: prepare the output folder, load the data, build the model, resume (or
 start), the loop, save the outputs. The options are the fields of training/config.py (every key of the [training]
 and [lora] sections of a TOML config is also a flag: --max-steps, --lora-r, ...); the pieces live in training/:
-setup.py (device, model), schedule.py (lr, data order), checkpoints.py, report.py (metrics.jsonl, loss.svg).
+setup.py (device, model), schedule.py (lr, data order), checkpoints.py, report.py (metrics.jsonl, loss.svg);
+phi3mini/report.py: sample replies, adapter norms, TensorBoard / wandb.
 
 The loss of an optimizer step is the summed cross-entropy of all its micro-batches divided by the number of target
 tokens of the whole accumulated batch, so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same
 gradients.
 
-Output folder: config.toml (the resolved configuration), metrics.jsonl (one line per step), loss.svg,
+Output folder: config.toml (the resolved configuration), metrics.jsonl (one line per step; at each evaluation also
+the adapter's norm per module), samples.jsonl (greedy replies to eval prompts at each evaluation), loss.svg,
+tensorboard/ (--report-to tensorboard),
 checkpoints/step-NNNNNNN/ (adapter, optimizer, RNG and data position; written to a .tmp folder and renamed, the
 last keep_last kept), adapter/ (the final adapter, lora.save_adapter format), adapter-peft/ (--export-peft),
 merged/ (--merge: base + adapter in the Hugging Face layout, tokenizer beside it).
@@ -34,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ import torch
 import lora
 from phi3mini import Tokenizer, atomic
 from phi3mini.data import DataError, collate, fingerprint, load_dataset, split_eval
+from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples, sample_prompts
 from training import config
 from training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
                                   newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
@@ -56,8 +60,10 @@ from training.setup import (autocast, build_model, keep_freed_cpu_memory, load_t
 
 DEFAULTS = config.defaults()
 # what an earlier run leaves in --out: a new run there needs --resume or --overwrite
-EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg")
-REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg")  # --overwrite deletes these at the start
+EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg",
+               "samples.jsonl", "tensorboard")
+# --overwrite deletes these at the start
+REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg", "samples.jsonl", "tensorboard")
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
@@ -80,6 +86,7 @@ class Run:
     plans: EpochPlans
     total_steps: int
     warmup: int
+    sample_prompts: list = field(default_factory=list)  # eval prompts replied to at each evaluation
 
 
 @dataclass
@@ -117,6 +124,10 @@ def main(argv=None) -> int:
 
 def train(cfg: dict, notes: list[str] = ()) -> int:
     t, lc = config.typed(cfg)
+    try:  # a missing tensorboard / wandb, before minutes of loading
+        check_backend(t.report_to)
+    except ReportError as e:
+        raise TrainError(str(e)) from None
     device, dtype = resolve_device_dtype(t)
     if device.type == "cpu" and sys.platform == "linux":
         keep_freed_cpu_memory()
@@ -136,7 +147,8 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     plans = EpochPlans(train_set, t)
     total_steps, warmup = total_and_warmup(t, plans)
     run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set, fingerprint(train_set), model,
-              lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup)
+              lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup,
+              sample_prompts(eval_set, tokenizer, t.eval_samples))
     describe_schedule(run)
 
     pos, records = resume(run, resume_from) if resume_from else start_afresh(run)
@@ -147,10 +159,12 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     except OSError as e:
         raise TrainError(f"cannot write {out / 'config.toml'} ({e.strerror}): free some space first") from None
     metrics = MetricsLog(out / "metrics.jsonl", records)
+    reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None)
     try:
-        status = loop(run, pos, metrics)
+        status = loop(run, pos, metrics, reporter)
     finally:
         metrics.close()
+        reporter.close()
         try:
             write_loss_svg(metrics.records, out / "loss.svg", f"Loss per step: {out.name}")
         except OSError as e:  # never hides why the loop ended
@@ -161,7 +175,7 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------------
-def loop(run: Run, pos: Position, metrics: MetricsLog) -> int:
+def loop(run: Run, pos: Position, metrics: MetricsLog, reporter: Reporter) -> int:
     """Optimizer steps from pos to the end of the run, with evaluation, metrics and checkpoints on their schedule.
     Returns 0, or 130 after Ctrl-C (the last completed step saved when that is safe)."""
     t = run.t
@@ -171,7 +185,10 @@ def loop(run: Run, pos: Position, metrics: MetricsLog) -> int:
         with StopOnCtrlC() as stop:
             if run.eval_set and pos.step == 0:
                 loss = evaluate_loss(run)
-                metrics.write({"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+                rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+                report_eval(run, rec, reporter)
+                metrics.write(rec)
+                reporter.log(rec)
                 log(f"eval loss before training {loss:.4f}")
             while pos.step < run.total_steps:
                 if stop.requested:
@@ -180,7 +197,9 @@ def loop(run: Run, pos: Position, metrics: MetricsLog) -> int:
                 if run.eval_set and (due(t.eval_every, pos.step) or pos.step == run.total_steps):
                     rec["eval_loss"] = evaluate_loss(run)
                     rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
+                    report_eval(run, rec, reporter)
                 metrics.write(rec)
+                reporter.log(rec)
                 progress.update(pos.step, rec, pos.step - start_step)
                 if due(t.save_every, pos.step) or pos.step == run.total_steps:
                     pos.last_saved = save(run, pos)
@@ -273,6 +292,15 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device, amp) -> floa
 def evaluate_loss(run: Run) -> float:
     return evaluate(run.model, run.eval_set, run.t.batch_size, run.tokenizer.pad_id, run.device,
                     autocast(run.device, run.dtype))
+
+
+def report_eval(run: Run, rec: dict, reporter: Reporter) -> None:
+    """At an evaluation: the adapter's norm per module into the record, greedy replies to the sample prompts into
+    samples.jsonl and the console. Greedy decoding draws no random numbers: a resumed run stays the same."""
+    rec["adapter_norms"] = adapter_norm_metrics(run.model)
+    if run.sample_prompts:
+        with autocast(run.device, run.dtype):
+            reporter.log_samples(rec["step"], greedy_samples(run.model, run.tokenizer, run.sample_prompts))
 
 
 def due(every: int, step: int) -> bool:

@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from .generation import generate
+from .atomic import write_file
+from .generation import default_stop_ids, generate
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -34,7 +35,7 @@ def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
     """Prompts of the first n examples that hold an assistant reply: every token up to and including the last
     <|assistant|> marker (exactly the prompt chat.py would build), and the reply the data gives there.
     Returns [{"prompt_ids": [...], "reference": str}]. examples: phi3mini.data Examples or a TokenSet."""
-    assistant, end = tokenizer.token_to_id("<|assistant|>"), tokenizer.token_to_id("<|end|>")
+    assistant, end = tokenizer.role_ids.get("assistant"), tokenizer.end_id
     out = []
     for i in range(len(examples)):  # a list of Examples or a data.TokenSet (indexable, rows on demand)
         if len(out) >= n:
@@ -52,8 +53,10 @@ def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 48,
                    stop_ids=None) -> list[dict]:
-    """The model's greedy reply to each prompt (generate restores train/eval mode afterwards).
+    """The model's greedy reply to each prompt, stopping where chat.py does (generate restores the train/eval
+    mode afterwards).
     Returns [{"prompt": text, "reply": text, "reference": text}]."""
+    stop_ids = default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids  # as chat.py stops
     out = []
     for p in prompts:
         new = generate(model, p["prompt_ids"], max_new_tokens, temperature=0.0, stop_ids=stop_ids)
@@ -69,6 +72,33 @@ def adapter_norm_metrics(model) -> dict[str, float]:
     norms = {n.name.removeprefix("model."): n.frobenius for n in adapter_norms(model)}
     norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
     return norms
+
+
+def _import_tensorboard():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises this when the tensorboard package is missing
+        raise ReportError("report_to tensorboard needs the tensorboard package: pip install "
+                          "'phi3-lora[tensorboard]' (or pip install tensorboard)") from None
+    return SummaryWriter
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ReportError("report_to wandb needs wandb: pip install wandb (then wandb login)") from None
+    return wandb
+
+
+def check_backend(report_to: str) -> None:
+    """Raise ReportError now (before a model loads) if report_to is unknown or its package is missing."""
+    if report_to not in REPORT_TO:
+        raise ReportError(f"report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+    if report_to == "tensorboard":
+        _import_tensorboard()
+    elif report_to == "wandb":
+        _import_wandb()
 
 
 def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -89,8 +119,7 @@ class Reporter:
 
     def __init__(self, out_dir, report_to: str = "none", config: dict | None = None,
                  resume_step: int | None = None, echo: Callable[[str], None] | None = None):
-        if report_to not in REPORT_TO:
-            raise ReportError(f"report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+        check_backend(report_to)
         self.out_dir = Path(out_dir)
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.tb = self.wandb = None
@@ -101,24 +130,21 @@ class Reporter:
         self.samples_path = self.out_dir / "samples.jsonl"
         kept = []
         if resume_step is not None and self.samples_path.exists():
-            lines = [x for x in self.samples_path.read_text(encoding="utf-8").splitlines() if x.strip()]
-            kept = [x for x in lines if json.loads(x)["step"] <= resume_step]
-        self.samples_path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            for line in self.samples_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # the half-written last line of a killed run
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
+                    kept.append(line)
+        write_file(self.samples_path, "".join(x + "\n" for x in kept))
 
     def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch raises this when the tensorboard package is missing
-            raise ReportError("report_to tensorboard needs the tensorboard package: pip install "
-                              "'phi3-lora[tensorboard]' (or pip install tensorboard)") from None
-        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        return _import_tensorboard()(log_dir=str(self.out_dir / "tensorboard"))
 
     def _wandb(self, config):
-        try:
-            import wandb
-        except ImportError:
-            raise ReportError("report_to wandb needs wandb: pip install wandb (then wandb login)") from None
-        return wandb.init(project="phi3-lora", name=self.out_dir.name, dir=str(self.out_dir), config=config or {})
+        return _import_wandb().init(project="phi3-lora", name=self.out_dir.name, dir=str(self.out_dir),
+                                    config=config or {})
 
     def log(self, record: dict) -> None:
         """One metrics record (with its "step"): every number in it, nested dicts as "outer/inner"."""

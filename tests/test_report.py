@@ -3,13 +3,14 @@ what lands in samples.jsonl and TensorBoard's event files (read back with tensor
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import lora
 from helpers import CONV
-from phi3mini import Phi3, Tokenizer, generate
+from phi3mini import Phi3, Tokenizer, default_stop_ids, generate
 from phi3mini.data import encode_example, load_data
 from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
 
@@ -48,7 +49,7 @@ def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
     samples = greedy_samples(model, tok, prompts, max_new_tokens=5)
     assert model.training
     with torch.no_grad():
-        new = generate(model.eval(), prompts[0]["prompt_ids"], 5)
+        new = generate(model.eval(), prompts[0]["prompt_ids"], 5, stop_ids=default_stop_ids(model, tok))
     assert samples == [{"prompt": tok.decode(prompts[0]["prompt_ids"]),
                         "reply": tok.decode(new, skip_special_tokens=True), "reference": "Its rank."}]
 
@@ -79,6 +80,8 @@ def test_samples_jsonl_and_resume(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [10, 20] and lines[0]["reply"] == "Hello." and lines[0]["index"] == 0
     assert "Hello." in said[0] and "step 10" in said[0]
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write('{"step": 30, "rep')  # a killed run's half line
     Reporter(tmp_path, resume_step=15).close()  # steps after the checkpoint are redone
     assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [10]
     Reporter(tmp_path).close()  # a fresh run starts the file afresh
@@ -111,3 +114,32 @@ def test_missing_backends_name_the_install(tmp_path, monkeypatch):
         Reporter(tmp_path, report_to="wandb")
     with pytest.raises(ReportError, match="one of none, tensorboard, wandb"):
         Reporter(tmp_path, report_to="mlflow")
+
+
+def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CONV, CONV[1:3])))
+    base = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+            "--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "2",
+            "--eval-every", "1", "--save-every", "1", "--eval-samples", "1", "--report-to", "tensorboard",
+            "--lora-target-modules", "qkv_proj,lm_head"]
+    assert train.main(base + ["--max-steps", "2"]) == 0
+    assert train.main(base + ["--max-steps", "3", "--resume"]) == 0
+    out = tmp_path / "out"
+    steps = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # the resumed run redoes nothing twice
+    assert "sample 0 @ step 3" in capsys.readouterr().err
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    assert sorted({e.step for e in acc.Scalars("loss")}) == [1, 2, 3]
+    assert {"eval_loss", "adapter_norms/total", "adapter_norms/lm_head"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("adapter_norms/total")[-1].value > 0
+    # a missing backend stops the run before anything loads
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert train.main(base + ["--max-steps", "1", "--overwrite", "--out", str(tmp_path / "other")]) == 2
+    assert "pip install 'phi3-lora[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

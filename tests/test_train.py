@@ -111,6 +111,19 @@ def test_overfit_then_greedy_generation_reproduces_replies(overfit_run):
             assert tok.decode(got[:-1]).strip() == a
 
 
+def test_evaluations_write_samples_and_adapter_norms(overfit_run):
+    samples = [json.loads(x) for x in (overfit_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0] * 3 + [20] * 3 + [40] * 3 + [60] * 3  # 3 eval prompts per eval
+    final = samples[-3:]
+    assert [s["reference"] for s in final] == [a for _, a in QA[:3]]
+    assert [s["reply"].strip() for s in final] == [s["reference"] for s in final]  # memorized, as above
+    evals = [json.loads(x) for x in (overfit_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert evals[0]["adapter_norms"]["total"] == 0  # B starts at zero
+    assert evals[-1]["adapter_norms"]["total"] > 0 and evals[-1]["adapter_norms"]["lm_head"] > 0
+    assert "layers.1.self_attn.qkv_proj" in evals[-1]["adapter_norms"]
+
+
 # ----- resume -------------------------------------------------------------------------------------------------------
 N = 8
 RESUME_ARGS = ["--max-steps", str(N), "--batch-size", "2", "--grad-accum", "2", "--lr", "5e-3",
