@@ -115,7 +115,7 @@ def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
 class Reporter:
     """Sends each metrics record and the sample replies where report_to says ("none", "tensorboard", "wandb"),
     and keeps samples.jsonl in out_dir. resume_step: keep the samples.jsonl lines up to that step (the later
-    ones are about to be redone); None starts the file afresh."""
+    ones are about to be redone); None starts the file afresh with the first samples logged."""
 
     def __init__(self, out_dir, report_to: str = "none", config: dict | None = None,
                  resume_step: int | None = None, echo: Callable[[str], None] | None = None):
@@ -128,8 +128,9 @@ class Reporter:
         elif report_to == "wandb":
             self.wandb = self._wandb(config)
         self.samples_path = self.out_dir / "samples.jsonl"
-        kept = []
+        self.samples_mode = "w"  # a fresh run replaces the file with its first samples (none: no file)
         if resume_step is not None and self.samples_path.exists():
+            kept = []
             for line in self.samples_path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
@@ -137,7 +138,8 @@ class Reporter:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
                     kept.append(line)
-        write_file(self.samples_path, "".join(x + "\n" for x in kept))
+            write_file(self.samples_path, "".join(x + "\n" for x in kept))
+            self.samples_mode = "a"
 
     def _tensorboard(self):
         return _import_tensorboard()(log_dir=str(self.out_dir / "tensorboard"))
@@ -158,9 +160,10 @@ class Reporter:
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         """Append the replies to samples.jsonl, print them, and send them to TensorBoard / wandb as text."""
-        with open(self.samples_path, "a", encoding="utf-8") as f:
+        with open(self.samples_path, self.samples_mode, encoding="utf-8") as f:
             for i, s in enumerate(samples):
                 f.write(json.dumps({"step": step, "index": i, **s}, ensure_ascii=False) + "\n")
+        self.samples_mode = "a"
         for i, s in enumerate(samples):
             self.echo(f"sample {i} @ step {step}: {s['reply']!r} (data: {s['reference']!r})")
         text = "\n\n".join(f"**{i}** `{s['prompt'][-200:]}`\n\n→ {s['reply']}" for i, s in enumerate(samples))

@@ -84,8 +84,13 @@ def test_samples_jsonl_and_resume(tmp_path):
         f.write('{"step": 30, "rep')  # a killed run's half line
     Reporter(tmp_path, resume_step=15).close()  # steps after the checkpoint are redone
     assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [10]
-    Reporter(tmp_path).close()  # a fresh run starts the file afresh
-    assert (tmp_path / "samples.jsonl").read_text() == ""
+    fresh = Reporter(tmp_path)  # a fresh run starts the file afresh, with its first samples
+    assert (tmp_path / "samples.jsonl").exists()
+    fresh.log_samples(5, SAMPLES)
+    fresh.log_samples(6, SAMPLES)
+    assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [5, 6]
+    Reporter(tmp_path / "new").close()
+    assert not (tmp_path / "new" / "samples.jsonl").exists()  # no samples, no file
     assert not (tmp_path / "tensorboard").exists()
 
 
