@@ -354,7 +354,11 @@ class Phi3(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters as the model computes with them: a 4-bit weight (phi3mini/quant.py) counts its out·in
+        values, not its packed bytes."""
+        packed = sum(m.in_features * m.out_features - m.weight.numel() for m in self.modules()
+                     if hasattr(m, "nf4_meta"))
+        return sum(p.numel() for p in self.parameters()) + packed
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Model FLOPs per token at seq_len: 2 per matmul weight forward, 2 more in a LoRA backward (through the

@@ -36,6 +36,7 @@ def adapted(model, seed=1):
 
 def test_inject_keeps_the_4bit_weight_and_matches_dense_lora():
     q, dense = models()
+    assert q.num_parameters() == dense.num_parameters()  # 4-bit weights count their values, not packed bytes
     adapted(q), adapted(dense)
     attn = q.model.layers[0].self_attn
     assert isinstance(attn.qkv_proj, MergedLinear4bitLoRA) and isinstance(attn.o_proj, Linear4bitLoRA)
