@@ -28,6 +28,8 @@ stops at once (still saving the last completed step when that is safe).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -46,14 +48,15 @@ import lora
 from phi3mini import Tokenizer, atomic
 from phi3mini.data import DataError, collate, fingerprint, load_dataset, split_eval
 from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples, sample_prompts
-from training import config
+from training import config, distributed
 from training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
                                   newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
 from training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
 from training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
+from training.distributed import World
 from training.errors import TrainError
 from training.health import lora_weight_problem
-from training.report import MetricsLog, Progress, log, memory_gb, read_metrics, write_loss_svg
+from training.report import QUIET, MetricsLog, Progress, log, memory_gb, read_metrics, write_loss_svg
 from training.schedule import EpochPlans, lr_at, total_and_warmup
 from training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
                             resolve_device_dtype)
@@ -87,6 +90,11 @@ class Run:
     total_steps: int
     warmup: int
     sample_prompts: list = field(default_factory=list)  # eval prompts replied to at each evaluation
+    world: World = distributed.SINGLE  # torchrun's processes; plans(epoch) holds the global micro-batches
+    engine: torch.nn.Module | None = None  # what the training forward runs: DDP(model) under torchrun, else model
+
+    def __post_init__(self):
+        self.engine = self.engine or self.model
 
 
 @dataclass
@@ -123,18 +131,32 @@ def main(argv=None) -> int:
 
 
 def train(cfg: dict, notes: list[str] = ()) -> int:
-    t, lc = config.typed(cfg)
+    """One process, or one rank of a torchrun run (training/distributed.py): the process group lives as long as
+    the run, and is left on every way out (an error on one rank: torchrun then stops the others)."""
+    world = distributed.from_env()
+    t, _ = config.typed(cfg)
     try:  # a missing tensorboard / wandb, before minutes of loading
         check_backend(t.report_to)
     except ReportError as e:
         raise TrainError(str(e)) from None
     device, dtype = resolve_device_dtype(t)
+    device = distributed.device_for(world, device)
+    QUIET["on"] = not world.is_main
+    distributed.init(world, device)
+    try:
+        return train_on(cfg, world, device, dtype, notes)
+    finally:
+        distributed.teardown()
+
+
+def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, notes=()) -> int:
+    t, lc = config.typed(cfg)
     if device.type == "cpu" and sys.platform == "linux":
         keep_freed_cpu_memory()
     out = Path(t.out)
-    resume_from = prepare_out(out, t)
+    resume_from = distributed.on_rank0(world, lambda: prepare_out(out, t), share=True)
     tokenizer = load_tokenizer(t.model)
-    train_set, eval_set = load_data(t, tokenizer)
+    train_set, eval_set = distributed.first_on_rank0(world, lambda: load_data(t, tokenizer))
     for note in notes:
         log(note)
 
@@ -144,63 +166,88 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
         f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
-    plans = EpochPlans(train_set, t)
+    engine = model
+    if world.active:
+        distributed.broadcast_params(world, params)
+        engine = distributed.wrap_ddp(model, world, device)
+        torch.manual_seed(t.seed + world.rank)  # each rank its own dropout masks (rank 0: as one process)
+    # every rank plans the global micro-batches (batch_size x world) and takes its share of each
+    plans = EpochPlans(train_set, dataclasses.replace(t, batch_size=t.batch_size * world.size))
     total_steps, warmup = total_and_warmup(t, plans)
     run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set, fingerprint(train_set), model,
               lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup,
-              sample_prompts(eval_set, tokenizer, t.eval_samples))
+              sample_prompts(eval_set, tokenizer, t.eval_samples), world, engine)
     describe_schedule(run)
 
     pos, records = resume(run, resume_from) if resume_from else start_afresh(run)
+    metrics = distributed.on_rank0(world, lambda: open_metrics(run, records))
+    reporter = None
+    if world.is_main:
+        reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None)
+    try:
+        status = loop(run, pos, metrics, reporter)
+    finally:
+        if metrics is not None:
+            close_metrics(run, metrics, reporter)
+    if status == 0:
+        distributed.on_rank0(world, lambda: save_outputs(run, pos.last_saved))
+    return status
+
+
+def open_metrics(run: Run, records: list[dict]) -> MetricsLog:
+    """config.toml, then metrics.jsonl opened with the records kept from before a resume (rank 0 only)."""
+    out = run.out
     # resume/overwrite describe this invocation, not the run: the file, reused with --config, starts a new run
-    resolved = {**cfg, "training": {**cfg["training"], "resume": False, "overwrite": False}}
+    resolved = {**run.cfg, "training": {**run.cfg["training"], "resume": False, "overwrite": False}}
     try:
         atomic.write_file(out / "config.toml", config.to_toml(resolved))  # whole or not at all, never 0 bytes
     except OSError as e:
         raise TrainError(f"cannot write {out / 'config.toml'} ({e.strerror}): free some space first") from None
-    metrics = MetricsLog(out / "metrics.jsonl", records)
-    reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None)
+    return MetricsLog(out / "metrics.jsonl", records)
+
+
+def close_metrics(run: Run, metrics: MetricsLog, reporter: Reporter) -> None:
+    metrics.close()
+    reporter.close()
     try:
-        status = loop(run, pos, metrics, reporter)
-    finally:
-        metrics.close()
-        reporter.close()
-        try:
-            write_loss_svg(metrics.records, out / "loss.svg", f"Loss per step: {out.name}")
-        except OSError as e:  # never hides why the loop ended
-            log(f"warning: could not write {out / 'loss.svg'} ({e.strerror})")
-    if status == 0:
-        save_outputs(run, pos.last_saved)
-    return status
+        write_loss_svg(metrics.records, run.out / "loss.svg", f"Loss per step: {run.out.name}")
+    except OSError as e:  # never hides why the loop ended
+        log(f"warning: could not write {run.out / 'loss.svg'} ({e.strerror})")
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------------
-def loop(run: Run, pos: Position, metrics: MetricsLog, reporter: Reporter) -> int:
-    """Optimizer steps from pos to the end of the run, with evaluation, metrics and checkpoints on their schedule.
-    Returns 0, or 130 after Ctrl-C (the last completed step saved when that is safe)."""
-    t = run.t
+def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter | None) -> int:
+    """Optimizer steps from pos to the end of the run, with evaluation, metrics and checkpoints on their schedule
+    (metrics and reporter: None on the ranks other than 0, which write nothing). Returns 0, or 130 after Ctrl-C
+    (the last completed step saved when that is safe)."""
+    t, world = run.t, run.world
     progress = Progress(run.total_steps, t.log_every)
     start_step = pos.step
+    together = False  # a stop every rank agreed on (they may all still talk), not a signal in the middle of a step
     try:
-        with StopOnCtrlC() as stop:
+        with StopOnCtrlC(terminate_too=world.active) as stop:
             if run.eval_set and pos.step == 0:
                 loss = evaluate_loss(run)
-                rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-                report_eval(run, rec, reporter)
-                metrics.write(rec)
-                reporter.log(rec)
+                if metrics is not None:  # rank 0
+                    rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+                    report_eval(run, rec, reporter)
+                    metrics.write(rec)
+                    reporter.log(rec)
                 log(f"eval loss before training {loss:.4f}")
             while pos.step < run.total_steps:
-                if stop.requested:
+                if distributed.any_rank(world, stop.requested, run.device):
+                    together = True
                     raise KeyboardInterrupt
                 rec = train_step(run, pos)
                 if run.eval_set and (due(t.eval_every, pos.step) or pos.step == run.total_steps):
                     rec["eval_loss"] = evaluate_loss(run)
                     rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
-                    report_eval(run, rec, reporter)
-                metrics.write(rec)
-                reporter.log(rec)
-                progress.update(pos.step, rec, pos.step - start_step)
+                    if metrics is not None:
+                        report_eval(run, rec, reporter)
+                if metrics is not None:
+                    metrics.write(rec)
+                    reporter.log(rec)
+                    progress.update(pos.step, rec, pos.step - start_step)
                 if due(t.save_every, pos.step) or pos.step == run.total_steps:
                     pos.last_saved = save(run, pos)
     except KeyboardInterrupt:
@@ -208,7 +255,8 @@ def loop(run: Run, pos: Position, metrics: MetricsLog, reporter: Reporter) -> in
         if pos.updating:
             log(f"\ninterrupted during an update: not saving; the last checkpoint is {pos.last_saved or 'none'}")
         elif pos.step > start_step or pos.last_saved is None:
-            pos.last_saved = save(run, pos)
+            # a signal mid-step under torchrun: the other ranks may be anywhere, so rank 0 saves on its own
+            pos.last_saved = save(run, pos, alone=world.active and not together)
         log(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
         return 130
     if pos.zero_grad_steps:
@@ -218,19 +266,20 @@ def loop(run: Run, pos: Position, metrics: MetricsLog, reporter: Reporter) -> in
 
 
 def train_step(run: Run, pos: Position) -> dict:
-    """One optimizer step over grad_accum micro-batches; advances pos and returns the step's metrics record."""
+    """One optimizer step over grad_accum micro-batches; advances pos and returns the step's metrics record.
+    Under torchrun each rank runs its share of every micro-batch; the gradients are averaged over the ranks on the
+    last micro-batch only (no_sync before it), and the loss is the sum over all ranks / all target tokens."""
     t, t0 = run.t, time.perf_counter()
     epoch, index = pos.epoch, pos.index
     if index >= len(run.plans(epoch)):
         epoch, index = epoch + 1, 0
     micro = run.plans(epoch)[index:index + t.grad_accum]
-    batches = [collate(run.train_set, rows, run.tokenizer.pad_id, t.packing) for rows in micro]
-    n_target = sum(b.n_target for b in batches)
+    examples = [run.train_set[i] for rows in micro for row in rows for i in row]
+    n_target, n_tokens = sum(e.n_target for e in examples), sum(len(e) for e in examples)  # of every rank
     lr = lr_at(pos.step, run.total_steps, run.warmup, t.lr, t.min_lr, t.schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    amp = autocast(run.device, run.dtype)
-    loss = float(sum(micro_step(run.model, b.to(run.device), n_target, amp) for b in batches)) / n_target
+    loss = distributed.reduce_sum(run.world, [accumulate(run, micro, n_target)], run.device)[0] / n_target
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or math.inf))  # 0: no clipping
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
@@ -244,7 +293,6 @@ def train_step(run: Run, pos: Position) -> dict:
     pos.step, pos.epoch, pos.index, pos.rng, pos.updating = pos.step + 1, epoch, index + len(micro), rng, False
     run.optimizer.zero_grad(set_to_none=True)
     check_progress(run, pos, loss, grad_norm)
-    n_tokens = sum(b.n_tokens for b in batches)
     return {"step": pos.step, "epoch": round(epoch + pos.index / len(run.plans(epoch)), 4), "loss": loss,
             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_target,
             "tokens_per_s": n_tokens / (time.perf_counter() - t0), "mem_gb": round(memory_gb(run.device), 3)}
@@ -265,7 +313,28 @@ def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> No
                 f"that never reach the loss.")
 
 
-def micro_step(model, batch, n_target_total: int, amp) -> torch.Tensor:
+def accumulate(run: Run, micro: list, n_target: int) -> float:
+    """Forward and backward of this rank's share of each micro-batch; returns this rank's summed loss. DDP averages
+    the ranks' gradients, so each divides by n_target / world: the mean is then sum over ranks / n_target."""
+    amp, world, pad = autocast(run.device, run.dtype), run.world, run.tokenizer.pad_id
+    total = 0.0
+    for k, rows in enumerate(micro):
+        last = k == len(micro) - 1
+        mine = distributed.share(rows, world)
+        if not mine and not last:
+            continue
+        quiet = run.engine.no_sync() if world.active and not last else contextlib.nullcontext()
+        with quiet:
+            if mine:
+                batch = collate(run.train_set, mine, pad, run.t.packing).to(run.device)
+                total += float(micro_step(run.engine, batch, n_target / world.size, amp))
+            else:  # an epoch's short last micro-batch left this rank nothing: zero gradients, still reduced
+                batch = collate(run.train_set, rows[:1], pad, run.t.packing).to(run.device)
+                micro_step(run.engine, batch, math.inf, amp)
+    return total
+
+
+def micro_step(model, batch, n_target_total: float, amp) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its summed loss. Dividing by the target tokens of the whole
     accumulated batch (not this micro-batch's) weights every target token equally, whatever the lengths."""
     with amp:
@@ -275,23 +344,25 @@ def micro_step(model, batch, n_target_total: int, amp) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device, amp) -> float:
-    """Mean loss per target token over the eval set, always unpacked."""
+def evaluate(model, examples, batch_size: int, pad_id: int, device, amp, world: World = distributed.SINGLE) -> float:
+    """Mean loss per target token over the eval set, always unpacked. Under torchrun rank r takes batches r, r + N,
+    ... and the sums are reduced, so every rank gets the loss of the whole set."""
     was_training = model.training
     model.eval()
     total, n = torch.zeros((), device=device), 0
-    for i in range(0, len(examples), batch_size):
+    for i in range(world.rank * batch_size, len(examples), batch_size * world.size):
         batch = collate(examples, [[j] for j in range(i, min(i + batch_size, len(examples)))], pad_id).to(device)
         with amp:
             total += model(**batch.model_kwargs(), loss_reduction="sum").float()
         n += batch.n_target
     model.train(was_training)
-    return float(total) / n
+    total, n = distributed.reduce_sum(world, [float(total), n], device)
+    return total / n
 
 
 def evaluate_loss(run: Run) -> float:
     return evaluate(run.model, run.eval_set, run.t.batch_size, run.tokenizer.pad_id, run.device,
-                    autocast(run.device, run.dtype))
+                    autocast(run.device, run.dtype), run.world)
 
 
 def report_eval(run: Run, rec: dict, reporter: Reporter) -> None:
@@ -309,33 +380,43 @@ def due(every: int, step: int) -> bool:
 
 class StopOnCtrlC:
     """The first Ctrl-C sets `requested` (the loop finishes its step, saves and stops); a second one raises
-    KeyboardInterrupt at once. Only the main thread can take signals: elsewhere Ctrl-C is left as it is."""
+    KeyboardInterrupt at once. Only the main thread can take signals: elsewhere Ctrl-C is left as it is.
+    terminate_too (under torchrun, whose agent passes a Ctrl-C on and then terminates its workers): SIGTERM is a
+    second Ctrl-C, so the last completed step is still saved."""
 
-    def __init__(self):
+    def __init__(self, terminate_too: bool = False):
         self.requested = False
-        self.old_handler = None
+        self.old_handlers = {}
         self.installed = threading.current_thread() is threading.main_thread()
+        self.signals = (signal.SIGINT, signal.SIGTERM) if terminate_too else (signal.SIGINT,)
 
     def __enter__(self) -> "StopOnCtrlC":
         if self.installed:
-            self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+            self.old_handlers = {s: signal.signal(s, self.on_sigint) for s in self.signals}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.old_handler)
+        for s, old in self.old_handlers.items():
+            signal.signal(s, old)
 
     def on_sigint(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or signum == signal.SIGTERM:
             raise KeyboardInterrupt
         self.requested = True
         log("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
 
 
-def save(run: Run, pos: Position) -> Path:
-    """A checkpoint of the step pos has reached, with the RNG states that step left."""
+def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
+    """A checkpoint of the step pos has reached, with the RNG states that step left (rank 0's). Under torchrun
+    rank 0 writes it (the adapter and optimizer state are the same on every rank) while the others wait; alone:
+    rank 0 writes without them (an interruption mid-step), the others return None."""
+    if run.world.active and not alone:
+        return distributed.on_rank0(run.world, lambda: save(run, pos, alone=True), share=True)
+    if not run.world.is_main:
+        return None
     t = run.t
-    state = {"step": pos.step, "epoch": pos.epoch, "batch_index": pos.index, "seed": t.seed,
+    state = {"step": pos.step, "world_size": run.world.size, "epoch": pos.epoch, "batch_index": pos.index,
+             "seed": t.seed,
              "data_fingerprint": run.data_hash, "n_train_examples": len(run.train_set),
              "scheduler": {"schedule": t.schedule, "total_steps": run.total_steps, "warmup_steps": run.warmup,
                            "lr": t.lr, "min_lr": t.min_lr, "last_lr": run.optimizer.param_groups[0]["lr"]},
@@ -409,7 +490,8 @@ def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[list, list]:
 def describe_schedule(run: Run) -> None:
     t, per_epoch = run.t, len(run.plans(0))
     log(f"{len(run.train_set)} training examples, {per_epoch} micro-batches per epoch, {run.total_steps} steps "
-        f"(batch {t.batch_size} x accumulation {t.grad_accum}{', packed' if t.packing else ''}), "
+        f"(batch {t.batch_size}{f' x {run.world.size} processes' if run.world.active else ''} x accumulation "
+        f"{t.grad_accum}{', packed' if t.packing else ''}), "
         f"warmup {run.warmup}, {t.schedule} to {t.min_lr:g}")
     if t.grad_accum > per_epoch:  # a step never spans two epochs
         log(f"note: --grad-accum {t.grad_accum} is more than the {per_epoch} micro-batches of an epoch: "
@@ -422,7 +504,12 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     t, state = run.t, read_trainer_state(path)
     saved = state["config"]
     changed = [f"{k} (checkpoint {saved['training'].get(k)!r}, now {getattr(t, k)!r})"
-               for k in config.resume_fixed() if saved["training"].get(k) != getattr(t, k)]
+               for k in config.resume_fixed() if k != "batch_size" and saved["training"].get(k) != getattr(t, k)]
+    # the data position counts global micro-batches (batch_size x processes): any split of the same global batch
+    saved_world = state.get("world_size", 1)
+    if saved["training"]["batch_size"] * saved_world != t.batch_size * run.world.size:
+        changed.append(f"batch_size x processes (checkpoint {saved['training']['batch_size']} x {saved_world}, "
+                       f"now {t.batch_size} x {run.world.size})")
     changed += [f"[lora] {k}" for k, v in run.cfg["lora"].items() if saved["lora"].get(k) != v]
     if state["data_fingerprint"] != run.data_hash:
         changed.append("the training data")
@@ -437,6 +524,8 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     if state["scheduler"]["total_steps"] != run.total_steps:
         log(f"note: the schedule now spans {run.total_steps} steps (the checkpoint's run planned "
             f"{state['scheduler']['total_steps']})")
+    if run.world.rank > 0:  # the checkpoint holds rank 0's RNG states: the others draw their own dropout masks
+        torch.manual_seed(t.seed + run.world.rank + 1_000_003 * state["step"])
     pos = Position(state["step"], state["epoch"], state["batch_index"], rng_state(), path)
     log(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.index})")
     return pos, read_metrics(run.out / "metrics.jsonl", pos.step)
@@ -444,10 +533,7 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
 
 def start_afresh(run: Run) -> tuple[Position, list[dict]]:
     if run.t.overwrite:  # only now that data and model loaded: a typo in a flag does not cost the old run
-        for _, path in step_dirs(run.out / "checkpoints"):
-            delete_checkpoint(path)
-        for name in REPLACED_BY_A_NEW_RUN:
-            atomic.remove(run.out / name)
+        distributed.on_rank0(run.world, lambda: remove_earlier_run(run.out))
     return Position(rng=rng_state()), []
 
 
@@ -459,6 +545,13 @@ def vllm_note(folder: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):  # the export failed and said so already
         return ""
     return f" (r {r}; vLLM needs --max-lora-rank {lora.vllm_max_lora_rank(r)})" if r <= 512 else f" (r {r})"
+
+
+def remove_earlier_run(out: Path) -> None:
+    for _, path in step_dirs(out / "checkpoints"):
+        delete_checkpoint(path)
+    for name in REPLACED_BY_A_NEW_RUN:
+        atomic.remove(out / name)
 
 
 # ----- after the loop -----------------------------------------------------------------------------------------------

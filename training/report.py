@@ -13,8 +13,12 @@ import torch
 from phi3mini import atomic
 
 
+QUIET = {"on": False}  # set on the ranks other than 0 of a torchrun run: rank 0 speaks for them
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not QUIET["on"]:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def memory_gb(device: torch.device) -> float:

@@ -1,0 +1,115 @@
+"""train.py under torchrun on CPU (gloo): 2 ranks x batch b must train exactly as 1 process x batch 2b, and a
+checkpoint of either resumes on the other.
+
+The runs are subprocesses (torchrun starts its own), so they would see the demo-sized tiny preset: the test saves
+the small one conftest.py sets up as a model folder and trains that instead.
+"""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phi3mini import Phi3
+from phi3mini.config import Phi3Config
+from phi3mini.tiny import tiny_tokenizer
+from training import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo_chat.jsonl"
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
+    """Run train.py (under torchrun when procs > 1) on 5 examples: with a global batch of 4, each epoch is one
+    micro-batch of 4 and one of 1, which leaves rank 1 nothing in every second step."""
+    args = ["train.py", "--model", str(tmp / "model"), "--data", str(tmp / "data.jsonl"), "--eval-data",
+            str(tmp / "data.jsonl"), "--out", str(tmp / out), "--batch-size", str(batch), "--max-steps", str(STEPS),
+            "--max-seq-len", "128", "--no-packing", "--lora-dropout", "0", "--warmup-steps", "1", "--eval-every", "0",
+            "--save-every", "2", "--keep-last", "3", *extra]
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
+                     "--master_port", str(free_port())]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / out
+
+
+def records(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_training(a: Path, b: Path, steps=range(1, STEPS + 1)) -> None:
+    ra, rb = records(a), records(b)
+    for step in steps:
+        assert ra[step]["loss"] == pytest.approx(rb[step]["loss"], abs=1e-5), step
+        assert ra[step]["grad_norm"] == pytest.approx(rb[step]["grad_norm"], rel=1e-4, abs=1e-6), step
+        assert ra[step]["target_tokens"] == rb[step]["target_tokens"]
+    assert ra[STEPS]["eval_loss"] == pytest.approx(rb[STEPS]["eval_loss"], abs=1e-5)
+    wa, wb = (load_file(str(p / "adapter" / "adapter.safetensors")) for p in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    Phi3(Phi3Config.from_name("tiny")).save_pretrained(tmp / "model")  # conftest's small preset
+    tiny_tokenizer().save_pretrained(tmp / "model")
+    (tmp / "data.jsonl").write_text("".join(DEMO.read_text().splitlines(keepends=True)[:5]))
+    return tmp, train(tmp, "one", 1, 4), train(tmp, "two", 2, 2)
+
+
+@pytest.mark.slow
+def test_two_ranks_of_batch_2_train_as_one_process_of_batch_4(runs):
+    _, one, two = runs
+    assert_same_training(one, two)
+    assert records(two)[0]["eval_loss"] == pytest.approx(records(one)[0]["eval_loss"], abs=1e-5)
+    state = json.loads((two / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["batch_index"] == 2  # global micro-batches, not per rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, procs, batch", [("two", 1, 4), ("one", 2, 2)])
+def test_resume_on_another_number_of_processes(runs, source, procs, batch):
+    tmp, one, _ = runs
+    resumed = tmp / f"from-{source}"
+    shutil.copytree(tmp / source, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:07d}")  # back to step 4 of 5
+    train(tmp, resumed.name, procs, batch, "--resume")
+    assert_same_training(one, resumed)
+
+
+def test_each_rank_takes_its_contiguous_share():
+    rows = [[0], [1], [2], [3], [4]]
+    shares = [distributed.share(rows, distributed.World(r, 2)) for r in range(2)]
+    assert shares == [[[0], [1], [2]], [[3], [4]]]
+    assert distributed.share([[7]], distributed.World(1, 2)) == []
+    assert distributed.share(rows, distributed.SINGLE) == rows
+
+
+def test_without_torchrun_it_is_one_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.from_env() == distributed.SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.from_env() == distributed.World(1, 2, 1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(distributed.TrainError, match="not a valid process layout"):
+        distributed.from_env()
