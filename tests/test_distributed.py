@@ -5,10 +5,13 @@ The runs are subprocesses (torchrun starts its own), so they would see the demo-
 the small one conftest.py sets up as a model folder and trains that instead.
 """
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +34,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
-    """Run train.py (under torchrun when procs > 1) on 5 examples: with a global batch of 4, each epoch is one
+def command(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> list[str]:
+    """train.py (under torchrun when procs > 1) on 5 examples: with a global batch of 4, each epoch is one
     micro-batch of 4 and one of 1, which leaves rank 1 nothing in every second step."""
     args = ["train.py", "--model", str(tmp / "model"), "--data", str(tmp / "data.jsonl"), "--eval-data",
             str(tmp / "data.jsonl"), "--out", str(tmp / out), "--batch-size", str(batch), "--max-steps", str(STEPS),
@@ -42,8 +45,15 @@ def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
                      "--master_port", str(free_port())]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return launcher + args
+
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
+    done = subprocess.run(command(tmp, out, procs, batch, *extra), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / out
 
@@ -113,3 +123,41 @@ def test_without_torchrun_it_is_one_process(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(distributed.TrainError, match="not a valid process layout"):
         distributed.from_env()
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with this LOCAL_RANK (Linux /proc)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's pid in /proc")
+def test_ctrl_c_on_one_rank_stops_all_with_a_checkpoint(runs):
+    tmp = runs[0]
+    out = tmp / "stopped"
+    cmd = command(tmp, out.name, 2, 2, "--save-every", "1000")
+    cmd[cmd.index("--max-steps") + 1] = "1000"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and len(records(out)) >= 3):  # eval at 0, then steps 1, 2
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+            time.sleep(0.2)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGINT)  # rank 1 alone: rank 0 hears of it at the next step
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "exitcode  : 130" in err, err[-3000:]
+    steps = [step for step, _ in sorted(records(out).items())]
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert saved == [f"step-{steps[-1]:07d}"] and 2 <= steps[-1] < 1000
+    state = json.loads((out / "checkpoints" / saved[0] / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == steps[-1]
