@@ -161,3 +161,17 @@ def test_ctrl_c_on_one_rank_stops_all_with_a_checkpoint(runs):
     assert saved == [f"step-{steps[-1]:07d}"] and 2 <= steps[-1] < 1000
     state = json.loads((out / "checkpoints" / saved[0] / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == steps[-1]
+
+
+def test_dist_memory_table_adds_up():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dist_memory
+    from family_memory import estimate
+
+    mini = estimate("phi3-mini-4k", 16, 8192)
+    two, eight = (dist_memory.per_gpu("phi3-mini-4k", 16, 8192, n) for n in (2, 8))
+    assert two["ddp_gb"] == eight["ddp_gb"] > mini["weights_gb"]  # DDP: the whole base on every GPU
+    shard = (mini["weights_gb"] + mini["lora_state_gb"]) * (1 / 2 - 1 / 8)
+    assert two["fsdp_gb"] - eight["fsdp_gb"] == pytest.approx(shard)  # FSDP2: the sharded part / N
+    # a Phi-3-mini block: qkv 3072x9216, o 3072x3072, gate_up 3072x16384, down 8192x3072, two norms of 3072
+    assert dist_memory.block_params("phi3-mini-4k") == 3072 * (9216 + 3072 + 16384 + 8192) + 2 * 3072
