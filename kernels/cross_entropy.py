@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, guarded, kernel_on, rows, tl, triton
 from .reference import fused_linear_cross_entropy_reference  # noqa: F401 - the op's contract, exported with it
 
 
@@ -125,6 +125,32 @@ def _softmax_ce_grad_torch_(logits, labels, ignore_index, scale):
     return loss
 
 
+CHECK_ROWS = 8  # rows the runtime guard compares with the torch step, the first time the kernel runs on a GPU
+
+
+def _ce_step(logits, h_c, weight, labels, ignore_index, scale):
+    """The per-chunk step: Triton where it runs (guarded: the first chunk on each GPU is compared with the torch
+    step; a failure recomputes the chunk's logits and falls back), else torch."""
+    def torch_step(n=None):  # on fresh logits of rows [:n], so an interrupted kernel cannot have touched them
+        fresh = h_c[:n] @ weight.t()
+        loss = _softmax_ce_grad_torch_(fresh, labels[:n], ignore_index, scale)
+        return loss, fresh
+
+    def reference():
+        loss, fresh = torch_step()
+        logits.copy_(fresh)
+        return loss
+
+    def check(loss):
+        want_loss, want_grad = torch_step(CHECK_ROWS)
+        return [(loss[:CHECK_ROWS], want_loss), (logits[:CHECK_ROWS], want_grad)]
+
+    if not kernel_on("fused_ce", logits):
+        return _softmax_ce_grad_torch_(logits, labels, ignore_index, scale)
+    return guarded("fused_ce", logits, lambda: _softmax_ce_grad_triton_(logits, labels, ignore_index, scale),
+                   reference, check)
+
+
 def _default_chunk_size(N, V, H):
     # Liger's heuristic: chunks of C rows with C·V about N·H, so a chunk of logits is about the size of hidden.
     chunks = max(1, -(-V // H))
@@ -141,7 +167,6 @@ def fused_linear_ce_forward(hidden, weight, labels, ignore_index, reduction, chu
     if n_bad:
         raise ValueError(f"{n_bad} labels are outside [0, {V}) and not ignore_index={ignore_index}")
     scale = 1.0 if reduction == "sum" else 1.0 / max(n_valid, 1)
-    step = _softmax_ce_grad_triton_ if use_triton(hidden) else _softmax_ce_grad_torch_
     C = chunk_size or _default_chunk_size(N, V, H)
 
     loss_rows = torch.empty((N,), dtype=torch.float32, device=hidden.device)
@@ -151,7 +176,7 @@ def fused_linear_ce_forward(hidden, weight, labels, ignore_index, reduction, chu
         end = min(start + C, N)
         h_c = hidden[start:end]                                               # (c, H)
         logits = h_c @ weight.t()                                             # (c, V), hidden's dtype
-        loss_rows[start:end] = step(logits, labels[start:end], ignore_index, scale)  # logits now hold dlogits
+        loss_rows[start:end] = _ce_step(logits, h_c, weight, labels[start:end], ignore_index, scale)  # -> dlogits
         if need_h:
             torch.mm(logits, weight, out=grad_h[start:end])                   # (c, V)·(V, H)
         if need_w:

@@ -1,4 +1,4 @@
-"""Fused LoRA linear layer: the low-rank update rides in the epilogue of the frozen base GEMM.
+"""Fused LoRA linear layer: the low-rank update rides in the accumulator of the frozen base GEMM.
 
     y = x·Wᵀ + s·(x_l·Aᵀ)·Bᵀ + bias
 
@@ -9,15 +9,18 @@ so the (M, N) output is written, read and written again. Here (after LoRAFusion,
 which fuses the same way; unsloth gets part of the benefit with an in-place `addmm_`):
 
   forward   xa = x_l·Aᵀ                                   (M, R)  thin GEMM, torch
-            y  = x·Wᵀ  ⊕  s·xa·Bᵀ ⊕ bias                  (M, N)  one Triton GEMM over K; ⊕ = in its epilogue
+            y  = s·xa·Bᵀ ⊕ x·Wᵀ ⊕ bias                    (M, N)  one Triton GEMM; ⊕ = into its one accumulator
   backward  g  = dY·B                                     (M, R)  thin GEMM, torch
-            dX = dY·W  ⊕  s·g·A                           (M, K)  the same Triton kernel, reducing over N
+            dX = s·g·A ⊕ dY·W                             (M, K)  the same Triton kernel, reducing over N
             dA = s·gᵀ·x_l                                 (R, K)  thin, torch
             dB = s·dYᵀ·xa                                 (N, R)  thin, torch
             dbias = Σ_m dY
 
-R is small (8..64), so each epilogue is one extra (BLOCK_M, R)·(R, BLOCK_N) tile product on data already in
-registers, and y (or dX) is written exactly once. With dropout the low-rank path sees a different input, so the
+R is small (8..192: MergedLinear's qkv at r 64 is 3·64), so the low-rank term is a few extra tile products of
+R_CHUNK (32) columns, accumulated BEFORE the K loop into the same fp32 accumulator the loop continues (then scaled
+by s): one (BLOCK_M, BLOCK_N) accumulator ever lives in registers, which keeps the 128x256 / 256x128 tiles at the
+base GEMM's register count (no spills, no serialized wgmma on sm_90; tests/test_kernels_compile.py). y (or dX) is
+written exactly once. With dropout the low-rank path sees a different input, so the
 backward returns dX = dY·W and d(x_l) = s·g·A separately and autograd sums them through the dropout.
 
 Every product accumulates in fp32; fp32 inputs use IEEE fp32 products (no TF32) so results match torch to ~1e-6.
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, guarded, kernel_on, tl, triton
 from .reference import lora_linear_reference
 
 
@@ -60,7 +63,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
         PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32); ignored by tl.dot for 16-bit inputs
         DOT_FP32: tl.constexpr,   # interpreter + bf16 only (see matmul_lowrank): upcast (exact) before tl.dot
-        BLOCK_R: tl.constexpr,    # R padded to a power of two >= 16 (tl.dot's minimum), masked
+        R_CHUNK: tl.constexpr,    # low-rank columns per step (>= 16, tl.dot's minimum); the last step is masked
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # c = a·b + scaling·u·v (+ bias): one program per (BLOCK_M, BLOCK_N) tile of c.
@@ -88,6 +91,26 @@ if HAS_TRITON:
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA:
+            # The rank-R term first, R_CHUNK columns of u (rows of v) at a time, into the one accumulator the K loop
+            # then continues: acc = s·u·v + a·b. A whole (BLOCK_M, R) tile next to a second (BLOCK_M, BLOCK_N) fp32
+            # accumulator after the loop (the first design) doubled the registers of the cuBLAS-class tiles: 255
+            # per thread, spills, wgmma serialized on sm_90 (tests/test_kernels_compile.py measures this).
+            offs_r = tl.arange(0, R_CHUNK)
+            u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur  # (BLOCK_M, R_CHUNK)
+            v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn  # (R_CHUNK, BLOCK_N)
+            for rb in range(0, tl.cdiv(R, R_CHUNK)):
+                r_left = R - rb * R_CHUNK
+                u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+                if DOT_FP32:
+                    u = u.to(tl.float32)
+                    v = v.to(tl.float32)
+                acc = tl.dot(u, v, acc, input_precision=PRECISION)
+                u_ptrs += R_CHUNK * stride_ur
+                v_ptrs += R_CHUNK * stride_vr
+            acc = acc * scaling
+
         for kb in range(0, tl.cdiv(KR, BLOCK_K)):
             k_left = KR - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
@@ -99,18 +122,7 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        # Epilogue: the rank-R update for this tile, then bias, while acc is still in registers.
-        if HAS_LORA:
-            offs_r = tl.arange(0, BLOCK_R)
-            r_ok = offs_r < R
-            u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                        mask=r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
-            v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                        mask=r_ok[:, None], other=0.0)  # (BLOCK_R, BLOCK_N)
-            if DOT_FP32:
-                u = u.to(tl.float32)
-                v = v.to(tl.float32)
-            acc += scaling * tl.dot(u, v, input_precision=PRECISION)
+        # Epilogue: bias, while acc is still in registers.
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols)  # (BLOCK_N,)
             acc += bias.to(tl.float32)[None, :]
@@ -119,32 +131,61 @@ if HAS_TRITON:
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < NO)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
-    def _config(bm, bn, bk, warps, stages):
-        return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+    def _config(bm, bn, bk, warps, stages, r_chunk=32):
+        return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, R_CHUNK=r_chunk),
+                             num_warps=warps, num_stages=stages)
 
-    # Tuned for the H100 (228 KB shared memory per SM: 128x256x64 bf16 tiles fit 4 stages); the last three keep
-    # smaller GPUs and small problems sane. Configs that do not fit are skipped by the autotuner.
-    _GPU_CONFIGS = [
+    # 16-bit inputs (tensor cores: wgmma on sm_90, mma on sm_80). The first three are cuBLAS's H100 tiles (228 KB
+    # of shared memory per SM fits 128x256x64 bf16 at 4 stages); the rest keep smaller GPUs and problems sane.
+    # Every one compiles for sm_90 and sm_80 without spills or serialized wgmma at R up to 192 (MergedLinear's
+    # r 64 x 3): tests/test_kernels_compile.py checks that, bench/RESULTS.md has the numbers.
+    CONFIGS_16BIT = [
         _config(128, 256, 64, 8, 3),
         _config(128, 256, 64, 8, 4),
         _config(256, 128, 64, 8, 3),
         _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 4, 4),
         _config(64, 128, 32, 4, 4),
-        _config(128, 64, 32, 4, 4),
         _config(64, 64, 32, 4, 3),
     ]
-    # The interpreter is slow and has nothing to tune: one small tile, so odd test shapes span several tiles.
-    _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
+    # fp32 inputs (IEEE products, no TF32): FMA, no tensor cores. The 16-bit tiles would need 288-384 KB of shared
+    # memory or spill tens of KB; 64x128 and 128x64 (w4) still reach 246-255 registers and spill on sm_80. These two
+    # stay under 128 registers on sm_90 and do not spill on either target.
+    CONFIGS_FP32 = [
+        _config(64, 64, 32, 4, 3),
+        _config(32, 64, 32, 4, 3),
+    ]
+    # The interpreter is slow and has nothing to tune: one small tile, so odd test shapes span several tiles, and
+    # R_CHUNK 16 so the test ranks take more than one low-rank step.
+    _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, R_CHUNK=16)
 
     # R and the flags are in the key too: r=64, or the base GEMM alone, is another kernel than r=8 with a bias
-    _matmul_lowrank_tuned = triton.autotune(
-        configs=_GPU_CONFIGS, key=["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS"])(_matmul_lowrank_kernel)
+    _KEY = ["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS"]
+    _matmul_lowrank_16bit = triton.autotune(configs=CONFIGS_16BIT, key=_KEY)(_matmul_lowrank_kernel)
+    _matmul_lowrank_fp32 = triton.autotune(configs=CONFIGS_FP32, key=_KEY)(_matmul_lowrank_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
+
+CHECK_ROWS = 8  # rows the runtime guard compares with the reference, the first time the kernel runs on a GPU
+
+
+def _pad_rank(u, v):
+    """u (M, R), v (R, NO) -> zero-padded copies (M, R16), (R16, NO) when a stride is not a multiple of 16.
+
+    Triton vectorizes a load only when it can prove the alignment, i.e. strides divisible by 16; with R = 8 (xa's
+    row stride, Bᵀ's column stride) every u/v element gets its own 64-bit address: 255 registers and spills on
+    sm_90. The zero columns add nothing to u·v; the copies are thin (M·R16 and R16·NO elements).
+    """
+    if all(s == 1 or s % 16 == 0 for s in (*u.stride(), *v.stride())):
+        return u, v, u.shape[1]
+    R = u.shape[1]
+    R16 = -(-R // 16) * 16
+    u = torch.nn.functional.pad(u, (0, R16 - R))                          # (M, R16), contiguous
+    v = torch.nn.functional.pad(v, (0, 0, 0, R16 - R))                    # (R16, NO), contiguous
+    return u, v, R16
+
 
 def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
     """c = a·b + scaling·u·v + bias in one Triton GEMM, output in a's dtype, fp32 accumulation.
@@ -168,6 +209,7 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
     if has_lora:
         assert u.shape == (M, R) and v.shape == (R, NO), (u.shape, v.shape)
         assert u.dtype == v.dtype == a.dtype == b.dtype, (u.dtype, v.dtype, a.dtype, b.dtype)
+        u, v, R = _pad_rank(u, v)
     else:
         u = v = c  # never read
     kernel_args = (
@@ -182,7 +224,6 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         DOT_FP32=interpret_bf16,
-        BLOCK_R=max(16, triton.next_power_of_2(R)),
     )
 
     def grid(meta):
@@ -193,7 +234,8 @@ def matmul_lowrank(a, b, u=None, v=None, scaling=1.0, bias=None):
         if INTERPRET:
             _matmul_lowrank_kernel[grid](*kernel_args, **meta, **_INTERPRET_META)
         else:
-            _matmul_lowrank_tuned[grid](*kernel_args, **meta)
+            tuned = _matmul_lowrank_fp32 if a.dtype == torch.float32 else _matmul_lowrank_16bit
+            tuned[grid](*kernel_args, **meta)
     return c.to(a.dtype)
 
 
@@ -233,7 +275,10 @@ class LoRALinearFunction(torch.autograd.Function):
         g = dy2 @ B if (fused_dx or need_A or need_lx) else None     # (M, R)
         if need_x:
             if fused_dx:   # dX = dY·W + s·g·A, written once
-                dx = matmul_lowrank(dy2, weight, g, A, s)             # (M, K)
+                def reference(n=None):
+                    return torch.addmm(dy2[:n] @ weight, g[:n], A, alpha=s)  # (n, K)
+                dx = guarded("lora_linear", dy, lambda: matmul_lowrank(dy2, weight, g, A, s), reference,
+                             lambda got: [(got[:CHECK_ROWS], reference(CHECK_ROWS))], stage="backward")  # (M, K)
             else:          # the low-rank part goes to lora_x below; autograd adds it back through the dropout
                 dx = dy2 @ weight                                     # (M, K)
             dx = dx.reshape(*lead, K)
@@ -279,6 +324,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, lora_x=None):
     Runs the Triton kernels on CUDA tensors (or anywhere under TRITON_INTERPRET=1), else `lora_linear_reference`.
     """
     _check(x, weight, bias, lora_A, lora_B, lora_x)
-    if not use_triton(x):
+    if not kernel_on("lora_linear", x):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_x)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), lora_x)
+    K, N = x.shape[-1], weight.shape[0]
+
+    def check(y):
+        n = CHECK_ROWS
+        lx = None if lora_x is None else lora_x.reshape(-1, K)[:n]
+        return [(y.reshape(-1, N)[:n], lora_linear_reference(x.reshape(-1, K)[:n], weight, bias, lora_A, lora_B,
+                                                             scaling, lx))]
+
+    return guarded("lora_linear", x, lambda: LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B,
+                                                                      float(scaling), lora_x),
+                   lambda: lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_x), check)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, guarded, kernel_on, reference_vjp, rows, tl, triton
 from .reference import rms_norm_reference
 
 
@@ -95,6 +95,9 @@ if HAS_TRITON:
             tl.store(dw_ptr + pid * H + cols, dw_acc, mask=mask)
 
 
+CHECK_ROWS = 8  # rows the runtime guard compares with the reference, the first time the kernel runs on a GPU
+
+
 def _num_warps(block):
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
@@ -153,13 +156,22 @@ class RMSNormFunction(torch.autograd.Function):
         y2, rstd = rms_norm_forward(x2, weight, eps)         # (M, H), (M,)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
+        ctx.eps = eps
         return y2.reshape(*x.shape[:-1], H)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         need_x, need_w, _ = ctx.needs_input_grad
-        dx, dw = rms_norm_backward(rows(dy, x2.shape[1]), x2, weight, rstd, need_w)
+        dy2 = rows(dy, x2.shape[1])                                                # (M, H)
+
+        def reference(n=None):  # the rows [:n] (all when None) through autograd of the reference
+            dx, dw = reference_vjp(lambda a, w: rms_norm_reference(a, w, ctx.eps), (x2[:n], weight),
+                                   (True, need_w), dy2[:n].to(torch.promote_types(x2.dtype, weight.dtype)))
+            return dx.to(x2.dtype), (dw.to(weight.dtype) if dw is not None else None)
+
+        dx, dw = guarded("rmsnorm", dy, lambda: rms_norm_backward(dy2, x2, weight, rstd, need_w), reference,
+                         lambda got: [(got[0][:CHECK_ROWS], reference(CHECK_ROWS)[0])], stage="backward")
         return (dx.reshape(ctx.x_shape) if need_x else None), dw, None
 
 
@@ -176,6 +188,9 @@ def rms_norm(x, weight, eps):
     """
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, x has {x.shape[-1]} features")
-    if not use_triton(x):
+    if not kernel_on("rmsnorm", x):
         return rms_norm_reference(x, weight, eps)
-    return RMSNormFunction.apply(x, weight, float(eps))
+    H = x.shape[-1]
+    return guarded("rmsnorm", x, lambda: RMSNormFunction.apply(x, weight, float(eps)),
+                   lambda: rms_norm_reference(x, weight, eps),
+                   lambda y: [(rows(y, H)[:CHECK_ROWS], rms_norm_reference(rows(x, H)[:CHECK_ROWS], weight, eps))])

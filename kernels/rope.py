@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, device_guard, tl, triton, use_triton
+from ._triton import HAS_TRITON, device_guard, guarded, kernel_on, reference_vjp, tl, triton
 from .reference import apply_rope_reference
 
 
@@ -107,6 +107,9 @@ if HAS_TRITON:
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
 
+CHECK_POSITIONS = 4  # positions the runtime guard compares with the reference, the first time on a GPU
+
+
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -156,7 +159,19 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = rope_launch(dq_out, dk_out, cos, sin, backward=True)
+
+        def reference(n=None):  # positions [:n] (all when None): the map is linear, so zeros stand in for q, k
+            dq_n, dk_n = dq_out[:, :, :n], dk_out[:, :, :n]
+            return tuple(reference_vjp(apply_rope_reference, (torch.zeros_like(dq_n), torch.zeros_like(dk_n),
+                                                              cos[:, :n], sin[:, :n]),
+                                       (True, True, False, False), (dq_n, dk_n))[:2])
+
+        def check(got):
+            want = reference(CHECK_POSITIONS)
+            return [(got[0][:, :, :CHECK_POSITIONS], want[0]), (got[1][:, :, :CHECK_POSITIONS], want[1])]
+
+        dq, dk = guarded("rope", dq_out, lambda: rope_launch(dq_out, dk_out, cos, sin, backward=True), reference,
+                         check, stage="backward")
         need_q, need_k, _, _ = ctx.needs_input_grad
         return (dq if need_q else None), (dk if need_k else None), None, None
 
@@ -193,6 +208,13 @@ def apply_rope(q, k, cos, sin):
     tensors (or anywhere under TRITON_INTERPRET=1), else `apply_rope_reference`.
     """
     _check(q, k, cos, sin)
-    if not use_triton(q):
+    if not kernel_on("rope", q):
         return apply_rope_reference(q, k, cos, sin)
-    return RoPEFunction.apply(q, k, cos, sin)
+
+    def check(out):
+        n = CHECK_POSITIONS
+        want = apply_rope_reference(q[:, :, :n], k[:, :, :n], cos[:, :n], sin[:, :n])
+        return [(out[0][:, :, :n], want[0]), (out[1][:, :, :n], want[1])]
+
+    return guarded("rope", q, lambda: RoPEFunction.apply(q, k, cos, sin),
+                   lambda: apply_rope_reference(q, k, cos, sin), check)

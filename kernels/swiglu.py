@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, rows, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, guarded, kernel_on, reference_vjp, rows, tl, triton
 from .reference import swiglu_reference
 
 
+
+
+CHECK_ROWS = 8  # rows the runtime guard compares with the reference, the first time the kernel runs on a GPU
 
 
 def _block(I):
@@ -133,7 +136,13 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         (gu2,) = ctx.saved_tensors
-        dgu = swiglu_backward(rows(dh, gu2.shape[1] // 2), gu2)  # (M, 2I)
+        dh2 = rows(dh, gu2.shape[1] // 2)                                        # (M, I)
+
+        def reference(n=None):  # rows [:n] (all when None) through autograd of the reference
+            return reference_vjp(swiglu_reference, (gu2[:n],), (True,), dh2[:n])[0]
+
+        dgu = guarded("swiglu", dh, lambda: swiglu_backward(dh2, gu2), reference,
+                      lambda got: [(got[:CHECK_ROWS], reference(CHECK_ROWS))], stage="backward")  # (M, 2I)
         return dgu.reshape(ctx.shape)
 
 
@@ -149,6 +158,8 @@ def swiglu(gate_up):
     """
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
-    if not use_triton(gate_up):
+    if not kernel_on("swiglu", gate_up):
         return swiglu_reference(gate_up)
-    return SwiGLUFunction.apply(gate_up)
+    width = gate_up.shape[-1]
+    return guarded("swiglu", gate_up, lambda: SwiGLUFunction.apply(gate_up), lambda: swiglu_reference(gate_up),
+                   lambda h: [(rows(h, width // 2)[:CHECK_ROWS], swiglu_reference(rows(gate_up, width)[:CHECK_ROWS]))])
