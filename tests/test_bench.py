@@ -98,3 +98,24 @@ def test_qlora_matmul_smoke():
     assert set(row["ms"]) >= {"ours-nf4", "ours-bf16"} and all(v > 0 for v in row["ms"].values())
     # ours (and bitsandbytes' dequant + matmul) compute y, dX, dA, dB of the dense dequant(W4) reference
     assert max(row["err"].values()) < 1e-5, row["err"]
+
+
+@pytest.mark.slow  # three subprocesses that each import torch (two import transformers): ~30 CPU-seconds
+def test_gpu_check_cpu_mode(tmp_path):
+    # the one-command GPU check, in its CPU smoke mode: every part runs, and the JSON and markdown land in --out
+    # a generous budget: CI machines are shared; on 2 idle cores the run takes about 25 s (bench/RESULTS.md)
+    out, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "280")
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "train": "ok"}
+    assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
+    assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
+    assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "planned share (estimate)" in md and "## matmul" in md and "## train" in md
+
+
+def test_gpu_check_never_exceeds_its_budget(tmp_path):
+    _, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "4", timeout=60)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["elapsed_s"] <= 4.5, report
+    assert all(v["status"] != "ok" for v in report["parts"].values()), report  # stopped or skipped, and said so
