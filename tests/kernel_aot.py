@@ -11,8 +11,8 @@ compiled kernel's metadata.shared (the dynamic shared memory a launch requests).
 
 Compiles run in worker subprocesses (`python tests/kernel_aot.py TASKS.json OUT.json`), a batch each, so the
 LLVM/ptxas memory of one batch is gone before the next; results are cached per task under
-~/.cache/phi3lora/kernel-aot, keyed by the kernel module's source, kernels/_triton.py, the registry file, this
-file and the Triton version, so an edit to any of them recompiles.
+~/.cache/phi3lora/kernel-aot, keyed by the kernel module's source, kernels/_triton.py, the registry entry's
+case builder (its source and the shape constants), this file and the Triton version: an edit to any recompiles.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def _file_text(path):
 def task_key(task, module_file, triton_version):
     """A cache key that changes when anything that shapes the compile does."""
     h = hashlib.sha256()
-    for part in (_file_text(module_file), _file_text(ROOT / "kernels" / "_triton.py"), _file_text(task["registry"]),
+    for part in (_file_text(module_file), _file_text(ROOT / "kernels" / "_triton.py"), task.get("builder", ""),
                  _file_text(__file__), triton_version,
                  json.dumps({k: task[k] for k in ("kernel", "cfg", "cfg_label", "dtype", "cap", "case")})):
         h.update(part.encode())

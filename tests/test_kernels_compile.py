@@ -26,6 +26,7 @@ until every @triton.jit kernel in kernels/*.py has an entry.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -151,6 +152,45 @@ def ce_cases(dtype, cap):  # one chunk of logits (C, V) in hidden's dtype, int64
     return {"V=32064": [(args, dict(BLOCK_V=mod._block_v(VOCAB), num_warps=8))]}
 
 
+NF4 = dict(BLOCKSIZE=64, DOUBLE_QUANT=True)  # bitsandbytes' defaults, what --quantize nf4 writes
+
+
+def nf4_mm_cases(dtype, cap):
+    """nf4_matmul_lowrank as NF4LoRALinearFunction calls it, r 16, o_proj and gate_up: forward (W' = Wᵀ, virtual
+    strides (1, K)) and backward dX (W' = W, (K, 1)). Pointers: a, packed (uint8), absmax (uint8, double quant),
+    code, absmax2, code2 (fp32), u, v, bias(=c), c."""
+    dt, cases, R = DTYPES[dtype], {}, 16
+    meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                DOT_FP32=False, BLOCK_R=16)
+    ptrs = (dt, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, dt, dt, dt)
+    for K, N in (LINEARS["o"], LINEARS["gate_up"]):
+        for M in TOKENS:
+            fwd = (M, N, K, R, np2(M), K, 1, 1, K, R, 1, 1, R, N, 1, 0.03, 2.0)
+            bwd = (M, K, N, R, np2(M), N, 1, K, 1, R, 1, K, 1, K, 1, 0.03, 2.0)
+            cases.setdefault("fwd R=16", []).append((ptrs + fwd, meta))
+            cases.setdefault("bwd R=16", []).append((ptrs + bwd, meta))
+    return cases
+
+
+def nf4_mm_configs(dtype):
+    return list(_module("kernels.nf4_lora")._GPU_CONFIGS)
+
+
+def nf4_mm_ci(dtype, cap, case, cfg):
+    return cfg == 0 and dtype == "bf16" and case == "fwd R=16"
+
+
+def nf4_mm_full(dtype, cap, case, cfg):
+    """The slow sweep's share (its 3-minute budget): every config in bf16 on sm_90, the first elsewhere."""
+    return dtype == "bf16" and cap == 90 or cfg == 0
+
+
+def nf4_dequant_cases(dtype, cap):
+    dt = DTYPES[dtype]
+    args = (torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, 0.03, 9216 * 3072)
+    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024))]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry: one line per kernel
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,6 +202,8 @@ class Kernel:
     cases: Callable                               # (dtype name, capability) -> {case: [(args, meta), ...]}
     configs: Callable = field(default=lambda dtype: [None])  # dtype name -> autotune configs; [None]: plain launch
     ci: Callable = field(default=lambda dtype, cap, case, cfg: True)  # compiled in the default (non-slow) run?
+    full: Callable = field(default=lambda dtype, cap, case, cfg: True)  # compiled in the slow sweep?
+    known_issue: str = ""  # a known failure: left out of both runs, checked by the xfail test below instead
 
     @property
     def jit(self):
@@ -176,6 +218,10 @@ CASES = [
     Kernel("kernels.swiglu", "_swiglu_fwd_kernel", swiglu_cases(False)),
     Kernel("kernels.swiglu", "_swiglu_bwd_kernel", swiglu_cases(True)),
     Kernel("kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
+    Kernel("kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
+    Kernel("kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs, ci=nf4_mm_ci,
+           full=nf4_mm_full, known_issue="every config measured needs 240-288 KB of shared memory (> 227 KB on "
+           "sm_90, 163 KB on sm_80) and most spill: it cannot launch on these GPUs as configured"),
 ]
 MODULES = sorted({k.module for k in CASES})
 SPILL_FREE = ["_matmul_lowrank_kernel"]  # kernels whose every sm_90 16-bit config must be spill- and serial-free
@@ -199,21 +245,29 @@ def _cost(cfg, dtype):
     return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * (4 if dtype == "fp32" else 1)
 
 
-def make_tasks(full):
+def make_tasks(full, known_issues=False):
     # the case builders run in the workers (outside the interpreter: swiglu's block width depends on it); here
     # only their names are needed, which do not
     tasks = []
-    for entry in CASES:
+    for entry in [e for e in CASES if bool(e.known_issue) == known_issues]:
         for dtype in DTYPES:
             configs = entry.configs(dtype)
             for cap in TARGETS:
                 for case in entry.cases(dtype, cap):
                     for ci, cfg in enumerate(configs):
-                        if full or entry.ci(dtype, cap, case, ci):
-                            tasks.append(dict(registry=__file__, module=entry.module, kernel=entry.kernel, cfg=ci,
+                        if entry.full(dtype, cap, case, ci) if full else entry.ci(dtype, cap, case, ci):
+                            tasks.append(dict(registry=__file__, builder=builder_source(entry),
+                                              module=entry.module, kernel=entry.kernel, cfg=ci,
                                               cfg_label=cfg_label(cfg), dtype=dtype, cap=cap, case=case,
                                               cost=_cost(cfg, dtype)))
     return tasks
+
+
+def builder_source(entry):
+    """What the cache key needs of the registry: this entry's builders and the shapes they use."""
+    import inspect
+    constants = (HID, INTER, VOCAB, HEADS, KV, HDIM, ROT, SEQ, TOKENS, LINEARS, RANKS, NF4, SMS)
+    return inspect.getsource(entry.cases) + inspect.getsource(entry.configs) + repr(constants)
 
 
 def module_files():
@@ -291,20 +345,29 @@ def run(full):
 # Tests
 # ----------------------------------------------------------------------------------------------------------------
 
+def jit_kernels(path):
+    """The @triton.jit functions of a kernels/*.py file that no other one calls (device functions are inlined
+    into their callers and compiled with them)."""
+    tree = ast.parse(Path(path).read_text())
+    jits = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            and any("jit" in ast.unparse(d) for d in node.decorator_list)}
+    called = {c.func.id for node in jits.values() for c in ast.walk(node)
+              if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+    # a device function another module imports (nf4.decode_nf4 in nf4_lora) is not a kernel either
+    return [name for name in jits if name not in called and not _imported_elsewhere(name, path)]
+
+
+def _imported_elsewhere(name, path):
+    return any(re.search(rf"import[^\n]*\b{name}\b", p.read_text()) for p in (ROOT / "kernels").glob("*.py")
+               if p != Path(path))
+
+
 def test_every_kernel_is_registered():
-    """Each @triton.jit in kernels/*.py is registered, or is a device function another kernel calls."""
+    """Each @triton.jit kernel in kernels/*.py is registered (device functions are compiled with their callers)."""
     pytest.importorskip("triton")
     registered = {(k.module, k.kernel) for k in CASES}
-    missing = []
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        src = path.read_text()
-        names = re.findall(r"@triton\.jit\s*\n\s*def (\w+)", src)
-        module = f"kernels.{path.stem}"
-        for name in names:
-            called = any(re.search(rf"\b{name}\(", src.split(f"def {other}(", 1)[1].split("\ndef ", 1)[0])
-                         for other in names if other != name)
-            if (module, name) not in registered and not called:
-                missing.append(f"{module}.{name}")
+    missing = [f"kernels.{p.stem}.{name}" for p in sorted((ROOT / "kernels").glob("*.py"))
+               for name in jit_kernels(p) if (f"kernels.{p.stem}", name) not in registered]
     assert not missing, f"register these kernels in CASES (tests/test_kernels_compile.py): {missing}"
 
 
@@ -328,3 +391,14 @@ def test_kernels_compile_for_sm90_and_sm80():
 @pytest.mark.slow
 def test_full_sweep():
     _check(full=True)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="kernels registered with a known_issue (see CASES); passes once they are fixed",
+                   strict=False)
+def test_known_issues_are_fixed():
+    pytest.importorskip("triton")
+    rows = kernel_aot.run_tasks(make_tasks(full=False, known_issues=True), module_files(), workers=2)
+    print("\n" + table(rows))
+    bad = problems(rows, False)
+    assert not bad, "\n".join(bad)
