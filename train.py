@@ -46,7 +46,8 @@ import torch
 
 import lora
 from phi3mini import Tokenizer, atomic
-from phi3mini.data import DataError, collate, fingerprint, load_dataset, split_eval
+from phi3mini import data
+from phi3mini.data import DataError, TokenSet, collate, fingerprint
 from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples, sample_prompts
 from training import config, distributed
 from training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
@@ -468,23 +469,19 @@ def prepare_out(out: Path, t: TrainingConfig) -> Path | None:
     return resume_from
 
 
-def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[list, list]:
-    """(training examples, eval examples): eval from eval_data, or eval_fraction of data held out."""
+def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[TokenSet, TokenSet]:
+    """(training examples, eval examples) from the data sources, tokenized once and cached (phi3mini.data)."""
     try:
-        train_set, stats = load_dataset(t.data, tokenizer, t.max_seq_len, t.train_on)
-        log(stats.summary())
-        for line in stats.examples[:3]:
-            log(f"  skipped {line}")
-        if t.eval_data:
-            eval_set, eval_stats = load_dataset(t.eval_data, tokenizer, t.max_seq_len, t.train_on)
-            log(eval_stats.summary())
-        else:
-            train_set, eval_set = split_eval(train_set, t.eval_fraction, t.seed)
-            if eval_set:
-                log(f"holding out {len(eval_set)} of {len(train_set) + len(eval_set)} examples for evaluation")
+        sets = data.load_data(t.data, tokenizer, t.max_seq_len, t.train_on, split=t.data_split,
+                              eval_data=t.eval_data, eval_split=t.eval_split, eval_fraction=t.eval_fraction,
+                              seed=t.seed, max_examples=t.max_examples, cache=t.data_cache)
     except DataError as e:
         raise TrainError(str(e)) from None
-    return train_set, eval_set
+    for line in sets.report:
+        log(line)
+    n = sets.train.n_tokens + sets.eval.n_tokens
+    log(f"{n:,} tokens {'read from the data cache' if sets.from_cache else 'tokenized'}")
+    return sets.train, sets.eval
 
 
 def describe_schedule(run: Run) -> None:

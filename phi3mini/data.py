@@ -116,7 +116,7 @@ class TokenSet:
     def __getitem__(self, i: int) -> Example:
         r = int(self.rows[i])
         a, b = int(self.store.offsets[r]), int(self.store.offsets[r + 1])
-        ids = np.asarray(self.store.ids[a:b])
+        ids = np.array(self.store.ids[a:b])  # a copy: the mapped file is read-only (torch warns on such arrays)
         labels = np.where(self.store.mask[a:b] != 0, ids, IGNORE).astype(np.int64)
         return Example(ids, labels, self.store.where(r))
 

@@ -221,3 +221,53 @@ def test_missing_sources_and_specs(tmp_path, tok):
         load_data(str(tmp_path / "*.parquet"), tok, 512, cache="off")
     with pytest.raises(DataError, match="no data given"):
         load_data(" , ", tok, 512, cache="off")
+
+
+@pytest.mark.slow
+def test_train_tiny_on_every_form_and_source(tmp_path, capsys):
+    """train.py on a mix of every form and file kind plus a Hub-style folder with its eval split; --resume reads
+    the data cache; a bad record stops with exit 2 and file:line before the model is built."""
+    import sys
+    from pathlib import Path
+
+    import zstandard
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    forms = [{"messages": CONV}, {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo."}]},
+             {"instruction": "Say hi.", "output": "Hi."}, {"prompt": "2 + 2?", "completion": "4."},
+             {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                           {"role": "assistant", "content": "Hello."}]},
+             {"text": "<|user|>\nQ<|end|>\n<|assistant|>\nA.<|end|>\n"}]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", forms)
+    pq.write_table(_table([{"messages": SHORT}] * 2), tmp_path / "b.parquet")
+    (tmp_path / "c.json.gz").write_bytes(gzip.compress(json.dumps(forms).encode()))
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(mixed.read_bytes()))
+    arrow = _table([{"messages": CONV}])
+    with pa.OSFile(str(tmp_path / "e.arrow"), "wb") as sink, pa.ipc.new_file(sink, arrow.schema) as w:
+        w.write_table(arrow)  # the IPC file format (the stream format is in test_file_kinds_folders_and_globs)
+    hub = _hub_folder(tmp_path / "hub")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    spec = ",".join([str(mixed), str(tmp_path / "b.parquet"), f"{tmp_path / 'c.json.gz'}:3",
+                     str(tmp_path / "d.jsonl.zst"), str(tmp_path / "e.arrow"), str(hub)])
+    argv = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+            "--lora-r", "4", "--log-every", "1000", "--batch-size", "4", "--data", spec, "--data-split", "train_sft",
+            "--eval-split", "test_sft", "--data-cache", str(cache), "--out", str(out)]
+    assert train.main(argv + ["--max-steps", "2"]) == 0
+    log = capsys.readouterr().err  # train.py logs to stderr
+    assert re.search(r"c.json.gz: 3 of \d+ examples kept, stopped at its limit of 3", log) and "tokenized" in log
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    stores = sorted(p.name for p in cache.iterdir())
+    assert len(stores) == 2  # the training sources, the eval split
+    assert train.main(argv + ["--max-steps", "3", "--resume"]) == 0
+    assert "read from the data cache" in capsys.readouterr().err and sorted(p.name for p in cache.iterdir()) == stores
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONV}, {"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure.<|end|>\n<|user|>\nmore"}]}])
+    assert train.main(argv[:-4] + ["--data", str(bad), "--out", str(tmp_path / "out2"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and "bad.jsonl:2: message 1 (assistant) contains" in errors[0]
+    assert "model tiny on" not in err  # refused before the model was built

@@ -44,11 +44,17 @@ class TrainingConfig:
     model: str = option("microsoft/Phi-3-mini-4k-instruct",
                         "Hub id, local folder in the Hugging Face layout, or 'tiny' (built-in random model)",
                         resume_fixed=True)
-    data: str = option("data/sample_chat.jsonl", "training JSONL: messages, text (Phi-3 format) or "
-                       "prompt/completion per line")
-    eval_data: str = option("", "evaluation JSONL; when empty, eval_fraction of data is held out")
-    eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data is empty",
-                                  min=0, below=1)
+    data: str = option("data/sample_chat.jsonl", "training data: files (.jsonl/.json/.parquet/.arrow/.csv, "
+                       ".gz/.zst), folders, globs or Hub dataset ids, comma-separated, each with an optional :N "
+                       "(its first N examples)")
+    eval_data: str = option("", "evaluation data (same forms as data); when empty, eval_split, else eval_fraction")
+    eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data and eval_split "
+                                  "are empty", min=0, below=1)
+    data_split: str = option("train", "split read from Hub datasets and split-named folders in data")
+    eval_split: str = option("", "evaluation split of data's Hub datasets and split-named folders")
+    max_examples: int = option(0, "at most this many examples of each data source without its own :N (0: all)",
+                               min=0)
+    data_cache: str = option("auto", "tokenized-data cache: auto (~/.cache/phi3-lora/data), off, or a folder")
     out: str = option("out/phi3-lora", "output folder")
     epochs: int = option(1, "passes over the data (when max_steps is 0)", above=0)
     max_steps: int = option(0, "optimizer steps; > 0 overrides epochs", min=0)
