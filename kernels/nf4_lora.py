@@ -114,13 +114,14 @@ if HAS_TRITON:
     def _config(bm, bn, bk, warps, stages):
         return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
 
-    # Smaller tiles than the bf16 GEMM's: decoding costs registers (codes, scales) next to the accumulator.
+    # Smaller tiles than the bf16 GEMM's: decoding costs registers and shared memory (the gathered codes and scales
+    # are pipelined too). Compiled ahead of time for sm_90 bf16 (shared/tools/kernel_aot.py, Phi-3-mini gate_up and
+    # qkv, M 4096): 128x128 and 64x128 tiles need 232-256 KB of shared memory (cannot launch) and spill; 64x64x64
+    # s2 is clean forward and backward, 128x64x64 s3 clean forward.
     _GPU_CONFIGS = [
-        _config(128, 128, 64, 8, 3),
-        _config(128, 128, 64, 4, 3),
-        _config(64, 128, 64, 4, 3),
         _config(128, 64, 64, 4, 3),
         _config(64, 64, 64, 4, 2),
+        _config(64, 64, 32, 4, 3),
         _config(16, 128, 64, 4, 2),  # decode-sized M (chat): a few rows, wide N
     ]
     _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
