@@ -338,7 +338,8 @@ def problems(rows, full):
 
 def run(full):
     tasks = make_tasks(full)
-    return kernel_aot.run_tasks(tasks, module_files(), workers=2, batch_size=6 if full else 4)
+    # big batches: each worker pays ~3 CPU-s to import torch and triton, so fewer workers leave more for compiles
+    return kernel_aot.run_tasks(tasks, module_files(), workers=2, batch_size=12 if full else 10)
 
 
 # ----------------------------------------------------------------------------------------------------------------
