@@ -19,8 +19,9 @@ per probe costs more than the probes); after an out-of-memory probe the activati
 cache are released, and every row records the memory allocated before its steps so a leak would show.
 
 Reports tokens/s, MFU (model FLOPs per token = 4·N_matmul + attention, Phi3.flops_per_token, over the GPU's dense
-bf16 peak; checkpointing's recomputation is not counted, as MFU's definition wants), peak memory (allocated, reset after the warm-up steps); a table for people and a JSON line last. Without
-CUDA it runs a small config on the CPU (fp32) so CI keeps it alive, and prints our step time as a ratio to theirs.
+bf16 peak; checkpointing's recomputation is not counted, as MFU's definition wants), peak memory (allocated, reset
+after the warm-up steps); a table for people and a JSON line last. Without CUDA it runs a small config on the CPU
+(fp32) so CI keeps it alive, and prints our step time as a ratio to theirs.
 
     PYTHONPATH=. python bench/train_step.py --checkpointing off --no-longest   # GPU: seq 2048 and 4096, no ckpt
     PYTHONPATH=. python bench/train_step.py --checkpointing on --no-longest    # the same with checkpointing
@@ -409,7 +410,8 @@ def main(argv=None) -> dict:
     ratios = []
     for ours in (r for r in rows if r["system"] == "ours" and "tokens_per_s" in r):
         theirs = next((t for t in rows if t["system"] == "theirs" and "tokens_per_s" in t and
-                       (t["seq"], t["batch"], t["checkpointing"]) == (ours["seq"], ours["batch"], ours["checkpointing"])),
+                       (t["seq"], t["batch"], t["checkpointing"])
+                       == (ours["seq"], ours["batch"], ours["checkpointing"])),
                       None)
         if theirs:
             ratio = {"seq": ours["seq"], "batch": ours["batch"], "checkpointing": ours["checkpointing"],

@@ -196,7 +196,8 @@ class Phi3Model(nn.Module):
 
     def __init__(self, config: Phi3Config):
         super().__init__()
-        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        pad_id = config.pad_token_id
+        pad = pad_id if pad_id is not None and pad_id < config.vocab_size else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

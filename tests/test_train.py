@@ -223,8 +223,10 @@ def test_bad_data_is_a_clean_error(tmp_path, capsys):
     good = conv("q", "a")
     cases = {
         "malformed.jsonl": ([good, '{"messages": [}'], "malformed.jsonl:2: malformed JSON"),
-        "role.jsonl": ([good, {"messages": [{"role": "bot", "content": "x"}]}], "role.jsonl:2: message 0 has unknown role 'bot'"),
-        "empty_content.jsonl": ([{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}],
+        "role.jsonl": ([good, {"messages": [{"role": "bot", "content": "x"}]}],
+                       "role.jsonl:2: message 0 has unknown role 'bot'"),
+        "empty_content.jsonl": ([{"messages": [{"role": "user", "content": ""},
+                                               {"role": "assistant", "content": "a"}]}],
                                 "empty_content.jsonl:1: message 0 (user) has empty content"),
         "empty.jsonl": ([], "empty.jsonl: the dataset is empty"),
         "no_reply.jsonl": ([{"messages": [{"role": "user", "content": "q"}]}], "1 skipped (no assistant turn)"),
