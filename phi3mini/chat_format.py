@@ -19,6 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 END_TOKEN = "<|end|>"
+
+# Phi-3's added tokens and their ids (tokenizer.json "added_tokens"); all but <|endoftext|> are rstrip.
+PHI3_ADDED_TOKENS = {
+    "<|endoftext|>": 32000, "<|assistant|>": 32001, "<|placeholder1|>": 32002, "<|placeholder2|>": 32003,
+    "<|placeholder3|>": 32004, "<|placeholder4|>": 32005, "<|system|>": 32006, "<|end|>": 32007,
+    "<|placeholder5|>": 32008, "<|placeholder6|>": 32009, "<|user|>": 32010,
+}
+EOS_TOKEN = "<|endoftext|>"
 BASE_ROLES = ("system", "user", "assistant")
 
 # microsoft/Phi-3-mini-4k-instruct tokenizer_config.json "chat_template" (the July 2024 update, with system

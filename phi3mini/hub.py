@@ -18,7 +18,6 @@ import torch
 from .config import ConfigError
 from .download import SourceError, find_folder
 from .model import Phi3
-from .tiny import tiny_tokenizer
 from .tokenizer import Tokenizer, TokenizerError
 from .weights import CheckpointError
 
@@ -38,7 +37,7 @@ def model_folder(name: str) -> Path:
 def load_tokenizer(name: str) -> Tokenizer:
     """The tokenizer that goes with model `name` ("tiny", a folder or a Hub id)."""
     if name == TINY:
-        return tiny_tokenizer()
+        return Tokenizer.tiny()
     try:
         folder = model_folder(name)
     except CheckpointError as e:

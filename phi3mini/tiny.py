@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import json
 
-from tokenizers import Tokenizer as Backend
 
-from .tokenizer import EOS_TOKEN, PHI3_ADDED_TOKENS, PHI3_CHAT_TEMPLATE, Tokenizer
+from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS, PHI3_CHAT_TEMPLATE
 
 # Phi3Config overrides of the `tiny` preset (everything else is Phi-3-mini-4k's: vocabulary 32064, ids, rope theta).
 TINY_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -143,7 +142,3 @@ def tiny_tokenizer_config() -> dict:
             "add_bos_token": False, "add_eos_token": False, "chat_template": PHI3_CHAT_TEMPLATE,
             "model_max_length": 4096}
 
-
-def tiny_tokenizer() -> Tokenizer:
-    """The tiny tokenizer (deterministic, no download): what phi3mini.hub.load_tokenizer("tiny") returns."""
-    return Tokenizer(Backend.from_str(tiny_tokenizer_json()), tiny_tokenizer_config(), source="tiny")

@@ -37,18 +37,12 @@ from tokenizers import Tokenizer as _Backend
 
 from . import atomic
 from .chat_format import BASE_ROLES as ROLES
+from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS  # noqa: F401  (their home is chat_format; named here too)
 from .chat_format import END_TOKEN, PHI3_CHAT_TEMPLATE, PHI4_CHAT_TEMPLATE, for_checkpoint
 from .download import SourceError, find_folder, looks_like_hub_id
 
 IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index); defined here only
 
-# Phi-3's added tokens and their ids (tokenizer.json "added_tokens"); all but <|endoftext|> are rstrip.
-PHI3_ADDED_TOKENS = {
-    "<|endoftext|>": 32000, "<|assistant|>": 32001, "<|placeholder1|>": 32002, "<|placeholder2|>": 32003,
-    "<|placeholder3|>": 32004, "<|placeholder4|>": 32005, "<|system|>": 32006, "<|end|>": 32007,
-    "<|placeholder5|>": 32008, "<|placeholder6|>": 32009, "<|user|>": 32010,
-}
-EOS_TOKEN = "<|endoftext|>"
 
 
 def check_messages(messages, roles: Sequence[str] = ROLES) -> list[tuple[str, str]]:
@@ -214,8 +208,8 @@ class Tokenizer:
     @classmethod
     def tiny(cls) -> "Tokenizer":
         """A small Phi-3-style tokenizer built in code (no download, deterministic): see phi3mini/tiny.py."""
-        from .tiny import tiny_tokenizer  # tiny.py builds on this module's constants
-        return tiny_tokenizer()
+        from .tiny import tiny_tokenizer_config, tiny_tokenizer_json  # imported here: only tiny users pay for it
+        return cls(_Backend.from_str(tiny_tokenizer_json()), tiny_tokenizer_config(), source="tiny")
 
     def save_pretrained(self, out_dir) -> None:
         """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json, in

@@ -18,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3mini import Phi3
+from phi3mini import Phi3, Tokenizer
 from phi3mini.config import Phi3Config
-from phi3mini.tiny import tiny_tokenizer
 from training import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +79,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
     Phi3(Phi3Config.from_name("tiny")).save_pretrained(tmp / "model")  # conftest's small preset
-    tiny_tokenizer().save_pretrained(tmp / "model")
+    Tokenizer.tiny().save_pretrained(tmp / "model")
     (tmp / "data.jsonl").write_text("".join(DEMO.read_text().splitlines(keepends=True)[:5]))
     return tmp, train(tmp, "one", 1, 4), train(tmp, "two", 2, 2)
 
