@@ -136,6 +136,23 @@ def guarded(name, t, run_kernel, run_reference, check_slices, stage=""):
         return run_reference()
 
 
+if HAS_TRITON:
+    @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of program `pid` over a (M, N) output in (BLOCK_M, BLOCK_N) tiles, in grouped order:
+        GROUP_M row-blocks sweep the columns together, so the column tiles they share stay in L2."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+else:
+    grouped_tile = None
+
+
 if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
     guarded = torch.compiler.disable(guarded)  # Python-side state: run eagerly, never traced into a graph
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, guarded, kernel_on, tl, triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, grouped_tile, guarded, kernel_on, tl, triton
 from .reference import lora_linear_reference
 
 
@@ -67,16 +67,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # c = a·b + scaling·u·v (+ bias): one program per (BLOCK_M, BLOCK_N) tile of c.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(NO, BLOCK_N)
-        # Grouped ordering: GROUP_M row-blocks sweep the columns together, so their shared b tiles stay in L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, NO, BLOCK_M, BLOCK_N, GROUP_M)  # b tiles shared via L2
 
         # 64-bit rows: offs_m·stride_cm (and ·stride_am) is an int32 product otherwise, which wraps silently on
         # the GPU once M·N reaches 2³¹ (e.g. 131072 tokens through gate_up, N = 16384). One-off address math.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, INTERPRET, device_guard, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRET, device_guard, grouped_tile, tl, triton, use_triton
 from .nf4 import dequantize_nf4, kernel_args, nf4_quant_state
 
 if HAS_TRITON:
@@ -56,15 +56,7 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr,
     ):
         # c = a·W' + scaling·u·v (+ bias), W' = Wᵀ or W decoded from NF4: one program per (BLOCK_M, BLOCK_N) tile.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(NO, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n  # grouped ordering: row-blocks share decoded W tiles through L2
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, NO, BLOCK_M, BLOCK_N, GROUP_M)  # W tiles shared via L2
 
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,), 64-bit row offsets
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                # (BLOCK_N,)

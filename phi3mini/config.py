@@ -34,6 +34,16 @@ _MUST_BE = {
 _LONGROPE = ("longrope", "su")
 
 
+def _check_quantization(qc: dict | None, where: str) -> None:
+    """bitsandbytes NF4 loads (phi3mini/quant.py); fp4 (bitsandbytes' default), 8-bit, GPTQ, AWQ... do not."""
+    if qc and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
+                   and qc.get("bnb_4bit_quant_type", "fp4") == "nf4"):
+        raise ConfigError(f"{where}: quantization_config {qc.get('quant_method')!r} "
+                          f"(4-bit type {qc.get('bnb_4bit_quant_type', 'fp4')!r}, 8-bit {qc.get('load_in_8bit')}) "
+                          "is not supported: only bitsandbytes 4-bit NF4 checkpoints and unquantized ones load "
+                          "(for 4-bit, load the bf16 checkpoint with quantize='nf4' / --quantize nf4)")
+
+
 @dataclass
 class Phi3Config:
     vocab_size: int = 32064
@@ -132,15 +142,7 @@ class Phi3Config:
             if key in hf and hf[key] not in allowed:
                 raise ConfigError(f"{where}: {key}={hf[key]!r} is not supported (only {allowed[0]!r})")
 
-        qc = hf.get("quantization_config")
-        if qc and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
-                       and qc.get("bnb_4bit_quant_type", "fp4") == "nf4"):
-            # bitsandbytes NF4 loads (phi3mini/quant.py); fp4 (bitsandbytes' default), 8-bit, GPTQ, AWQ... do not
-            raise ConfigError(f"{where}: quantization_config {qc.get('quant_method')!r} "
-                              f"(4-bit type {qc.get('bnb_4bit_quant_type', 'fp4')!r}, 8-bit {qc.get('load_in_8bit')}) "
-                              "is not supported: only bitsandbytes 4-bit NF4 checkpoints and unquantized ones load "
-                              "(for 4-bit, load the bf16 checkpoint with quantize='nf4' / --quantize nf4)")
-        hf.pop("quantization_config", None)  # phi3mini.weights reads the 4-bit tensors themselves
+        _check_quantization(hf.pop("quantization_config", None), where)  # phi3mini.weights reads 4-bit tensors
 
         # RoPE comes as the Hub's top-level rope_theta + rope_scaling or as transformers 5.x's rope_parameters. As in
         # transformers: rope_scaling wins over rope_parameters, and values inside the dict over top-level ones.
