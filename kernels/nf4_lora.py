@@ -210,12 +210,15 @@ def nf4_lora_linear(x, tensors, bias, lora_A, lora_B, scaling, lora_x=None, meta
 
     tensors: the weight's NF4 entries (kernels.nf4.quantize_nf4's dict) on x's device; lora_A (R, K), lora_B
     (N, R) (R may be 0: the base GEMM alone); bias (N,) or None. Triton on CUDA tensors (or anywhere under
-    TRITON_INTERPRET=1; not under PHI3LORA_NO_TRITON=1), else `nf4_lora_linear_reference`. meta: the decoded
-    quant state when the caller holds it (saves parsing the JSON entry on every call)."""
+    TRITON_INTERPRET=1; not under PHI3LORA_NO_TRITON=1), else `nf4_lora_linear_reference`. On a GPU only 16-bit
+    x takes the fused kernel (QLoRA computes in bf16): its fp32 FMA tiles spill on sm_90 and sm_80 (the compile
+    test), so fp32 x goes through the reference there; the interpreter still runs the kernel in fp32, where its
+    arithmetic is checked exactly. meta: the decoded quant state when the caller holds it (saves parsing the JSON
+    entry on every call)."""
     meta = meta or nf4_quant_state(tensors)
     if len(meta.shape) != 2 or x.shape[-1] != meta.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the 4-bit weight has shape {meta.shape}")
-    if not use_triton(x):
+    if not use_triton(x) or (x.dtype == torch.float32 and not INTERPRET):
         return nf4_lora_linear_reference(x, tensors, bias, lora_A, lora_B, scaling, lora_x)
     return NF4LoRALinearFunction.apply(x, tensors, meta, bias, lora_A, lora_B, float(scaling), lora_x)
 

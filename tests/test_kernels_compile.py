@@ -40,7 +40,7 @@ import kernel_aot
 from kernel_aot import SMEM_LIMIT, SMS
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # every launcher takes all three
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what the launchers take
 TARGETS = (90, 80)
 
 # Phi-3-mini-4k: hidden 3072, intermediate 8192, vocab 32064, 32 heads = 32 KV heads of 96 dims, all rotary.
@@ -158,7 +158,10 @@ NF4 = dict(BLOCKSIZE=64, DOUBLE_QUANT=True)  # bitsandbytes' defaults, what --qu
 def nf4_mm_cases(dtype, cap):
     """nf4_matmul_lowrank as NF4LoRALinearFunction calls it, r 16, o_proj and gate_up: forward (W' = Wᵀ, virtual
     strides (1, K)) and backward dX (W' = W, (K, 1)). Pointers: a, packed (uint8), absmax (uint8, double quant),
-    code, absmax2, code2 (fp32), u, v, bias(=c), c."""
+    code, absmax2, code2 (fp32), u, v, bias(=c), c. 16-bit only: on a GPU nf4_lora_linear sends fp32 x to the
+    torch reference (the fp32 FMA tiles spill on sm_90 and sm_80)."""
+    if dtype == "fp32":
+        return {}
     dt, cases, R = DTYPES[dtype], {}, 16
     meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
                 DOT_FP32=False, BLOCK_R=16)
@@ -219,8 +222,7 @@ CASES = [
     Kernel("kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
     Kernel("kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
     Kernel("kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs, ci=nf4_mm_ci,
-           full=nf4_mm_full, known_issue="fp32: every config spills on sm_90 and sm_80 (FMA), and 128x64x64 needs "
-           "176 KB of shared memory (> sm_80's 163 KB); the 16-bit configs are fine (64x64x32 clean)"),
+           full=nf4_mm_full),
 ]
 MODULES = sorted({k.module for k in CASES})
 SPILL_FREE = ["_matmul_lowrank_kernel"]  # kernels whose every sm_90 16-bit config must be spill- and serial-free
@@ -398,6 +400,8 @@ def test_full_sweep():
                    strict=False)
 def test_known_issues_are_fixed():
     pytest.importorskip("triton")
+    if not any(e.known_issue for e in CASES):
+        pytest.skip("no kernel is registered with a known issue")
     rows = kernel_aot.run_tasks(make_tasks(full=False, known_issues=True), module_files(), workers=2)
     print("\n" + table(rows))
     bad = problems(rows, False)
