@@ -1,24 +1,19 @@
 """Triton kernels. Each module holds its kernels, launchers and autograd.Function; kernels/reference.py holds every
 op's plain-torch reference (the numerical contract), kernels/_triton.py what the modules share.
 
-The names below load lazily (PEP 562): `import kernels.reference` (the model does, at start-up) imports torch
-only, and TRITON_INTERPRET may still be set before the first kernel module is imported.
+The public names are imported here, eagerly: two of them (`lora_linear`, `swiglu`) are also the names of their
+modules, and a lazy lookup loses to the submodule once anything imports `kernels.lora_linear` (Python binds the
+submodule on the package after loading it). Triton reads TRITON_INTERPRET when a kernel is defined, so set it
+before importing `kernels` (or `phi3mini`, which imports it).
 """
-import importlib
+from .cross_entropy import fused_linear_cross_entropy
+from .lora_linear import lora_linear
+from .reference import (apply_rope_reference, fused_linear_cross_entropy_reference, lora_linear_reference,
+                        rms_norm_reference, swiglu_reference)
+from .rmsnorm import rms_norm
+from .rope import apply_rope
+from .swiglu import swiglu
 
-_EXPORTS = {
-    "lora_linear": "lora_linear", "lora_linear_reference": "reference",
-    "rms_norm": "rmsnorm", "rms_norm_reference": "reference",
-    "apply_rope": "rope", "apply_rope_reference": "reference",
-    "swiglu": "swiglu", "swiglu_reference": "reference",
-    "fused_linear_cross_entropy": "cross_entropy", "fused_linear_cross_entropy_reference": "reference",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__all__ = ["lora_linear", "lora_linear_reference", "rms_norm", "rms_norm_reference", "apply_rope",
+           "apply_rope_reference", "swiglu", "swiglu_reference", "fused_linear_cross_entropy",
+           "fused_linear_cross_entropy_reference"]
