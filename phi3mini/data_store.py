@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .data_files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
 from .data_formats import DataError, record_to_messages
 
@@ -452,11 +453,10 @@ def load_or_build(sources: list[Source], tokenizer, max_seq_len: int, train_on: 
             return store, True
         try:
             if (root / key).exists():  # damaged (an interrupted copy, a full disk): moved away, then rebuilt
-                stale = Path(tempfile.mkdtemp(prefix=f"{key}.stale-", dir=root))
-                os.replace(root / key, stale / key)
-                shutil.rmtree(stale, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
+                stale = atomic.temp_sibling(root / key, "stale")
+                os.replace(root / key, stale)
+                atomic.remove(stale)
+            tmp = atomic.make_temp_dir(root / key)  # the cache's folders follow the umask, like every output
         except OSError as e:
             warnings.warn(f"data cache {root}: cannot write there ({e.strerror}); building without a cache",
                           stacklevel=2)
