@@ -1,4 +1,5 @@
 """Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code."""
+import json
 from pathlib import Path
 
 import torch
@@ -49,4 +50,10 @@ def make_hf_model(seed=0, **overrides):
 def save_hf_checkpoint(model, path, **save_kw):
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True, **save_kw)
+    return path
+
+
+def write_jsonl(path, rows):
+    """rows (dicts, or strings written as they are) as a JSONL file at path."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

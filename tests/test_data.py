@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from helpers import CONV
+from helpers import CONV, write_jsonl
 from phi3mini import Phi3, Tokenizer
 from phi3mini.data import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
                            parse_phi3_text, read_conversations, split_eval)
@@ -17,10 +17,6 @@ ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
 def tok():
     return Tokenizer.tiny()
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def assistant_spans(ids, tok):

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import CONV
+from helpers import CONV, write_jsonl
 from phi3mini import Tokenizer
 from phi3mini.data import DataError, encode_example, load_data, load_dataset
 from phi3mini.data_files import split_of
@@ -23,10 +23,6 @@ SHORT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "He
 def tok():
     return Tokenizer.tiny()
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def ids_labels(ex):
