@@ -164,7 +164,7 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     torch.manual_seed(t.seed)  # the adapter's initial A, then dropout
     random.seed(t.seed)
     model, lora_config, params = build_model(t, lc, device, dtype)
-    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    n_train, n_all = sum(p.numel() for p in params), model.num_parameters()  # a 4-bit weight counts its values
     log(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
         f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
     engine = model
