@@ -8,7 +8,7 @@ A run, in the order train() below does it: prepare the output folder, load the d
 start), the loop, save the outputs. The options are the fields of training/config.py (every key of the [training]
 and [lora] sections of a TOML config is also a flag: --max-steps, --lora-r, ...); the pieces live in training/:
 setup.py (device, model), schedule.py (lr, data order), checkpoints.py, report.py (metrics.jsonl, loss.svg);
-phi3mini/report.py: sample replies, adapter norms, TensorBoard / wandb.
+tracking.py (sample replies, adapter norms, TensorBoard / wandb).
 
 The loss of an optimizer step is the summed cross-entropy of all its micro-batches divided by the number of target
 tokens of the whole accumulated batch, so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same
@@ -48,7 +48,7 @@ import lora
 from phi3mini import Tokenizer, atomic
 from phi3mini import data
 from phi3mini.data import DataError, TokenSet, collate, fingerprint
-from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples, sample_prompts
+from training.tracking import Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples, sample_prompts
 from training import config, distributed
 from training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
                                   newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)

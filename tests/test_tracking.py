@@ -1,4 +1,4 @@
-"""phi3mini.report: sample prompts cut where chat.py would, greedy replies equal generate's, adapter norms, and
+"""training.tracking: sample prompts cut where chat.py would, greedy replies equal generate's, adapter norms, and
 what lands in samples.jsonl and TensorBoard's event files (read back with tensorboard's own reader)."""
 import json
 import math
@@ -12,7 +12,7 @@ import lora
 from helpers import CONV
 from phi3mini import Phi3, Tokenizer, default_stop_ids, generate
 from phi3mini.data import encode_example, load_data
-from phi3mini.report import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
+from training.tracking import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from .atomic import write_file
-from .generation import default_stop_ids, generate
+from phi3mini.atomic import write_file
+from phi3mini.generation import default_stop_ids, generate
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -67,7 +67,7 @@ def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 
 
 def adapter_norm_metrics(model) -> dict[str, float]:
     """{module name: ‖s·B·A‖ Frobenius} for every adapted module, plus "total" (the norm of all of them together)."""
-    from .probe import adapter_norms
+    from phi3mini.probe import adapter_norms
 
     norms = {n.name.removeprefix("model."): n.frobenius for n in adapter_norms(model)}
     norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
