@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lora import footprint
 from phi3mini import Phi3, Tokenizer, hub, probe, viz
 from phi3mini.atomic import write_file
 
@@ -153,9 +154,9 @@ def lens_section(model, tokenizer, ids, labels, top_k: int, out: Path) -> list[s
 
 
 def adapter_section(model, tokenizer, ids, labels, out: Path) -> list[str]:
-    norms = probe.adapter_norms(model)
+    norms = footprint.adapter_norms(model)
     viz.adapter_norms_figure(norms, out / "adapter_norms.png")
-    effect = probe.adapter_effect(model, ids)
+    effect = footprint.adapter_effect(model, ids)
     viz.adapter_effect_figure(effect.logprob_change[0], effect.kl[0], labels, out / "adapter_effect.png")
     changed = [[str(t), labels[t], *viz.token_labels(tokenizer, [effect.base_top[0, t], effect.adapted_top[0, t]]),
                 f"{float(effect.kl[0, t]):.4f}"]

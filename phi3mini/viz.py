@@ -109,7 +109,7 @@ def logit_lens_figure(layers: list[int], top_probs: torch.Tensor, top_labels: li
 
 
 def adapter_norms_figure(norms, path) -> Path:
-    """norms: phi3mini.probe.AdapterNorm list. Bars per block (x) and module (colour): Frobenius above, spectral
+    """norms: lora.footprint.AdapterNorm list. Bars per block (x) and module (colour): Frobenius above, spectral
     below."""
     plt = _pyplot()
     kinds = list(dict.fromkeys(n.name.rsplit(".", 1)[-1] for n in norms))

@@ -6,6 +6,7 @@ import torch
 import lora
 from helpers import make_hf_model, save_hf_checkpoint
 from phi3mini import Phi3
+from lora import footprint
 from phi3mini import probe
 
 CONFIGS = {
@@ -167,7 +168,7 @@ def adapted(tmp_path, seed=0):
 
 def test_adapter_norms_equal_the_norms_of_the_full_delta(tmp_path):
     model = adapted(tmp_path)
-    norms = probe.adapter_norms(model)
+    norms = footprint.adapter_norms(model)
     layers = dict(lora.lora_layers(model))
     assert [n.name for n in norms] == [n for n, m in layers.items() if m.has_lora] and len(norms) == 6
     for n in norms:
@@ -186,11 +187,11 @@ def test_adapter_effect_compares_base_and_adapted(tmp_path, merged):
     ids = ids_of()
     with torch.no_grad():
         adapted_logits, base_logits = model(ids), base(ids)
-        with probe.adapter_disabled(model):
+        with footprint.adapter_disabled(model):
             torch.testing.assert_close(model(ids), base_logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(ids), adapted_logits, atol=1e-6, rtol=0)
     assert all(m.merged == merged for _, m in lora.lora_layers(model))
-    effect = probe.adapter_effect(model, ids)
+    effect = footprint.adapter_effect(model, ids)
     lp_b = base_logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     lp_a = adapted_logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(effect.base_logprobs, lp_b, atol=1e-5, rtol=0)
@@ -202,9 +203,9 @@ def test_adapter_effect_compares_base_and_adapted(tmp_path, merged):
 def test_a_fresh_adapter_changes_nothing(tmp_path):
     _, model = pair(tmp_path)
     lora.inject(model, lora.LoraConfig(r=2, lora_dropout=0.0))
-    effect = probe.adapter_effect(model.eval(), ids_of())
+    effect = footprint.adapter_effect(model.eval(), ids_of())
     assert effect.logprob_change.abs().max() == 0 and effect.kl.abs().max() < 1e-6
-    assert all(n.frobenius == 0 for n in probe.adapter_norms(model))
+    assert all(n.frobenius == 0 for n in footprint.adapter_norms(model))
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        with probe.adapter_disabled(pair(tmp_path)[1]):
+        with footprint.adapter_disabled(pair(tmp_path)[1]):
             pass

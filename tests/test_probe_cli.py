@@ -75,7 +75,7 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
 def test_report_for_a_trained_adapter(tmp_path):
     # a few Adam steps on one chat: the report must show the reply's tokens made likelier by the adapter
     from phi3mini import Tokenizer
-    from phi3mini import probe as lib
+    from lora import footprint
 
     tok = Tokenizer.tiny()
     chat = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "A low-rank update."}]
@@ -94,6 +94,6 @@ def test_report_for_a_trained_adapter(tmp_path):
             "--reply", "A low-rank update.", "--layers", "1", "--heads", "0", "--out", str(out)]
     assert cli.main(argv) == 0
     check_pngs(out, ["logit_lens.png", "adapter_norms.png", "adapter_effect.png"])
-    effect = lib.adapter_effect(model.eval(), ids)
+    effect = footprint.adapter_effect(model.eval(), ids)
     reply = labels[0, 1:] != -100  # positions whose next token is a trained reply token
     assert effect.logprob_change[0][reply].min() > 1.0

@@ -67,7 +67,7 @@ def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 
 
 def adapter_norm_metrics(model) -> dict[str, float]:
     """{module name: ‖s·B·A‖ Frobenius} for every adapted module, plus "total" (the norm of all of them together)."""
-    from phi3mini.probe import adapter_norms
+    from lora.footprint import adapter_norms
 
     norms = {n.name.removeprefix("model."): n.frobenius for n in adapter_norms(model)}
     norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
