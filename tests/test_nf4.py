@@ -12,12 +12,14 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(autouse=True)
-def eager_bitsandbytes(monkeypatch):
+def eager_bitsandbytes():
     """bitsandbytes wraps its fallback dequantizer in torch.compile (one compile per shape, seconds each on the
-    CPU); the eager function is the same computation."""
+    CPU); the eager function is the same computation. The config's own patch(), not monkeypatch: pytest 9.2's
+    monkeypatch undoes an attribute of torch's config module by deleting it, which breaks every later test."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 # odd sizes: a partial last 64-block, an odd element count (a padding nibble), more than 256 blocks (several nested
 # blocks, the last partial), a vector
