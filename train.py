@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import lora
+from lora.adapter_io import base_fingerprint
 from phi3mini import Tokenizer, atomic
 from phi3mini import data
 from phi3mini.data import DataError, TokenSet, collate, fingerprint
@@ -93,6 +94,8 @@ class Run:
     sample_prompts: list = field(default_factory=list)  # eval prompts replied to at each evaluation
     world: World = distributed.SINGLE  # torchrun's processes; plans(epoch) holds the global micro-batches
     engine: torch.nn.Module | None = None  # what the training forward runs: DDP(model) under torchrun, else model
+    sharded: bool = False  # --fsdp under torchrun: the base is sharded (FSDP2), every forward a collective
+    fingerprint: dict | None = None  # the base's, for the adapters written (taken before sharding it)
 
     def __post_init__(self):
         self.engine = self.engine or self.model
@@ -167,20 +170,22 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     n_train, n_all = sum(p.numel() for p in params), model.num_parameters()  # a 4-bit weight counts its values
     log(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
         f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
-    engine = model
     if world.active:
         distributed.broadcast_params(world, params)
-        engine = distributed.wrap_ddp(model, world, device)
         torch.manual_seed(t.seed + world.rank)  # each rank its own dropout masks (rank 0: as one process)
+    elif t.fsdp:
+        log("note: --fsdp shards the base over torchrun's processes; in one process it changes nothing")
     # every rank plans the global micro-batches (batch_size x world) and takes its share of each
     plans = EpochPlans(train_set, dataclasses.replace(t, batch_size=t.batch_size * world.size))
     total_steps, warmup = total_and_warmup(t, plans)
     run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set, fingerprint(train_set), model,
               lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup,
-              sample_prompts(eval_set, tokenizer, t.eval_samples), world, engine)
+              sample_prompts(eval_set, tokenizer, t.eval_samples), world)
     describe_schedule(run)
 
     pos, records = resume(run, resume_from) if resume_from else start_afresh(run)
+    if world.active:  # after resume: loading the adapter reads the base (its fingerprint), whole only until now
+        parallelize(run)
     metrics = distributed.on_rank0(world, lambda: open_metrics(run, records))
     reporter = None
     if world.is_main:
@@ -193,6 +198,21 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     if status == 0:
         distributed.on_rank0(world, lambda: save_outputs(run, pos.last_saved))
     return status
+
+
+def parallelize(run: Run) -> None:
+    """DDP over the adapter (the base whole in every process), or with --fsdp FSDP2 sharding the base
+    (training/distributed.py); the adapter is whole on every rank either way."""
+    if not run.t.fsdp:
+        run.engine = distributed.wrap_ddp(run.model, run.world, run.device)
+        return
+    run.fingerprint = base_fingerprint(run.model)
+    whole = distributed.base_bytes(run.model)
+    distributed.wrap_fsdp(run.model, run.world, run.device, run.params)
+    run.sharded = True
+    log(f"FSDP2: the base sharded over {run.world.size} processes, one unit per decoder block: this one holds "
+        f"{distributed.base_bytes(run.model) / 2**20:,.1f} MiB of its {whole / 2**20:,.1f} MiB; the adapter whole "
+        "in each")
 
 
 def open_metrics(run: Run, records: list[dict]) -> MetricsLog:
@@ -229,9 +249,9 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
         with StopOnCtrlC(terminate_too=world.active) as stop:
             if run.eval_set and pos.step == 0:
                 loss = evaluate_loss(run)
+                rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+                report_eval(run, rec, reporter)
                 if metrics is not None:  # rank 0
-                    rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-                    report_eval(run, rec, reporter)
                     metrics.write(rec)
                     reporter.log(rec)
                 log(f"eval loss before training {loss:.4f}")
@@ -243,8 +263,7 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
                 if run.eval_set and (due(t.eval_every, pos.step) or pos.step == run.total_steps):
                     rec["eval_loss"] = evaluate_loss(run)
                     rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
-                    if metrics is not None:
-                        report_eval(run, rec, reporter)
+                    report_eval(run, rec, reporter)
                 if metrics is not None:
                     metrics.write(rec)
                     reporter.log(rec)
@@ -315,8 +334,9 @@ def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> No
 
 
 def accumulate(run: Run, micro: list, n_target: int) -> float:
-    """Forward and backward of this rank's share of each micro-batch; returns this rank's summed loss. DDP averages
-    the ranks' gradients, so each divides by n_target / world: the mean is then sum over ranks / n_target."""
+    """Forward and backward of this rank's share of each micro-batch; returns this rank's summed loss. The ranks'
+    gradients are averaged (by DDP on the last micro-batch's backward; with FSDP by average_gradients after it), so
+    each divides by n_target / world: the mean is then sum over ranks / n_target."""
     amp, world, pad = autocast(run.device, run.dtype), run.world, run.tokenizer.pad_id
     total = 0.0
     for k, rows in enumerate(micro):
@@ -324,7 +344,7 @@ def accumulate(run: Run, micro: list, n_target: int) -> float:
         mine = distributed.share(rows, world)
         if not mine and not last:
             continue
-        quiet = run.engine.no_sync() if world.active and not last else contextlib.nullcontext()
+        quiet = run.engine.no_sync() if world.active and not run.sharded and not last else contextlib.nullcontext()
         with quiet:
             if mine:
                 batch = collate(run.train_set, mine, pad, run.t.packing).to(run.device)
@@ -332,6 +352,8 @@ def accumulate(run: Run, micro: list, n_target: int) -> float:
             else:  # an epoch's short last micro-batch left this rank nothing: zero gradients, still reduced
                 batch = collate(run.train_set, rows[:1], pad, run.t.packing).to(run.device)
                 micro_step(run.engine, batch, math.inf, amp)
+    if run.sharded:
+        distributed.average_gradients(world, run.params)
     return total
 
 
@@ -345,17 +367,26 @@ def micro_step(model, batch, n_target_total: float, amp) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device, amp, world: World = distributed.SINGLE) -> float:
+def evaluate(model, examples, batch_size: int, pad_id: int, device, amp, world: World = distributed.SINGLE,
+             lockstep: bool = False) -> float:
     """Mean loss per target token over the eval set, always unpacked. Under torchrun rank r takes batches r, r + N,
-    ... and the sums are reduced, so every rank gets the loss of the whole set."""
+    ... and the sums are reduced, so every rank gets the loss of the whole set. lockstep (a base sharded by FSDP:
+    every forward is a collective): each rank runs as many forwards, one left without a batch runs one on the
+    first example and drops it."""
     was_training = model.training
     model.eval()
     total, n = torch.zeros((), device=device), 0
-    for i in range(world.rank * batch_size, len(examples), batch_size * world.size):
-        batch = collate(examples, [[j] for j in range(i, min(i + batch_size, len(examples)))], pad_id).to(device)
+    stride = batch_size * world.size
+    rounds = -(-len(examples) // stride) if lockstep else None
+    starts = range(world.rank * batch_size, rounds * stride if lockstep else len(examples), stride)
+    for i in starts:
+        rows = [[j] for j in range(i, min(i + batch_size, len(examples)))]
+        batch = collate(examples, rows or [[0]], pad_id).to(device)
         with amp:
-            total += model(**batch.model_kwargs(), loss_reduction="sum").float()
-        n += batch.n_target
+            loss = model(**batch.model_kwargs(), loss_reduction="sum").float()
+        if rows:
+            total += loss
+            n += batch.n_target
     model.train(was_training)
     total, n = distributed.reduce_sum(world, [float(total), n], device)
     return total / n
@@ -363,16 +394,22 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device, amp, world: 
 
 def evaluate_loss(run: Run) -> float:
     return evaluate(run.model, run.eval_set, run.t.batch_size, run.tokenizer.pad_id, run.device,
-                    autocast(run.device, run.dtype), run.world)
+                    autocast(run.device, run.dtype), run.world, lockstep=run.sharded)
 
 
-def report_eval(run: Run, rec: dict, reporter: Reporter) -> None:
+def report_eval(run: Run, rec: dict, reporter: Reporter | None) -> None:
     """At an evaluation: the adapter's norm per module into the record, greedy replies to the sample prompts into
-    samples.jsonl and the console. Greedy decoding draws no random numbers: a resumed run stays the same."""
-    rec["adapter_norms"] = adapter_norm_metrics(run.model)
-    if run.sample_prompts:
+    samples.jsonl and the console (rank 0; reporter None elsewhere). Greedy decoding draws no random numbers: a
+    resumed run stays the same. With a sharded base every rank decodes with rank 0 (lockstep)."""
+    samples = None
+    if run.sample_prompts and (reporter is not None or run.sharded):
         with autocast(run.device, run.dtype):
-            reporter.log_samples(rec["step"], greedy_samples(run.model, run.tokenizer, run.sample_prompts))
+            samples = greedy_samples(run.model, run.tokenizer, run.sample_prompts, lockstep=run.sharded)
+    if reporter is None:
+        return
+    rec["adapter_norms"] = adapter_norm_metrics(run.model)
+    if samples is not None:
+        reporter.log_samples(rec["step"], samples)
 
 
 def due(every: int, step: int) -> bool:
@@ -416,7 +453,8 @@ def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
     if not run.world.is_main:
         return None
     t = run.t
-    state = {"step": pos.step, "world_size": run.world.size, "epoch": pos.epoch, "batch_index": pos.index,
+    state = {"step": pos.step, "world_size": run.world.size, "fsdp": run.sharded, "epoch": pos.epoch,
+             "batch_index": pos.index,
              "seed": t.seed,
              "data_fingerprint": run.data_hash, "n_train_examples": len(run.train_set),
              "scheduler": {"schedule": t.schedule, "total_steps": run.total_steps, "warmup_steps": run.warmup,
@@ -424,7 +462,7 @@ def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
              "config": run.cfg}
     try:
         path = save_checkpoint(run.out / "checkpoints", pos.step, run.model, run.optimizer, run.lora_config, state,
-                               pos.rng, t.keep_last)
+                               pos.rng, t.keep_last, run.fingerprint)
     except Exception as e:
         if not is_write_error(e):
             raise
@@ -556,14 +594,16 @@ def save_outputs(run: Run, last_saved: Path) -> None:
     """adapter/, and with --export-peft adapter-peft/, with --merge merged/ (each written whole, then renamed in
     place of the old one). A write error leaves the old one as it was, and says that it is the older."""
     out, t = run.out, run.t
-    write_output(run, last_saved, out / "adapter", lambda path: lora.save_adapter(run.model, path, run.lora_config))
+    write_output(run, last_saved, out / "adapter",
+                 lambda path: lora.save_adapter(run.model, path, run.lora_config, run.fingerprint))
     log(f"adapter written to {out / 'adapter'}")
     if t.export_peft:
         write_output(run, last_saved, out / "adapter-peft", lambda path: lora.export_peft(
             run.model, path, run.lora_config, base_model_name_or_path=t.model))
         log(f"PEFT adapter written to {out / 'adapter-peft'}{vllm_note(out / 'adapter-peft')}")
     if t.merge:
-        write_output(run, last_saved, out / "merged", lambda path: save_merged(run.model, run.tokenizer, path))
+        model = run.model if not run.sharded else unsharded_copy(run, out / "adapter")
+        write_output(run, last_saved, out / "merged", lambda path: save_merged(model, run.tokenizer, path))
         log(f"merged model written to {out / 'merged'}")
 
 
@@ -577,6 +617,16 @@ def write_output(run: Run, last_saved: Path, final: Path, write) -> None:
                 else f"there is no {final}; this run's adapter is in its")
         raise TrainError(f"cannot write {final} ({write_error_text(e)}). {kept} newest checkpoint {last_saved}: "
                          f"free some space, then run again with --resume to write the outputs") from None
+
+
+def unsharded_copy(run: Run, adapter: Path) -> torch.nn.Module:
+    """For --merge after an FSDP run (rank 0, the others waiting): the base loaded again whole, on the CPU (no GPU
+    could hold it: that is why it was sharded), with the adapter just written."""
+    log(f"--merge with --fsdp: loading {run.t.model} again on the CPU to merge the adapter into it")
+    model, _, _ = build_model(dataclasses.replace(run.t, compile=False, kernels="off"), run.lora_config,
+                              torch.device("cpu"), run.dtype)
+    lora.load_adapter(model, adapter)
+    return model
 
 
 def save_merged(model, tokenizer, final: Path) -> None:

@@ -4,8 +4,11 @@ from the presets' parameter counts (bench/family_memory.py's counts and assumpti
 Per GPU, N processes:
   DDP   the whole bf16 base, the LoRA state (fp32 weights, gradients, Adam's two moments: 16 bytes per LoRA
         parameter) plus DDP's gradient buckets (4 more bytes), and one micro-batch's activations
-  FSDP  the base and the LoRA state sharded: / N; plus the blocks gathered whole at a time (the one computing and
-        the one prefetched: 2 x one decoder block in bf16), and one micro-batch's activations
+  FSDP  the base sharded: / N (train.py --fsdp, training/distributed.wrap_fsdp); the LoRA state whole on every GPU
+        (FSDP leaves the adapter out, < 1% of the model) plus the flat buffer its gradients are averaged in (4
+        bytes per LoRA parameter); plus what is gathered whole at a time: the root unit (embeddings, lm_head,
+        final norm), which FSDP2 keeps gathered through the step, and two decoder blocks (the one computing and the
+        one prefetched); and one micro-batch's activations
 Activations: activation checkpointing (train.py's default) keeps each layer's input hidden state in bf16 for the
 backward: tokens x layers x hidden x 2 bytes. Not counted (as in family_memory.py): the layer being recomputed,
 the loss's chunked working set, the CUDA context, NCCL's buffers and the allocator's slack: a floor, not a promise.
@@ -40,12 +43,21 @@ def block_params(name: str) -> int:
     return sum(p.numel() for p in model.model.layers[0].parameters())
 
 
+def root_params(name: str) -> int:
+    """Parameters outside the decoder blocks (embeddings, lm_head, final norm): FSDP2's root unit."""
+    from phi3mini import Phi3
+    with torch.device("meta"):
+        model = Phi3(Phi3Config.from_name(name))
+    return sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)
+
+
 def per_gpu(name: str, r: int, tokens: int, gpus: int) -> dict:
     row = estimate(name, r, tokens)
     acts = row["activations_gb"]
-    ddp = row["weights_gb"] + row["lora_state_gb"] * 20 / 16 + acts
-    gathered = 2 * block_params(name) * 2 / GB
-    fsdp = (row["weights_gb"] + row["lora_state_gb"]) / gpus + gathered + acts
+    lora_whole = row["lora_state_gb"] * 20 / 16  # weights, gradients, Adam's moments + the reduce buffer
+    ddp = row["weights_gb"] + lora_whole + acts
+    gathered = (2 * block_params(name) + root_params(name)) * 2 / GB
+    fsdp = row["weights_gb"] / gpus + lora_whole + gathered + acts
     return {"model": name, "gpus": gpus, "tokens_per_gpu": tokens, "params": row["params"],
             "lora_params": row["lora_params"], "ddp_gb": ddp, "fsdp_gb": fsdp, "activations_gb": acts,
             "fsdp_gathered_gb": gathered}

@@ -32,10 +32,12 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 
 # ----- public API ---------------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None) -> Path:
+def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None, fingerprint: dict | None = None) -> Path:
     """Write the model's LoRA tensors (lora_state_dict(model, config.bias)) and their description to dir,
     atomically (adapter_io.write_adapter_dir). Merged or not makes no difference: A and B are saved as they are.
-    config defaults to model.lora_config (set by inject / load_adapter)."""
+    config defaults to model.lora_config (set by inject / load_adapter). fingerprint: adapter_io's
+    base_fingerprint(model), taken beforehand (a base sharded over processes by FSDP cannot be read by one alone);
+    by default it is taken now."""
     config = config if config is not None else getattr(model, "lora_config", None)
     if not isinstance(config, LoraConfig):
         raise AdapterError("save_adapter needs the LoraConfig (the model has no lora_config attribute)")
@@ -49,7 +51,7 @@ def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None) -> Pat
         "lora": config.to_dict(),
         "layers": {n: LayerSpec.of(m).to_dict() for n, m in layers.items()},
         "base_model": getattr(model, "name_or_path", None),
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": base_fingerprint(model) if fingerprint is None else fingerprint,
         "model": model_info(model),
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},

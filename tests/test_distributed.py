@@ -1,11 +1,12 @@
-"""train.py under torchrun on CPU (gloo): 2 ranks x batch b must train exactly as 1 process x batch 2b, and a
-checkpoint of either resumes on the other.
+"""train.py under torchrun on CPU (gloo): 2 ranks x batch b must train exactly as 1 process x batch 2b, with DDP
+and with FSDP2 (--fsdp), and a checkpoint of each resumes on the others.
 
 The runs are subprocesses (torchrun starts its own), so they would see the demo-sized tiny preset: the test saves
 the small one conftest.py sets up as a model folder and trains that instead.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +55,7 @@ def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
     done = subprocess.run(command(tmp, out, procs, batch, *extra), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    (tmp / f"{out}.log").write_text(done.stderr)
     return tmp / out
 
 
@@ -84,6 +86,11 @@ def runs(tmp_path_factory):
     return tmp, train(tmp, "one", 1, 4), train(tmp, "two", 2, 2)
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    return train(runs[0], "fsdp", 2, 2, "--fsdp")
+
+
 @pytest.mark.slow
 def test_two_ranks_of_batch_2_train_as_one_process_of_batch_4(runs):
     _, one, two = runs
@@ -94,13 +101,35 @@ def test_two_ranks_of_batch_2_train_as_one_process_of_batch_4(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source, procs, batch", [("two", 1, 4), ("one", 2, 2)])
-def test_resume_on_another_number_of_processes(runs, source, procs, batch):
+def test_fsdp_two_ranks_of_batch_2_train_as_one_process_of_batch_4(runs, fsdp_run):
+    """The base sharded over the 2 ranks: the same losses, gradient norms, evaluation (rank 1 runs a dropped forward
+    in the last round: 3 eval batches over 2 ranks) and greedy samples (decoded in lockstep) as one process."""
+    _, one, _ = runs
+    assert_same_training(one, fsdp_run)
+    assert records(fsdp_run)[0]["eval_loss"] == pytest.approx(records(one)[0]["eval_loss"], abs=1e-5)
+    samples = [(fsdp_run / "samples.jsonl").read_text(), (one / "samples.jsonl").read_text()]
+    assert samples[0] == samples[1] and samples[0].count("\n") == 6  # 3 prompts at steps 0 and 5
+    state = json.loads((fsdp_run / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["fsdp"] is True and state["batch_index"] == 2
+    held = re.findall(r"this one holds ([\d.,]+) MiB of its ([\d.,]+) MiB", (fsdp_run.parent / "fsdp.log").read_text())
+    shard, whole = map(float, held[0])
+    assert len(held) == 1 and abs(shard - whole / 2) <= 0.1  # rank 0 holds half (0.1 MiB: printed rounded), logged once
+    # the adapter records the base it was trained on, read before the base was sharded
+    meta = [json.loads((p / "adapter" / "adapter_config.json").read_text()) for p in (fsdp_run, one)]
+    assert meta[0]["base_fingerprint"] == meta[1]["base_fingerprint"] and meta[0]["base_fingerprint"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, procs, batch, extra", [("two", 1, 4, ()), ("one", 2, 2, ()),
+                                                         ("fsdp", 1, 4, ()), ("one", 2, 2, ("--fsdp",)),
+                                                         ("fsdp", 2, 2, ())])
+def test_resume_on_another_number_of_processes(runs, fsdp_run, source, procs, batch, extra):
+    """Each kind of checkpoint (1 process, DDP, FSDP) resumes in another layout: the run goes on as if unbroken."""
     tmp, one, _ = runs
-    resumed = tmp / f"from-{source}"
+    resumed = tmp / f"from-{source}-{procs}{''.join(extra)}"
     shutil.copytree(tmp / source, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:07d}")  # back to step 4 of 5
-    train(tmp, resumed.name, procs, batch, "--resume")
+    train(tmp, resumed.name, procs, batch, "--resume", *extra)
     assert_same_training(one, resumed)
 
 
@@ -138,10 +167,11 @@ def rank_pid(parent: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's pid in /proc")
-def test_ctrl_c_on_one_rank_stops_all_with_a_checkpoint(runs):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ctrl_c_on_one_rank_stops_all_with_a_checkpoint(runs, mode):
     tmp = runs[0]
-    out = tmp / "stopped"
-    cmd = command(tmp, out.name, 2, 2, "--save-every", "1000")
+    out = tmp / f"stopped-{mode}"
+    cmd = command(tmp, out.name, 2, 2, "--save-every", "1000", *(["--fsdp"] if mode == "fsdp" else []))
     cmd[cmd.index("--max-steps") + 1] = "1000"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -170,7 +200,9 @@ def test_dist_memory_table_adds_up():
     mini = estimate("phi3-mini-4k", 16, 8192)
     two, eight = (dist_memory.per_gpu("phi3-mini-4k", 16, 8192, n) for n in (2, 8))
     assert two["ddp_gb"] == eight["ddp_gb"] > mini["weights_gb"]  # DDP: the whole base on every GPU
-    shard = (mini["weights_gb"] + mini["lora_state_gb"]) * (1 / 2 - 1 / 8)
-    assert two["fsdp_gb"] - eight["fsdp_gb"] == pytest.approx(shard)  # FSDP2: the sharded part / N
+    shard = mini["weights_gb"] * (1 / 2 - 1 / 8)
+    assert two["fsdp_gb"] - eight["fsdp_gb"] == pytest.approx(shard)  # FSDP2: the base / N, the adapter whole
+    # the root unit: embeddings and lm_head (32064 x 3072 each, not tied) and the final norm
+    assert dist_memory.root_params("phi3-mini-4k") == 2 * 32064 * 3072 + 3072
     # a Phi-3-mini block: qkv 3072x9216, o 3072x3072, gate_up 3072x16384, down 8192x3072, two norms of 3072
     assert dist_memory.block_params("phi3-mini-4k") == 3072 * (9216 + 3072 + 16384 + 8192) + 2 * 3072

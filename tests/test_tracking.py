@@ -54,6 +54,23 @@ def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
                         "reply": tok.decode(new, skip_special_tokens=True), "reference": "Its rank."}]
 
 
+def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
+    """Under FSDP every forward is a collective: each prompt must cost the same forwards on every rank, whatever
+    token comes out. Here the first token is made a stop id: alone, the reply ends after the prefill; in lockstep
+    the decoding runs on to max_new_tokens, and the reply is still cut at that stop."""
+    model = Phi3.from_name("tiny")
+    prompts = sample_prompts(examples(tok), tok, 1)
+    with torch.no_grad():
+        first = generate(model, prompts[0]["prompt_ids"], 1, stop_ids=[])[0]
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    alone = greedy_samples(model, tok, prompts, max_new_tokens=6, stop_ids=[first])
+    n_alone, calls[:] = len(calls), []
+    together = greedy_samples(model, tok, prompts, max_new_tokens=6, stop_ids=[first], lockstep=True)
+    assert (n_alone, len(calls)) == (1, 6)  # prefill only / prefill + 5 decoding steps
+    assert together == alone and alone[0]["reply"] == tok.decode([first], skip_special_tokens=True)
+
+
 def test_adapter_norm_metrics(tok):
     model = Phi3.from_name("tiny")
     lora.inject(model, lora.LoraConfig(r=2, target_modules=("o_proj",)))

@@ -139,10 +139,11 @@ def rng_state() -> dict:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, trainer_state: dict, rng: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, fingerprint: dict | None = None) -> Path:
     """checkpoints/step-N: adapter/, optimizer.pt, rng.safetensors, trainer_state.json, then manifest.json,
     assembled in step-N.tmp and renamed; then only the newest keep_last are kept. rng: the RNG states as they
-    were when update N finished (see rng_state). A write error (disk full) removes step-N.tmp and is raised."""
+    were when update N finished (see rng_state). A write error (disk full) removes step-N.tmp and is raised.
+    fingerprint: the base's, as lora.save_adapter takes it."""
     from safetensors.torch import save_file
 
     final = step_dir(root, step)
@@ -150,7 +151,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, traine
     atomic.remove(tmp)
     tmp.mkdir(parents=True)
     try:
-        lora.save_adapter(model, tmp / "adapter", lora_config)
+        lora.save_adapter(model, tmp / "adapter", lora_config, fingerprint)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         tensors = {k: v.contiguous() for k, v in rng.items() if k != "python"}
         atomic.write_file(tmp / "rng.safetensors", lambda p: save_file(tensors, str(p)))  # umask's mode, not 0600

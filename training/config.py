@@ -83,6 +83,8 @@ class TrainingConfig:
                            "bitsandbytes 4-bit checkpoint is 4-bit anyway", choices=("", "nf4"), resume_fixed=True)
     grad_checkpointing: bool = option(True, "non-reentrant activation checkpointing")
     compile: bool = option(False, "torch.compile each block")
+    fsdp: bool = option(False, "under torchrun: shard the frozen base over the processes (FSDP2, one unit per "
+                        "decoder block) instead of a whole copy in each (DDP); one process: no effect")
     seed: int = option(0, "adapter init, data order, dropout", min=0, resume_fixed=True)
     log_every: int = option(10, "progress line every N steps (not on a terminal)", min=0)
     eval_every: int = option(100, "evaluate every N steps (and at the end); 0: only at the end", min=0)

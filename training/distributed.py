@@ -1,6 +1,8 @@
-"""Several processes under torchrun: data parallel (DDP) over the LoRA parameters.
+"""Several processes under torchrun: data parallel over the LoRA parameters, the frozen base whole in every
+process (DDP) or sharded over them (FSDP2, --fsdp).
 
-    torchrun --nproc_per_node N train.py ...      # N processes; gloo on CPU, nccl on CUDA, chosen here
+    torchrun --nproc_per_node N train.py ...          # N processes; gloo on CPU, nccl on CUDA, chosen here
+    torchrun --nproc_per_node N train.py ... --fsdp   # the base sharded: each process holds 1/N of it
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (plain `python train.py`) everything here is a no-op
 for one process. Every rank builds the same seeded epoch plan with the global micro-batch (batch_size x world) and
@@ -150,3 +152,49 @@ def first_on_rank0(world: World, action):
     box = {}
     on_rank0(world, lambda: box.setdefault("result", action()) and None)
     return box["result"] if world.is_main else action()
+
+
+# ----- FSDP2 ----------------------------------------------------------------------------------------------------------
+def wrap_fsdp(model: torch.nn.Module, world: World, device: torch.device, trainable: list) -> torch.nn.Module:
+    """FSDP2 in place: each decoder block one unit, then the root (embeddings, final norm, lm_head); every frozen
+    base parameter is sharded over the ranks (dim 0) and gathered whole only while its unit computes.
+
+    The LoRA parameters stay out (ignored_params): whole on every rank, their gradients averaged by
+    average_gradients. They are < 1% of the model, so sharding them would save little, and this keeps one code path
+    for everything that reads the adapter (saving it and its optimizer state, its norms, the checks of its weights)
+    whatever the mode, and the bf16 base and the fp32 LoRA weights out of one all-gather. Returns model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    ignored = set(trainable)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return model
+
+
+def base_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen parameters this process holds: all of them, or its shards once wrap_fsdp has run."""
+    held = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor: this rank's shard
+            held += local.numel() * local.element_size()
+    return held
+
+
+def average_gradients(world: World, params: list) -> None:
+    """The mean over ranks of each parameter's gradient, in one flat fp32 all-reduce (gloo has no AVG: sum, then
+    divide). For the parameters FSDP leaves to us (wrap_fsdp), once per optimizer step: what DDP does on its own."""
+    if not world.active or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n

@@ -52,14 +52,19 @@ def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
 
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 48,
-                   stop_ids=None) -> list[dict]:
+                   stop_ids=None, lockstep: bool = False) -> list[dict]:
     """The model's greedy reply to each prompt, stopping where chat.py does (generate restores the train/eval
-    mode afterwards).
+    mode afterwards). lockstep (a base sharded by FSDP, whose every forward is a collective of all ranks): every
+    prompt runs exactly max_new_tokens forwards whatever the tokens, and the reply is cut at its first stop id
+    afterwards, so no rank can stop sooner than another on a token its rounding chose differently.
     Returns [{"prompt": text, "reply": text, "reference": text}]."""
     stop_ids = default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids  # as chat.py stops
     out = []
     for p in prompts:
-        new = generate(model, p["prompt_ids"], max_new_tokens, temperature=0.0, stop_ids=stop_ids)
+        new = generate(model, p["prompt_ids"], max_new_tokens, temperature=0.0,
+                       stop_ids=[] if lockstep else stop_ids)
+        if lockstep:
+            new = new[:next((i + 1 for i, t in enumerate(new) if t in stop_ids), len(new))]
         reply = tokenizer.decode(new, skip_special_tokens=True)
         out.append({"prompt": tokenizer.decode(p["prompt_ids"]), "reply": reply, "reference": p["reference"]})
     return out
