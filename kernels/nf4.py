@@ -21,7 +21,7 @@ Dequantization, as bitsandbytes computes it (fp32 throughout, one rounding to th
 
 Layers: `quantize_nf4` / `dequantize_nf4` (plain torch: the contract), `nf4_quant_state` / `NF4Meta` (the JSON
 entry), and `dequantize_nf4_triton` (the same in one Triton kernel; the fused LoRA GEMM in nf4_lora.py decodes
-tiles with `decode_nf4`).
+tiles with `decode_nf4` when W's rows are not whole 64-blocks, else with its own aligned decode).
 """
 from __future__ import annotations
 

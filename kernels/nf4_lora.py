@@ -18,9 +18,22 @@ The decoded W tile is rounded to the input dtype before tl.dot, exactly as `dequ
 rounds it, so the contract is `nf4_lora_linear_reference`: F.linear with the dequantized weight (the adapter is
 trained against dequant(W4), which is also what a merge must fold into).
 
-The kernel sees W through "virtual strides" into its flat row-major index j = n·K + k: the forward's right operand
-Wᵀ (K, N) has strides (1, K), the backward's W (N, K) has (K, 1). The 64-element scale blocks run along rows of W,
-so within a tile the scale changes along k only every 64 elements.
+Two decodes of the right operand's (BLOCK_K, BLOCK_N) tile per K step, chosen by the launcher (`nf4_aligned`, the
+ALIGNED constexpr) and both giving the same fp32 value·scale products, so the same bits (the tests compare them):
+
+- Aligned (W's row length K a multiple of the blocksize: Phi-3's K 3072 / 8192 with blocksize 64). No 64-block
+  and no byte straddles two rows of W, so a tile that runs along a row (k in the forward's Wᵀ, the output column
+  in the backward's W) is C/2 consecutive bytes per row: one coalesced (rows, C/2) uint8 load, split into high
+  nibble (element 2j) and low nibble (2j + 1) and interleaved back with tl.join + tl.reshape, then a gather from
+  the 16-entry code table (64 bytes: it should hit L1). The scale is loaded and double-dequantized once per row
+  and 64-block (BLOCK_N scales per K step forward, BLOCK_K backward; two per row when a 128-wide tile spans two
+  blocks) and broadcast. `_decode_nf4_rows` builds the tile with W's rows first, so the forward transposes its
+  (BLOCK_N, BLOCK_K) tile after rounding to 16 bits. Compiled for sm_90 / sm_80 it needs 17-85 KB of shared
+  memory and spills in no config (bench/RESULTS.md, "NF4 GEMM decode"); its speed is not measured yet.
+- Per element (any other shape: blocks that straddle rows, odd K). The kernel sees W through "virtual strides"
+  into its flat row-major index j = n·K + k (the forward's Wᵀ (K, N) has strides (1, K), the backward's W (N, K)
+  has (K, 1)), and `decode_nf4` gathers each element's byte (each byte twice), its code and its scale (2-3
+  gathers with double quantization): ~5 scattered loads per weight element, 60-152 KB of shared memory.
 """
 from __future__ import annotations
 
@@ -32,6 +45,41 @@ from .nf4 import dequantize_nf4, kernel_args, nf4_quant_state
 
 if HAS_TRITON:
     from .nf4 import decode_nf4
+
+    @triton.jit
+    def _decode_nf4_rows(rows, c0, K, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, C: tl.constexpr):
+        # The aligned fast path: fp32 W[rows, c0 : c0 + C] as a (len(rows), C) tile, columns wrapped mod K.
+        # Needs K % BLOCKSIZE == 0 (the launcher's `nf4_aligned`), c0 a multiple of min(C, BLOCKSIZE), rows
+        # valid (< N). Then a row's scale blocks start at column multiples of BLOCKSIZE (64 for Phi-3) and never
+        # straddle two rows, and a byte never holds elements of two rows (K even): the tile's C/2 bytes per row
+        # are consecutive in memory (one coalesced load instead of C per-element gathers, each byte once), and
+        # there are only max(1, C / BLOCKSIZE) scales per row to load and double-dequantize, not C.
+        HALF: tl.constexpr = C // 2
+        NB: tl.constexpr = C // BLOCKSIZE if C > BLOCKSIZE else 1      # scale blocks per row in the tile
+        RUN: tl.constexpr = HALF if HALF < BLOCKSIZE // 2 else BLOCKSIZE // 2  # bytes surely consecutive
+        row_bytes = tl.multiple_of(rows * (K // 2), BLOCKSIZE // 2)    # (R,) each row's first byte
+        # (HALF,) byte columns; the wrap (K / 2, a multiple of BLOCKSIZE / 2) falls between runs of RUN bytes,
+        # so the hints are true and the loads vectorize (the `%` alone would hide the contiguity)
+        byte_col = tl.max_contiguous(tl.multiple_of((c0 // 2 + tl.arange(0, HALF)) % (K // 2), RUN), RUN)
+        packed = tl.load(packed_ptr + row_bytes[:, None] + byte_col[None, :])  # (R, HALF) uint8
+        # element 2j is byte j's high nibble, 2j + 1 its low one: join on a new last axis and fold it into the
+        # columns (row-major), which interleaves them: (R, HALF, 2) -> (R, C)
+        nibble = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], C)).to(tl.int32)
+        value = tl.load(code_ptr + nibble)                             # (R, C) 16-entry table: 64 B, L1
+        first = (c0 + tl.arange(0, NB) * BLOCKSIZE) % K                # (NB,) each scale block's first column
+        block = rows[:, None] * (K // BLOCKSIZE) + (first // BLOCKSIZE)[None, :]  # (R, NB)
+        if DOUBLE_QUANT:  # the same fp32 expression as decode_nf4, so the same products and sums
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // 256) + offset
+        else:
+            scale = tl.load(absmax_ptr + block)
+        if NB == 1:
+            w = value * scale                                          # (R, C) * (R, 1)
+        else:  # the tile spans NB blocks of a row: (R, NB, BLOCKSIZE) * (R, NB, 1)
+            w = tl.reshape(tl.reshape(value, (rows.shape[0], NB, BLOCKSIZE)) * scale[:, :, None],
+                           (rows.shape[0], C))
+        return w
 
     @triton.jit
     def _nf4_matmul_lowrank_kernel(
@@ -50,7 +98,7 @@ if HAS_TRITON:
         stride_wk, stride_wn,  # virtual strides of the right operand into W's flat index: (1, K) or (K, 1)
         stride_um, stride_ur, stride_vr, stride_vn, stride_cm, stride_cn,
         offset, scaling,
-        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr, TRANSPOSE_W: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
@@ -71,15 +119,32 @@ if HAS_TRITON:
         for kb in range(0, tl.cdiv(KR, BLOCK_K)):
             k_left = KR - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            w_mask = offs_k[:, None] < k_left
-            w = decode_nf4(w_idx, w_mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
-                            BLOCKSIZE, DOUBLE_QUANT)                    # (BLOCK_K, BLOCK_N) fp32
-            w = tl.where(w_mask, w, 0.0)
+            if ALIGNED:
+                # rows of W past the reduction's end (backward, N % BLOCK_K != 0) or columns past K (forward,
+                # BLOCK_K > BLOCKSIZE) wrap to valid weights of the same output column, which a's masked zeros
+                # cancel exactly: no load mask, and nothing the reference does not already multiply in
+                if TRANSPOSE_W:  # forward: W's rows are the output columns, the tile runs along them over k
+                    w = _decode_nf4_rows(cols.to(tl.int64), kb * BLOCK_K, stride_wn, packed_ptr, absmax_ptr,
+                                         code_ptr, absmax2_ptr, code2_ptr, offset,
+                                         BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
+                else:            # backward: W's rows are the reduction index, the tile runs along the output
+                    w_rows = (kb * BLOCK_K + offs_k) % KR
+                    w = _decode_nf4_rows(w_rows.to(tl.int64), pid_n * BLOCK_N, stride_wk, packed_ptr, absmax_ptr,
+                                         code_ptr, absmax2_ptr, code2_ptr, offset,
+                                         BLOCKSIZE, DOUBLE_QUANT, BLOCK_N)  # (BLOCK_K, BLOCK_N) fp32
+            else:  # any shape: every element gathers its byte and its scale
+                w_mask = offs_k[:, None] < k_left
+                w = decode_nf4(w_idx, w_mask, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+                                BLOCKSIZE, DOUBLE_QUANT)                # (BLOCK_K, BLOCK_N) fp32
+                w = tl.where(w_mask, w, 0.0)
             if DOT_FP32:  # interpreter: round W to the input dtype (as the GPU path does), then dot in fp32
                 a = a.to(tl.float32)
                 w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             else:
                 w = w.to(a_ptr.dtype.element_ty)
+            if ALIGNED:
+                if TRANSPOSE_W:  # transposed after the rounding: a 16-bit tile to move, not an fp32 one
+                    w = tl.trans(w)                                     # (BLOCK_K, BLOCK_N)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_idx += BLOCK_K * stride_wk
@@ -106,20 +171,38 @@ if HAS_TRITON:
     def _config(bm, bn, bk, warps, stages):
         return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
 
-    # Smaller tiles than the bf16 GEMM's: decoding costs registers and shared memory (the gathered codes and scales
-    # are pipelined too). Compiled ahead of time for sm_90 bf16 (shared/tools/kernel_aot.py, Phi-3-mini gate_up and
-    # qkv, M 4096): 128x128 and 64x128 tiles need 232-256 KB of shared memory (cannot launch) and spill; 64x64x64
-    # s2 is clean forward and backward, 128x64x64 s3 clean forward.
-    _GPU_CONFIGS = [
+    # Compiled ahead of time (tests/test_kernels_compile.py, triton 3.9, bf16, Phi-3-mini o_proj and gate_up, M 4096
+    # and 8192, r 16; bench/RESULTS.md "NF4 GEMM decode"). The per-element decode gathers a byte and a scale per
+    # element, and the pipeline buffers those gathers: 128x64x64 s3 needs 136-152 KB of shared memory and spills
+    # in the backward (140 B on sm_90, 1.1 KB on sm_80), 16x128x64 spills 168-312 B backward, 64x64x64 s2 8 B
+    # backward on sm_80; 64x64x32 is clean everywhere; 128x128 and 64x128 tiles needed 232-256 KB (cannot
+    # launch). The aligned decode (Phi-3's shapes) loads C/2 bytes and C/64 scales per row instead: the same four
+    # configs take 17-58 KB and 84-252 registers with no spill on sm_90 or sm_80, and 128x128x64 w8 s3 is clean
+    # too (132-237 registers, 69-85 KB), so the aligned launches also try that one (each x tile serves 128
+    # columns, as in the bf16 LoRA GEMM's clean 128x128x64 w8). Tried and left out: 128x128x64 w4 s3 (spills 96 B
+    # backward on sm_90, 7.6 KB on sm_80) and 128x256x64 w8 s3 (16-60 B on sm_90, 6.7 KB on sm_80).
+    _GPU_CONFIGS = [  # both decodes
         _config(128, 64, 64, 4, 3),
         _config(64, 64, 64, 4, 2),
         _config(64, 64, 32, 4, 3),
         _config(16, 128, 64, 4, 2),  # decode-sized M (chat): a few rows, wide N
     ]
+    _GPU_CONFIGS_ALIGNED = _GPU_CONFIGS + [  # the aligned decode only: the per-element one cannot launch these
+        _config(128, 128, 64, 8, 3),
+    ]
     _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
-    _nf4_matmul_lowrank_tuned = triton.autotune(
-        configs=_GPU_CONFIGS, key=["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS", "stride_wk"],
-    )(_nf4_matmul_lowrank_kernel)
+    _TUNE_KEY = ["M_KEY", "NO", "KR", "R", "HAS_LORA", "HAS_BIAS", "stride_wk"]
+    # two autotuners over the one kernel, so each decode tunes over the configs it can launch
+    _nf4_matmul_lowrank_tuned = triton.autotune(configs=_GPU_CONFIGS, key=_TUNE_KEY)(_nf4_matmul_lowrank_kernel)
+    _nf4_matmul_lowrank_tuned_aligned = triton.autotune(configs=_GPU_CONFIGS_ALIGNED, key=_TUNE_KEY)(
+        _nf4_matmul_lowrank_kernel)
+
+
+def nf4_aligned(meta) -> bool:
+    """Whether the GEMM takes the aligned decode (`_decode_nf4_rows`): W's row length K a multiple of the
+    blocksize, so no scale block straddles two rows (and K is even: no byte does). Phi-3's projections qualify
+    (K 3072 or 8192, blocksize 64); other shapes take the per-element decode (`decode_nf4`)."""
+    return len(meta.shape) == 2 and meta.shape[1] % meta.blocksize == 0
 
 
 def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.0, bias=None):
@@ -148,7 +231,9 @@ def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.
             *((1, K) if transpose_w else (K, 1)),
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
             offset, float(scaling))
-    meta_kw = dict(BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, HAS_BIAS=bias is not None,
+    aligned = nf4_aligned(meta)
+    meta_kw = dict(BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, ALIGNED=aligned,
+                   TRANSPOSE_W=bool(transpose_w), HAS_BIAS=bias is not None,
                    HAS_LORA=has_lora, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                    DOT_FP32=interpret_bf16, BLOCK_R=max(16, triton.next_power_of_2(R)))
 
@@ -159,7 +244,7 @@ def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.
         if INTERPRET:
             _nf4_matmul_lowrank_kernel[grid](*args, **meta_kw, **_INTERPRET_META)
         else:
-            _nf4_matmul_lowrank_tuned[grid](*args, **meta_kw)
+            (_nf4_matmul_lowrank_tuned_aligned if aligned else _nf4_matmul_lowrank_tuned)[grid](*args, **meta_kw)
     return c.to(a.dtype)
 
 

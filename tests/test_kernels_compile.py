@@ -157,34 +157,47 @@ NF4 = dict(BLOCKSIZE=64, DOUBLE_QUANT=True)  # bitsandbytes' defaults, what --qu
 
 def nf4_mm_cases(dtype, cap):
     """nf4_matmul_lowrank as NF4LoRALinearFunction calls it, r 16, o_proj and gate_up: forward (W' = Wᵀ, virtual
-    strides (1, K)) and backward dX (W' = W, (K, 1)). Pointers: a, packed (uint8), absmax (uint8, double quant),
-    code, absmax2, code2 (fp32), u, v, bias(=c), c. 16-bit only: on a GPU nf4_lora_linear sends fp32 x to the
-    torch reference (the fp32 FMA tiles spill on sm_90 and sm_80)."""
+    strides (1, K), TRANSPOSE_W) and backward dX (W' = W, (K, 1)). Pointers: a, packed (uint8), absmax (uint8,
+    double quant), code, absmax2, code2 (fp32), u, v, bias(=c), c. ALIGNED as the launcher chooses it
+    (`nf4_aligned`: True at Phi-3's shapes, the aligned decode); the "per-element" cases force the fallback decode
+    (what shapes with K % blocksize != 0 get) at the same shapes, for comparison. 16-bit only: on a GPU
+    nf4_lora_linear sends fp32 x to the torch reference (the fp32 FMA tiles spill on sm_90 and sm_80)."""
     if dtype == "fp32":
         return {}
+    mod = _module("kernels.nf4_lora")
+    meta_of = _module("kernels.nf4").NF4Meta
     dt, cases, R = DTYPES[dtype], {}, 16
     meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
                 DOT_FP32=False, BLOCK_R=16)
     ptrs = (dt, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, dt, dt, dt)
     for K, N in (LINEARS["o"], LINEARS["gate_up"]):
+        aligned = mod.nf4_aligned(meta_of(shape=(N, K), blocksize=NF4["BLOCKSIZE"]))
         for M in TOKENS:
             fwd = (M, N, K, R, np2(M), K, 1, 1, K, R, 1, 1, R, N, 1, 0.03, 2.0)
             bwd = (M, K, N, R, np2(M), N, 1, K, 1, R, 1, K, 1, K, 1, 0.03, 2.0)
-            cases.setdefault("fwd R=16", []).append((ptrs + fwd, meta))
-            cases.setdefault("bwd R=16", []).append((ptrs + bwd, meta))
+            for name, args, transpose in (("fwd", fwd, True), ("bwd", bwd, False)):
+                cases.setdefault(f"{name} R=16", []).append(
+                    (ptrs + args, dict(meta, ALIGNED=aligned, TRANSPOSE_W=transpose)))
+                cases.setdefault(f"{name} R=16 per-element", []).append(
+                    (ptrs + args, dict(meta, ALIGNED=False, TRANSPOSE_W=transpose)))
     return cases
 
 
 def nf4_mm_configs(dtype):
-    return list(_module("kernels.nf4_lora")._GPU_CONFIGS)
+    """The aligned autotuner's configs: the per-element one's, then those only the aligned decode can launch."""
+    return list(_module("kernels.nf4_lora")._GPU_CONFIGS_ALIGNED)
+
+
+def _nf4_launchable(case, cfg):
+    return "per-element" not in case or cfg < len(_module("kernels.nf4_lora")._GPU_CONFIGS)
 
 
 def nf4_mm_ci(dtype, cap, case, cfg):
-    return cfg == 0 and dtype == "bf16" and case == "fwd R=16"
+    return cfg == 0 and dtype == "bf16" and case in ("fwd R=16", "bwd R=16")  # the aligned decode, both ways
 
 
 def nf4_mm_full(dtype, cap, case, cfg):
-    return True  # every config and dtype: 48 compiles, ~80 CPU-s
+    return _nf4_launchable(case, cfg)  # every config each decode tunes over, every dtype: 72 compiles
 
 
 def nf4_dequant_cases(dtype, cap):

@@ -1,24 +1,28 @@
 """kernels.nf4_lora (the fused GEMM decoding NF4 tiles) against nf4_lora_linear_reference (dense dequant + torch).
 
 On the CPU these run in Triton's interpreter with 32x32x32 tiles, so the odd shapes span several tiles with ragged
-edges in M, N and K, and K = 72 makes the 64-element scale blocks straddle rows and tiles."""
+edges in M, N and K. Two decodes: K = 72 makes the 64-element scale blocks straddle rows and tiles (the per-element
+fallback); K = 128 is a multiple of the blocksize, as Phi-3's projections are (the aligned path)."""
 import pytest
 import torch
 
-from kernels.nf4 import dequantize_nf4, quantize_nf4
-from kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference, nf4_matmul_lowrank
+import kernels.nf4_lora as nf4_lora
+from kernels.nf4 import NF4Meta, dequantize_nf4, nf4_quant_state, quantize_nf4
+from kernels.nf4_lora import nf4_aligned, nf4_lora_linear, nf4_lora_linear_reference, nf4_matmul_lowrank
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M, K, N, R, S = 37, 72, 100, 8, 2.0
+K_ALIGNED, N_ALIGNED = 128, 80  # two 64-blocks per row; N = 80 leaves a ragged 16-wide tile (dX reduces over it)
 
 
-def make(dtype, lead=(M,), k=K, n=N, r=R, bias=True, seed=0):
+def make(dtype, lead=(M,), k=K, n=N, r=R, bias=True, seed=0, **quant):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0, dt=dtype):
         return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt).requires_grad_()
 
-    tensors = {k_: v.to(DEVICE) for k_, v in quantize_nf4(torch.randn(n, k, generator=g) * k ** -0.5).items()}
+    tensors = {k_: v.to(DEVICE) for k_, v in quantize_nf4(torch.randn(n, k, generator=g) * k ** -0.5,
+                                                            **quant).items()}
     return tensors, dict(x=rnd(*lead, k), bias=rnd(n) if bias else None,
                          lora_A=rnd(r, k, scale=k ** -0.5, dt=torch.float32),  # fp32 adapters, as train.py
                          lora_B=rnd(n, r, scale=r ** -0.5 if r else 1.0, dt=torch.float32))
@@ -33,12 +37,14 @@ def run(fn, tensors, leaves, dy, lora_x=None):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("lead", [(M,), (3, 13)])
-def test_forward_and_grads_match_reference(dtype, tol, lead):
-    tensors, leaves = make(dtype, lead=lead)
-    dy = torch.randn(*lead, N, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+@pytest.mark.parametrize("k,n", [(K, N), (K_ALIGNED, N_ALIGNED)], ids=["per-element", "aligned"])
+def test_forward_and_grads_match_reference(dtype, tol, lead, k, n):
+    tensors, leaves = make(dtype, lead=lead, k=k, n=n)
+    assert nf4_aligned(nf4_quant_state(tensors)) == (k == K_ALIGNED)
+    dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
     y, grads = run(nf4_lora_linear, tensors, leaves, dy)
     y_ref, grads_ref = run(nf4_lora_linear_reference, tensors, leaves, dy)
-    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert y.dtype == dtype and y.shape == (*lead, n)
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
     assert set(grads) == set(grads_ref) == {"x", "bias", "lora_A", "lora_B"}
     for name in grads:
@@ -57,8 +63,90 @@ def test_base_gemm_is_the_dequantized_weight_exactly():
 
 
 def _meta(tensors):
-    from kernels.nf4 import nf4_quant_state
     return nf4_quant_state(tensors)
+
+
+# (n, k, blocksize, double quant, interpreter tiles): which decode and which of its branches
+DECODES = {
+    "aligned": (N_ALIGNED, K_ALIGNED, 64, True, None),           # 32-wide tiles inside one 64-block per row
+    "aligned-fp32-absmax": (N_ALIGNED, K_ALIGNED, 64, False, None),
+    # 64-wide tiles over two 32-blocks per row; K = 96 and N = 80 are not multiples of 64: the forward's last k
+    # tile and the backward's last column tile wrap past K, dX's last reduction tile wraps past N
+    "aligned-2-blocks-per-tile": (N_ALIGNED, 96, 32, True, dict(BLOCK_N=64, BLOCK_K=64)),
+    "per-element": (N, K, 64, True, None),                         # blocks straddle rows
+}
+
+
+def _tiles(monkeypatch, tiles):
+    if tiles:
+        monkeypatch.setattr(nf4_lora, "_INTERPRET_META", dict(nf4_lora._INTERPRET_META, **tiles))
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_decoded_weight_is_the_reference_bit_for_bit(decode, monkeypatch):
+    """I·W' is the decoded tile itself (one product per output, the rest exact zeros): fp32, both directions,
+    equal to dequantize_nf4 bit for bit, on each decode path."""
+    n, k, blocksize, double_quant, tiles = DECODES[decode]
+    _tiles(monkeypatch, tiles)
+    tensors, _ = make(torch.float32, k=k, n=n, blocksize=blocksize, double_quant=double_quant)
+    meta = _meta(tensors)
+    assert nf4_aligned(meta) == decode.startswith("aligned")
+    w = dequantize_nf4(tensors, torch.float32)                            # (n, k)
+    assert torch.equal(nf4_matmul_lowrank(torch.eye(k, device=DEVICE), tensors, meta, True), w.t())
+    assert torch.equal(nf4_matmul_lowrank(torch.eye(n, device=DEVICE), tensors, meta, False), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decode", [d for d in DECODES if d.startswith("aligned")])
+def test_aligned_path_equals_the_per_element_one_bitwise(decode, dtype, monkeypatch):
+    """The same GEMM (forward with LoRA and bias, dX with LoRA) through both decodes: identical bits, since both
+    compute the same fp32 value·scale products and round them to the input dtype alike."""
+    n, k, blocksize, double_quant, tiles = DECODES[decode]
+    _tiles(monkeypatch, tiles)
+    tensors, _ = make(torch.float32, k=k, n=n, blocksize=blocksize, double_quant=double_quant)
+    meta = _meta(tensors)
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(M, k, generator=g).to(DEVICE, dtype), torch.randn(M, n, generator=g).to(DEVICE, dtype)
+    u, bias = torch.randn(M, R, generator=g).to(DEVICE, dtype), torch.randn(n, generator=g).to(DEVICE, dtype)
+    vf, vb = torch.randn(R, n, generator=g).to(DEVICE, dtype), torch.randn(R, k, generator=g).to(DEVICE, dtype)
+    outs = {}
+    for aligned in (True, False):
+        monkeypatch.setattr(nf4_lora, "nf4_aligned", lambda meta, aligned=aligned: aligned)
+        outs[aligned] = (nf4_matmul_lowrank(x, tensors, meta, True, u, vf, S, bias),
+                         nf4_matmul_lowrank(dy, tensors, meta, False, u, vb, S))
+    for got, want in zip(outs[True], outs[False]):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_launcher_takes_the_aligned_path_for_phi3_shapes(monkeypatch):
+    """nf4_aligned says yes for every Phi-3-mini projection (W (N, K), blocksize 64), no where a scale block would
+    straddle rows; and the launcher passes its answer to the kernel (ALIGNED), with the direction (TRANSPOSE_W)."""
+    for n, k in [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]:   # qkv, o, gate_up, down
+        assert nf4_aligned(NF4Meta(shape=(n, k)))
+    assert not nf4_aligned(NF4Meta(shape=(N, K)))                            # 72 % 64
+    assert not nf4_aligned(NF4Meta(shape=(64, 96)))
+    assert nf4_aligned(NF4Meta(shape=(64, 96), blocksize=32))
+
+    launches = []
+
+    class Spy:  # stands in for the kernel (interpreter) or its autotuner (GPU): records, then launches
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((kw["ALIGNED"], kw["TRANSPOSE_W"]))
+                return self.real[grid](*args, **kw)
+            return launch
+
+    for name in ("_nf4_matmul_lowrank_kernel", "_nf4_matmul_lowrank_tuned", "_nf4_matmul_lowrank_tuned_aligned"):
+        monkeypatch.setattr(nf4_lora, name, Spy(getattr(nf4_lora, name)))
+    for k, n, aligned in ((K_ALIGNED, N_ALIGNED, True), (K, N, False)):
+        tensors, leaves = make(torch.float32, k=k, n=n, r=0, bias=False)
+        x = leaves["x"].detach()
+        nf4_matmul_lowrank(x[:4], tensors, _meta(tensors), True)
+        nf4_matmul_lowrank(torch.ones(4, n, device=DEVICE), tensors, _meta(tensors), False)
+        assert launches[-2:] == [(aligned, True), (aligned, False)]
 
 
 def test_dropout_input_and_no_bias():
