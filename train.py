@@ -147,10 +147,13 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     device = distributed.device_for(world, device)
     QUIET["on"] = not world.is_main
     distributed.init(world, device)
+    finished = False
     try:
-        return train_on(cfg, world, device, dtype, notes)
+        status = train_on(cfg, world, device, dtype, notes)
+        finished = status == 0
+        return status
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, notes=()) -> int:
@@ -641,4 +644,7 @@ def save_merged(model, tokenizer, final: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun rank: see distributed.leave
+        distributed.leave(code)
+    sys.exit(code)

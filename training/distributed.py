@@ -13,8 +13,10 @@ so a refusal on rank 0 is a clean error everywhere instead of a hang.
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +73,27 @@ def init(world: World, device: torch.device) -> None:
                             timeout=datetime.timedelta(minutes=30))
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = False) -> None:
+    """Leave the process group. finished (every rank got through the run): first free what still holds the
+    group's work and tensors (FSDP's hooks and device mesh sit in reference cycles) and wait for the other ranks,
+    so none tears down while another still talks. Not after an error: the other ranks may never arrive."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def leave(status: int) -> None:
+    """End a torchrun rank's process now, without the interpreter's finalization: gloo's worker threads can
+    still hold work whose tensors need the GIL while the interpreter is torn down, and abort the process
+    ("terminate called without an active exception", seen about once in 30 runs of the 2-process CPU tests,
+    after the run had written everything; pytorch/pytorch#179291 describes the cause). Everything this program
+    writes is closed by then; the standard streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier(world: World) -> None:
