@@ -8,7 +8,10 @@ torch fallback):
   1. tests     the gpu-marked tests (pytest -m gpu): the kernels against their references at Phi-3-mini's sizes
   2. matmul    bench/lora_matmul.py: the four projections (qkv, o, gate_up, down) at M 4096 and 8192, r 16, forward
                and forward+backward, all four systems (base cuBLAS, peft's three matmuls, addmm, ours)
-  3. train     bench/train_step.py: one training step, ours vs transformers + peft, seq 2048, the largest batch
+  3. qlora     bench/qlora_matmul.py: the QLoRA layer (issue 16), forward + backward at M 4096 on the four
+               projections, r 16: our fused NF4 GEMM vs bitsandbytes' dequantize + matmul vs our bf16 LoRA GEMM
+               (target: NF4 >= 0.9x bf16)
+  4. train     bench/train_step.py: one training step, ours vs transformers + peft, seq 2048, the largest batch
                theirs fits, activation checkpointing off and on
 A part starts only if the time left covers its planned share; what does not fit is listed as skipped, with the
 reason. The planned shares are estimates (no GPU run has timed them yet) and are labelled so in the output.
@@ -29,8 +32,8 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 150, "train": 190}
-PLAN_CPU = {"tests": 10, "matmul": 10, "train": 20}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -43,6 +46,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                       "tests/test_kernels_fused.py"],
             "matmul": [py, "bench/lora_matmul.py", "--shapes", "qkv", "--tokens", "37", "--ranks", "8",
                        "--warmup", "1", "--rep", "2", "--json-out", str(out / "matmul.json")],
+            "qlora": [py, "bench/qlora_matmul.py", "--shapes", "o", "--tokens", "17", "--warmup", "1", "--rep", "2",
+                      "--json-out", str(out / "qlora.json")],
             "train": [py, "bench/train_step.py", "--seq", "32", "--steps", "1", "--warmup", "1", "--batch", "1",
                       "--checkpointing", "on", "--no-longest", "--json-out", str(out / "train.json")],
         }
@@ -51,6 +56,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
         "matmul": [py, "bench/lora_matmul.py", "--shapes", "qkv,o,gate_up,down", "--tokens", "4096,8192",
                    "--ranks", "16", "--budget-s", str(int(budget["matmul"] * 0.8)),
                    "--json-out", str(out / "matmul.json")],
+        "qlora": [py, "bench/qlora_matmul.py", "--shapes", "qkv,o,gate_up,down", "--tokens", "4096",
+                  "--json-out", str(out / "qlora.json")],
         "train": [py, "bench/train_step.py", "--seq", "2048", "--checkpointing", "both", "--no-longest",
                   "--budget-s", str(int(budget["train"] * 0.7)), "--json-out", str(out / "train.json")],
     }
@@ -119,7 +126,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,train", help="comma list of tests, matmul, train")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train", help="comma list of tests, matmul, qlora, train")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():

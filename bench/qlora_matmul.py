@@ -110,6 +110,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     args = ap.parse_args(argv)
     device = "cuda" if CUDA else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -125,6 +126,8 @@ def main(argv=None) -> dict:
     result = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": args.dtype, "rows": rows,
               "note": "" if CUDA else "CPU smoke: timings are the interpreter's or torch's, not the kernels'"}
     print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -106,10 +106,13 @@ def test_gpu_check_cpu_mode(tmp_path):
     # a generous budget: CI machines are shared; on 2 idle cores the run takes about 25 s (bench/RESULTS.md)
     out, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "280")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "train": "ok"}
+    assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
+                                                                     "train": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}
+    (qlora,) = report["parts"]["qlora"]["result"]["rows"]
+    assert qlora["shape"] == "o" and max(qlora["err"].values()) < 1e-5
     md = (tmp_path / "gpu_check.md").read_text()
     assert "planned share (estimate)" in md and "## matmul" in md and "## train" in md
 
