@@ -48,7 +48,9 @@ def command(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> list[st
     return launcher + args
 
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# as a user runs train.py: without conftest.py's TRITON_INTERPRET (the 4-bit layers would run in the interpreter)
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(ROOT),
+       "OMP_NUM_THREADS": "1"}
 
 
 def train(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> Path:
@@ -117,6 +119,17 @@ def test_fsdp_two_ranks_of_batch_2_train_as_one_process_of_batch_4(runs, fsdp_ru
     # the adapter records the base it was trained on, read before the base was sharded
     meta = [json.loads((p / "adapter" / "adapter_config.json").read_text()) for p in (fsdp_run, one)]
     assert meta[0]["base_fingerprint"] == meta[1]["base_fingerprint"] and meta[0]["base_fingerprint"]
+
+
+@pytest.mark.slow
+def test_fsdp_shards_a_4bit_base_and_trains_as_one_process(runs):
+    """QLoRA under FSDP2: the packed NF4 codes are sharded (uint8, gathered with the block's bf16/fp32 norms) and
+    the run equals --quantize nf4 in one process."""
+    tmp = runs[0]
+    one, two = (train(tmp, name, procs, batch, "--quantize", "nf4", *extra)
+                for name, procs, batch, extra in (("nf4-one", 1, 4, ()), ("nf4-fsdp", 2, 2, ("--fsdp",))))
+    assert_same_training(one, two)
+    assert "holds" in (tmp / "nf4-fsdp.log").read_text()
 
 
 @pytest.mark.slow
