@@ -259,6 +259,13 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Launch option of every kernel that decodes NF4: bitsandbytes and dequantize_nf4 round the double-quantized scale
+# twice (code2[q]·absmax2, then + offset), which the GPU compiler would contract into one fma (one rounding, so a
+# scale an fp32 ulp off; 4 fma.rn.f32 per thread per K step in the PTX of the 64x64x64 GEMM). Off, the decode gives
+# the reference's bits on the GPU as in the interpreter; nothing else in these kernels is a multiply-add.
+EXACT_DECODE = dict(enable_fp_fusion=False)
+
+
 def kernel_args(tensors: dict, meta: NF4Meta) -> tuple:
     """(packed, absmax, code, absmax2, code2, offset) as the Triton kernels take them (unused ones: stand-ins)."""
     packed, absmax, code = tensors["weight"], tensors["weight.absmax"], tensors["weight.quant_map"]
@@ -280,5 +287,5 @@ def dequantize_nf4_triton(tensors: dict, dtype: torch.dtype | None = None, block
     with device_guard(packed):
         _dequant_kernel[(triton.cdiv(numel, block),)](
             *kernel_args(tensors, meta)[:5], target, kernel_args(tensors, meta)[5], numel,
-            BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, BLOCK=block)
+            BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, BLOCK=block, **EXACT_DECODE)
     return target.to(dtype) if interpret_bf16 else out

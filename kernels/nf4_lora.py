@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, INTERPRET, device_guard, grouped_tile, tl, triton, use_triton
-from .nf4 import dequantize_nf4, kernel_args, nf4_quant_state
+from .nf4 import EXACT_DECODE, dequantize_nf4, kernel_args, nf4_quant_state
 
 if HAS_TRITON:
     from .nf4 import decode_nf4
@@ -235,7 +235,7 @@ def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.
     meta_kw = dict(BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, ALIGNED=aligned,
                    TRANSPOSE_W=bool(transpose_w), HAS_BIAS=bias is not None,
                    HAS_LORA=has_lora, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                   DOT_FP32=interpret_bf16, BLOCK_R=max(16, triton.next_power_of_2(R)))
+                   DOT_FP32=interpret_bf16, BLOCK_R=max(16, triton.next_power_of_2(R)), **EXACT_DECODE)
 
     def grid(m):
         return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(NO, m["BLOCK_N"]),)

@@ -78,6 +78,7 @@ def _fold(row, kernel, log, cap):
     row["warps"], row["stages"] = md.num_warps, md.num_stages
     row["serial"] = sorted(set(row["serial"]) | {w.strip() for w in re.findall(
         r"wgmma.mma_async instructions are serialized due to ([^\n'.]+)", log)})
+    row["fma_f32"] = max(row.get("fma_f32", 0), len(re.findall(r"\bfma\.rn\.f32\b", ptx)))  # fused multiply-adds
     row["mma"] = ("wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx
                   else "fma" if "tt.dot" in kernel.asm["ttir"] else "-")
 

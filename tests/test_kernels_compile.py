@@ -168,7 +168,7 @@ def nf4_mm_cases(dtype, cap):
     meta_of = _module("kernels.nf4").NF4Meta
     dt, cases, R = DTYPES[dtype], {}, 16
     meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                DOT_FP32=False, BLOCK_R=16)
+                DOT_FP32=False, BLOCK_R=16, **_module("kernels.nf4").EXACT_DECODE)
     ptrs = (dt, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, dt, dt, dt)
     for K, N in (LINEARS["o"], LINEARS["gate_up"]):
         aligned = mod.nf4_aligned(meta_of(shape=(N, K), blocksize=NF4["BLOCKSIZE"]))
@@ -203,7 +203,7 @@ def nf4_mm_full(dtype, cap, case, cfg):
 def nf4_dequant_cases(dtype, cap):
     dt = DTYPES[dtype]
     args = (torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, 0.03, 9216 * 3072)
-    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024))]}
+    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("kernels.nf4").EXACT_DECODE))]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,6 +328,10 @@ def table(rows):
     return "\n".join(lines)
 
 
+# kernels that decode NF4 scales: no fused multiply-add may round the scale once (kernels/nf4.py, EXACT_DECODE)
+EXACT_DECODE = ("_dequant_kernel", "_nf4_matmul_lowrank_kernel")
+
+
 def problems(rows, full):
     """What makes the test fail, as readable lines."""
     out = []
@@ -338,6 +342,9 @@ def problems(rows, full):
         elif not r["err"] and r["shared"] > SMEM_LIMIT[r["cap"]]:
             out.append(f"can never launch (needs {r['shared']} B of shared memory > {SMEM_LIMIT[r['cap']]}): "
                        f"{where}; prune it")
+        elif r["kernel"] in EXACT_DECODE and not r["err"] and r.get("fma_f32"):
+            out.append(f"{r['fma_f32']} fma.rn.f32 in the PTX (the NF4 scale must round twice, as the reference "
+                       f"does: launch with kernels.nf4.EXACT_DECODE): {where}")
         elif r["kernel"] in SPILL_FREE and r["cap"] == 90 and r["dtype"] != "fp32" and not r["err"] and (
                 r["spill_store"] or r["spill_load"] or r["serial"]):
             out.append(f"spills {r['spill_store']}/{r['spill_load']} B or serialized wgmma {r['serial']}: {where}")

@@ -136,6 +136,7 @@ def test_launcher_takes_the_aligned_path_for_phi3_shapes(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 launches.append((kw["ALIGNED"], kw["TRANSPOSE_W"]))
+                assert kw["enable_fp_fusion"] is False  # the scale rounded twice, as the reference does
                 return self.real[grid](*args, **kw)
             return launch
 
