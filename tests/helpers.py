@@ -1,5 +1,6 @@
 """Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code."""
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -57,3 +58,10 @@ def write_jsonl(path, rows):
     """rows (dicts, or strings written as they are) as a JSONL file at path."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    """A localhost TCP port free right now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import free_port
 from phi3mini import Phi3, Tokenizer
 from phi3mini.config import Phi3Config
 from training import distributed
@@ -26,12 +26,6 @@ from training import distributed
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo_chat.jsonl"
 STEPS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(tmp: Path, out: str, procs: int, batch: int, *extra: str) -> list[str]:

@@ -6,21 +6,15 @@ where FSDP2 meets the kernels. The 2-process runs (equal to one process, resume,
 tests/test_distributed.py.
 """
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import lora
+from helpers import free_port
 from phi3mini import Phi3
 from training import distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
