@@ -61,7 +61,7 @@ def peak_rss_bytes() -> int:
 def write_chats(path: Path, n: int, seed: int) -> None:
     import numpy as np
 
-    from phi3mini.tiny import _TINY_WORDS
+    from phi3lora.phi3mini.tiny import _TINY_WORDS
 
     words = np.array(sorted(set(_TINY_WORDS.split())), dtype=object)
     rng = np.random.default_rng(seed)
@@ -97,8 +97,8 @@ def _ids_hash(rows) -> str:
 
 
 def run_ours(data: str, tok_dir: str, cache: str, max_seq_len: int) -> dict:
-    from phi3mini import Tokenizer
-    from phi3mini.data import load_data
+    from phi3lora.phi3mini import Tokenizer
+    from phi3lora.data.pipeline import load_data
 
     tok = Tokenizer.from_pretrained(tok_dir)
     base, cpu0 = rss_bytes(), cpu_seconds()
@@ -194,7 +194,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from phi3mini import Tokenizer
+    from phi3lora.phi3mini import Tokenizer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="data-prep-"))
     work.mkdir(parents=True, exist_ok=True)

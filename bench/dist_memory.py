@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from family_memory import GB, estimate  # noqa: E402
 
-from phi3mini import Phi3Config  # noqa: E402
+from phi3lora.phi3mini import Phi3Config  # noqa: E402
 
 MODELS = ("phi3-mini-4k", "phi3-medium-4k")
 
 
 def block_params(name: str) -> int:
     """Parameters of one decoder block (what FSDP2 gathers whole, one unit per block)."""
-    from phi3mini import Phi3
+    from phi3lora.phi3mini import Phi3
     with torch.device("meta"):
         model = Phi3(Phi3Config.from_name(name))
     return sum(p.numel() for p in model.model.layers[0].parameters())
@@ -45,7 +45,7 @@ def block_params(name: str) -> int:
 
 def root_params(name: str) -> int:
     """Parameters outside the decoder blocks (embeddings, lm_head, final norm): FSDP2's root unit."""
-    from phi3mini import Phi3
+    from phi3lora.phi3mini import Phi3
     with torch.device("meta"):
         model = Phi3(Phi3Config.from_name(name))
     return sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)

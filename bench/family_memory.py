@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora  # noqa: E402
-from phi3mini import Phi3, Phi3Config  # noqa: E402
-from phi3mini.presets import PRESETS  # noqa: E402
+from phi3lora import lora  # noqa: E402
+from phi3lora.phi3mini import Phi3, Phi3Config  # noqa: E402
+from phi3lora.phi3mini.presets import PRESETS  # noqa: E402
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 GB = 1e9

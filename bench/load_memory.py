@@ -42,8 +42,8 @@ def measure(folder: str, dtype: str, quantize: str = "") -> dict:
     """Runs in the child process: load and report."""
     import torch
 
-    from phi3mini import Phi3
-    from phi3mini.quant import base_weight_bytes  # imports the kernels (Triton) before the baseline is taken
+    from phi3lora.phi3mini import Phi3
+    from phi3lora.phi3mini.quant import base_weight_bytes  # imports the kernels (Triton) before the baseline is taken
 
     before = rss_bytes()
     model = Phi3.from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None, quantize=quantize)
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from phi3mini import Phi3
+    from phi3lora.phi3mini import Phi3
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Phi3.from_name("tiny", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -34,7 +34,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: @triton.jit reads it
 
-from kernels import lora_linear  # noqa: E402
+from phi3lora.kernels import lora_linear  # noqa: E402
 
 # name: (K in_features, N out_features)
 SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels.nf4 import NESTED_BLOCKSIZE  # noqa: E402
-from phi3mini import Phi3  # noqa: E402
-from phi3mini.config import Phi3Config  # noqa: E402
-from phi3mini.quant import quantize_model, quantized_names  # noqa: E402
+from phi3lora.kernels.nf4 import NESTED_BLOCKSIZE  # noqa: E402
+from phi3lora.phi3mini import Phi3  # noqa: E402
+from phi3lora.phi3mini.config import Phi3Config  # noqa: E402
+from phi3lora.phi3mini.quant import quantize_model, quantized_names  # noqa: E402
 
 GiB = 1024**3
 

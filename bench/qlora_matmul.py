@@ -45,8 +45,8 @@ def bench(fn, warmup, rep) -> float:
 
 def paths(w, tensors, dtype, device):
     """{name: fn(x, A, B) -> y} for the three ways."""
-    from kernels.lora_linear import lora_linear
-    from kernels.nf4_lora import nf4_lora_linear
+    from phi3lora.kernels.lora_linear import lora_linear
+    from phi3lora.kernels.nf4_lora import nf4_lora_linear
 
     def ours_nf4(x, A, B):
         return nf4_lora_linear(x, tensors, None, A, B, 2.0)
@@ -71,7 +71,7 @@ def paths(w, tensors, dtype, device):
 
 
 def run_case(name, K, N, M, r, dtype, device, warmup, rep) -> dict:
-    from kernels.nf4 import quantize_nf4
+    from phi3lora.kernels.nf4 import quantize_nf4
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(N, K, generator=g) * K ** -0.5).to(device, dtype)
@@ -87,7 +87,7 @@ def run_case(name, K, N, M, r, dtype, device, warmup, rep) -> dict:
         y.backward(dy)
         return y, x.grad, A.grad, B.grad
 
-    from kernels.nf4_lora import nf4_lora_linear_reference
+    from phi3lora.kernels.nf4_lora import nf4_lora_linear_reference
     ref = step(lambda x, A, B: nf4_lora_linear_reference(x, tensors, None, A, B, 2.0))
     row = {"shape": name, "M": M, "K": K, "N": N, "r": r, "ms": {}, "err": {}}
     for pname, fn in paths(w, tensors, dtype, device).items():

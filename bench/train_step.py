@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora  # noqa: E402
-import lora.layers as lora_layers  # noqa: E402
-from phi3mini import Phi3, Phi3Config  # noqa: E402
-from phi3mini.model import KERNEL_NAMES  # noqa: E402
+from phi3lora import lora  # noqa: E402
+import phi3lora.lora.layers as lora_layers  # noqa: E402
+from phi3lora.phi3mini import Phi3, Phi3Config  # noqa: E402
+from phi3lora.phi3mini.model import KERNEL_NAMES  # noqa: E402
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)

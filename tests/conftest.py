@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from phi3mini import tiny  # noqa: E402
+from phi3lora.phi3mini import tiny  # noqa: E402
 
 # The `tiny` preset is sized for the README demo (256 wide, 4 layers: big enough to memorize its chats). Most tests
 # only need the real code paths with Phi-3's vocabulary, so they get a smaller one; tests of the demo itself ask for

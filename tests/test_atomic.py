@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from phi3mini import atomic
+from phi3lora import atomic
 
 
 @pytest.fixture

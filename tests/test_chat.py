@@ -11,11 +11,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import chat  # noqa: E402
-import lora  # noqa: E402
-from phi3mini import Phi3, Tokenizer  # noqa: E402
+from phi3lora.cli import chat  # noqa: E402
+from phi3lora import lora  # noqa: E402
+from phi3lora.phi3mini import Phi3, Tokenizer  # noqa: E402
 
 MARKERS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 
@@ -284,7 +283,7 @@ def test_bad_numbers_exit_2_with_one_line(capsys):
 
 def test_nan_logits_are_refused(monkeypatch):
     # issue 13.2: a poisoned model printed an empty reply and exited 0
-    from phi3mini import hub
+    from phi3lora.phi3mini import hub
 
     real = hub.load_model
 

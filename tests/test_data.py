@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import CONV, write_jsonl
-from phi3mini import Phi3, Tokenizer
-from phi3mini.data import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
-                           parse_phi3_text, read_conversations, split_eval)
+from phi3lora.phi3mini import Phi3, Tokenizer
+from phi3lora.data.pipeline import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
+                                    parse_phi3_text, read_conversations, split_eval)
 
 ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import CONV, write_jsonl
-from phi3mini import Tokenizer
-from phi3mini.data import DataError, encode_example, load_data, load_dataset
-from phi3mini.data_files import split_of
+from phi3lora.phi3mini import Tokenizer
+from phi3lora.data.pipeline import DataError, encode_example, load_data, load_dataset
+from phi3lora.data.files import split_of
 
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
@@ -223,13 +223,10 @@ def test_missing_sources_and_specs(tmp_path, tok):
 def test_train_tiny_on_every_form_and_source(tmp_path, capsys):
     """train.py on a mix of every form and file kind plus a Hub-style folder with its eval split; --resume reads
     the data cache; a bad record stops with exit 2 and file:line before the model is built."""
-    import sys
-    from pathlib import Path
 
     import zstandard
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from phi3lora.cli import train
 
     forms = [{"messages": CONV}, {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo."}]},
              {"instruction": "Say hi.", "output": "Hi."}, {"prompt": "2 + 2?", "completion": "4."},

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import free_port
-from phi3mini import Phi3, Tokenizer
-from phi3mini.config import Phi3Config
-from training import distributed
+from phi3lora.phi3mini import Phi3, Tokenizer
+from phi3lora.phi3mini.config import Phi3Config
+from phi3lora.training import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo_chat.jsonl"

@@ -10,11 +10,11 @@ import pytest
 import safetensors.torch
 import torch
 
-import lora
+from phi3lora import lora
 
 from family import PHI4_SPECIAL, PHI4_TEMPLATE, SHAPES, write_phi4_tokenizer
 from helpers import CONV, make_hf_model, save_hf_checkpoint
-from phi3mini import Phi3, Phi3Config, Tokenizer, default_stop_ids, generate
+from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer, default_stop_ids, generate
 
 ATOL = 1e-4
 IGNORE = -100
@@ -133,7 +133,7 @@ def test_format_follows_the_checkpoint_not_the_name(tmp_path, phi4):
 
 
 def test_phi35_and_hub_spelled_templates_are_phi3s_format():
-    from phi3mini.chat_format import PHI3_CHAT_TEMPLATE, for_checkpoint
+    from phi3lora.phi3mini.chat_format import PHI3_CHAT_TEMPLATE, for_checkpoint
     phi35 = PHI3_CHAT_TEMPLATE.replace("message['role'] == 'system' %}",
                                        "message['role'] == 'system' and message['content'] %}")
     for template in (PHI3_CHAT_TEMPLATE, phi35, phi35.replace("\\n", "\n")):  # JSON-decoded: real newlines
@@ -183,7 +183,7 @@ def test_phi4_mini_partial_rotary_leaves_the_last_quarter_of_each_head_unrotated
     q = torch.randn(1, c.num_attention_heads, 5, c.head_dim)
     pos = torch.arange(5)[None]
     cos, sin = ours.rotary(pos, False, torch.float32)
-    from phi3mini.model import apply_rope
+    from phi3lora.phi3mini.model import apply_rope
     q2, _ = apply_rope(q, q[:, :c.num_key_value_heads], cos, sin)
     assert torch.equal(q2[..., 12:], q[..., 12:]) and not torch.allclose(q2[:, :, 1:, :12], q[:, :, 1:, :12])
 
@@ -204,7 +204,7 @@ PRESET_PARAMS = {"phi3-mini-4k": 3_821_079_552, "phi3-medium-4k": 13_960_238_080
 
 @pytest.mark.parametrize("name", PRESET_SHAPES)
 def test_presets(name):
-    from phi3mini.presets import PRESETS
+    from phi3lora.phi3mini.presets import PRESETS
     c = Phi3Config.from_name(name)
     got = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
            c.head_dim, c.rotary_dim, c.vocab_size, c.tie_word_embeddings, c.max_position_embeddings, c.sliding_window)

@@ -7,10 +7,10 @@ import pytest
 import safetensors.torch
 import torch
 
-import chat
-import train
+from phi3lora.cli import chat
+from phi3lora.cli import train
 from family import PHI4_SPECIAL, write_phi4_tokenizer
-from phi3mini import Phi3, Phi3Config, Tokenizer
+from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer
 
 END, EOS = PHI4_SPECIAL["<|end|>"], PHI4_SPECIAL["<|endoftext|>"]
 TOOLS = '[{"name": "add", "parameters": {"a": {"type": "int"}, "b": {"type": "int"}}}]'

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import lora
+from phi3lora import lora
 from helpers import free_port
-from phi3mini import Phi3
-from training import distributed
+from phi3lora.phi3mini import Phi3
+from phi3lora.training import distributed
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from phi3mini import CheckpointError, Phi3, TokenizerError, hub
-from phi3mini.download import looks_like_hub_id
+from phi3lora.phi3mini import CheckpointError, Phi3, TokenizerError, hub
+from phi3lora.phi3mini.download import looks_like_hub_id
 
 
 @pytest.mark.parametrize("name, hub_id", [("microsoft/Phi-3-mini-4k-instruct", True), ("./a/b", False),
@@ -44,7 +44,7 @@ def test_missing_folder_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
 
 
 def test_tiny_quantizes_like_a_checkpoint():
-    from phi3mini.quant import is_quantized
+    from phi3lora.phi3mini.quant import is_quantized
     assert is_quantized(hub.load_model("tiny", quantize="nf4")) and not is_quantized(hub.load_model("tiny"))
     with pytest.raises(CheckpointError, match="quantize='int3'"):
         hub.load_model("tiny", quantize="int3")

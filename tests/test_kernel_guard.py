@@ -8,15 +8,15 @@ import warnings
 import pytest
 import torch
 
-from kernels import _triton
-from kernels.reference import (apply_rope_reference, fused_linear_cross_entropy_reference, lora_linear_reference,
-                               rms_norm_reference, swiglu_reference)
+from phi3lora.kernels import _triton
+from phi3lora.kernels.reference import (apply_rope_reference, fused_linear_cross_entropy_reference,
+                                        lora_linear_reference, rms_norm_reference, swiglu_reference)
 
 pytestmark = pytest.mark.skipif(not (_triton.HAS_TRITON and (_triton.INTERPRET or torch.cuda.is_available())),
                                 reason="needs Triton's interpreter or CUDA")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the modules (the package exports same-named functions)
-rmsnorm, rope, swiglu, lora_linear, cross_entropy = (importlib.import_module(f"kernels.{m}") for m in (
+rmsnorm, rope, swiglu, lora_linear, cross_entropy = (importlib.import_module(f"phi3lora.kernels.{m}") for m in (
     "rmsnorm", "rope", "swiglu", "lora_linear", "cross_entropy"))
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import lora_linear, lora_linear_reference
-from kernels.lora_linear import matmul_lowrank
-from lora.layers import expand_merged_B
+from phi3lora.kernels import lora_linear, lora_linear_reference
+from phi3lora.kernels.lora_linear import matmul_lowrank
+from phi3lora.lora.layers import expand_merged_B
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,8 +15,8 @@ the sources and the Triton version), so only the first run on a machine pays.
 
 To register a new kernel (e.g. kernels/nf4.py), add one line to CASES:
 
-    Kernel("kernels.nf4", "_nf4_dequant_kernel", nf4_cases),                   # launcher's own num_warps
-    Kernel("kernels.nf4", "_nf4_matmul_kernel", nf4_mm_cases, configs=nf4_configs, ci=nf4_ci),  # autotuned
+    Kernel("phi3lora.kernels.nf4", "_nf4_dequant_kernel", nf4_cases),                   # launcher's own num_warps
+    Kernel("phi3lora.kernels.nf4", "_nf4_matmul_kernel", nf4_mm_cases, configs=nf4_configs, ci=nf4_ci),  # autotuned
 
 where nf4_cases(dtype, cap) -> {case name: [(args, meta), ...]} gives the arguments the launcher passes to
 `kernel[grid](*args, **meta)` at Phi-3-mini's shapes (a torch dtype in place of each tensor, the launcher's real
@@ -89,7 +89,7 @@ def lora_cases(dtype, cap):
 
 
 def lora_configs(dtype):
-    mod = _module("kernels.lora_linear")
+    mod = _module("phi3lora.kernels.lora_linear")
     return list(mod.CONFIGS_FP32 if dtype == "fp32" else mod.CONFIGS_16BIT)
 
 
@@ -104,14 +104,14 @@ def lora_ci(dtype, cap, case, cfg):
 
 
 def rms_fwd_cases(dtype, cap):
-    dt, mod = DTYPES[dtype], _module("kernels.rmsnorm")
+    dt, mod = DTYPES[dtype], _module("phi3lora.kernels.rmsnorm")
     block = np2(HID)
     return {"H=3072": [((dt, dt, dt, torch.float32, HID, HID, HID, 1e-5),
                         dict(BLOCK_H=block, num_warps=mod._num_warps(block)))]}
 
 
 def rms_bwd_cases(dtype, cap):  # LoRA freezes the norms: training runs HAS_DW=False
-    dt, mod, cases = DTYPES[dtype], _module("kernels.rmsnorm"), {}
+    dt, mod, cases = DTYPES[dtype], _module("phi3lora.kernels.rmsnorm"), {}
     block = np2(HID)
     for dw in (False, True):
         for M in TOKENS:
@@ -140,14 +140,14 @@ def rope_cases(dtype, cap):
 
 def swiglu_cases(backward):
     def cases(dtype, cap):
-        dt, mod = DTYPES[dtype], _module("kernels.swiglu")
+        dt, mod = DTYPES[dtype], _module("phi3lora.kernels.swiglu")
         args = (dt, dt, dt, INTER, INTER, 2 * INTER, 2 * INTER) if backward else (dt, dt, INTER, 2 * INTER, INTER)
         return {"I=8192": [(args, dict(BLOCK=mod._block(INTER), num_warps=4))]}
     return cases
 
 
 def ce_cases(dtype, cap):  # one chunk of logits (C, V) in hidden's dtype, int64 labels
-    dt, mod = DTYPES[dtype], _module("kernels.cross_entropy")
+    dt, mod = DTYPES[dtype], _module("phi3lora.kernels.cross_entropy")
     args = (dt, torch.int64, torch.float32, VOCAB, VOCAB, -100, 1.0 / 4096)
     return {"V=32064": [(args, dict(BLOCK_V=mod._block_v(VOCAB), num_warps=8))]}
 
@@ -164,11 +164,11 @@ def nf4_mm_cases(dtype, cap):
     nf4_lora_linear sends fp32 x to the torch reference (the fp32 FMA tiles spill on sm_90 and sm_80)."""
     if dtype == "fp32":
         return {}
-    mod = _module("kernels.nf4_lora")
-    meta_of = _module("kernels.nf4").NF4Meta
+    mod = _module("phi3lora.kernels.nf4_lora")
+    meta_of = _module("phi3lora.kernels.nf4").NF4Meta
     dt, cases, R = DTYPES[dtype], {}, 16
     meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                DOT_FP32=False, BLOCK_R=16, **_module("kernels.nf4").EXACT_DECODE)
+                DOT_FP32=False, BLOCK_R=16, **_module("phi3lora.kernels.nf4").EXACT_DECODE)
     ptrs = (dt, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, dt, dt, dt)
     for K, N in (LINEARS["o"], LINEARS["gate_up"]):
         aligned = mod.nf4_aligned(meta_of(shape=(N, K), blocksize=NF4["BLOCKSIZE"]))
@@ -185,11 +185,11 @@ def nf4_mm_cases(dtype, cap):
 
 def nf4_mm_configs(dtype):
     """The aligned autotuner's configs: the per-element one's, then those only the aligned decode can launch."""
-    return list(_module("kernels.nf4_lora")._GPU_CONFIGS_ALIGNED)
+    return list(_module("phi3lora.kernels.nf4_lora")._GPU_CONFIGS_ALIGNED)
 
 
 def _nf4_launchable(case, cfg):
-    return "per-element" not in case or cfg < len(_module("kernels.nf4_lora")._GPU_CONFIGS)
+    return "per-element" not in case or cfg < len(_module("phi3lora.kernels.nf4_lora")._GPU_CONFIGS)
 
 
 def nf4_mm_ci(dtype, cap, case, cfg):
@@ -203,7 +203,7 @@ def nf4_mm_full(dtype, cap, case, cfg):
 def nf4_dequant_cases(dtype, cap):
     dt = DTYPES[dtype]
     args = (torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, 0.03, 9216 * 3072)
-    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("kernels.nf4").EXACT_DECODE))]}
+    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("phi3lora.kernels.nf4").EXACT_DECODE))]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def nf4_dequant_cases(dtype, cap):
 
 @dataclass
 class Kernel:
-    module: str                                   # "kernels.lora_linear"
+    module: str                                   # "phi3lora.kernels.lora_linear"
     kernel: str                                   # the @triton.jit function's name in it
     cases: Callable                               # (dtype name, capability) -> {case: [(args, meta), ...]}
     configs: Callable = field(default=lambda dtype: [None])  # dtype name -> autotune configs; [None]: plain launch
@@ -226,16 +226,16 @@ class Kernel:
 
 
 CASES = [
-    Kernel("kernels.lora_linear", "_matmul_lowrank_kernel", lora_cases, configs=lora_configs, ci=lora_ci),
-    Kernel("kernels.rmsnorm", "_rms_norm_fwd_kernel", rms_fwd_cases),
-    Kernel("kernels.rmsnorm", "_rms_norm_bwd_kernel", rms_bwd_cases),
-    Kernel("kernels.rope", "_rope_kernel", rope_cases),
-    Kernel("kernels.swiglu", "_swiglu_fwd_kernel", swiglu_cases(False)),
-    Kernel("kernels.swiglu", "_swiglu_bwd_kernel", swiglu_cases(True)),
-    Kernel("kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
-    Kernel("kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
-    Kernel("kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs, ci=nf4_mm_ci,
-           full=nf4_mm_full),
+    Kernel("phi3lora.kernels.lora_linear", "_matmul_lowrank_kernel", lora_cases, configs=lora_configs, ci=lora_ci),
+    Kernel("phi3lora.kernels.rmsnorm", "_rms_norm_fwd_kernel", rms_fwd_cases),
+    Kernel("phi3lora.kernels.rmsnorm", "_rms_norm_bwd_kernel", rms_bwd_cases),
+    Kernel("phi3lora.kernels.rope", "_rope_kernel", rope_cases),
+    Kernel("phi3lora.kernels.swiglu", "_swiglu_fwd_kernel", swiglu_cases(False)),
+    Kernel("phi3lora.kernels.swiglu", "_swiglu_bwd_kernel", swiglu_cases(True)),
+    Kernel("phi3lora.kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
+    Kernel("phi3lora.kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
+    Kernel("phi3lora.kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs,
+           ci=nf4_mm_ci, full=nf4_mm_full),
 ]
 MODULES = sorted({k.module for k in CASES})
 SPILL_FREE = ["_matmul_lowrank_kernel"]  # kernels whose every sm_90 16-bit config must be spill- and serial-free
@@ -380,16 +380,16 @@ def jit_kernels(path):
 
 
 def _imported_elsewhere(name, path):
-    return any(re.search(rf"import[^\n]*\b{name}\b", p.read_text()) for p in (ROOT / "kernels").glob("*.py")
-               if p != Path(path))
+    return any(re.search(rf"import[^\n]*\b{name}\b", p.read_text())
+               for p in (ROOT / "phi3lora" / "kernels").glob("*.py") if p != Path(path))
 
 
 def test_every_kernel_is_registered():
     """Each @triton.jit kernel in kernels/*.py is registered (device functions are compiled with their callers)."""
     pytest.importorskip("triton")
     registered = {(k.module, k.kernel) for k in CASES}
-    missing = [f"kernels.{p.stem}.{name}" for p in sorted((ROOT / "kernels").glob("*.py"))
-               for name in jit_kernels(p) if (f"kernels.{p.stem}", name) not in registered]
+    missing = [f"phi3lora.kernels.{p.stem}.{name}" for p in sorted((ROOT / "phi3lora" / "kernels").glob("*.py"))
+               for name in jit_kernels(p) if (f"phi3lora.kernels.{p.stem}", name) not in registered]
     assert not missing, f"register these kernels in CASES (tests/test_kernels_compile.py): {missing}"
 
 

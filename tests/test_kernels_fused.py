@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import (_softmax_ce_grad_torch_, _softmax_ce_grad_triton_, fused_linear_cross_entropy,
-                                   fused_linear_cross_entropy_reference)
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rope, apply_rope_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from phi3lora.kernels.cross_entropy import (_softmax_ce_grad_torch_, _softmax_ce_grad_triton_,
+                                            fused_linear_cross_entropy, fused_linear_cross_entropy_reference)
+from phi3lora.kernels.rmsnorm import rms_norm, rms_norm_reference
+from phi3lora.kernels.rope import apply_rope, apply_rope_reference
+from phi3lora.kernels.swiglu import swiglu, swiglu_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,61 +1,102 @@
-"""The packages' import graph (issue 12): no import cycle between modules, no private name imported across them."""
+"""The package's layout: one namespace, `phi3lora`, its subpackages in layers (each imports only the ones below it),
+no import cycle between modules, no private name imported across modules, and nothing left at the old top-level
+names (`kernels` and `lora` belong to other distributions: Hugging Face's kernel hub, a PyPI project)."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("phi3mini", "lora", "kernels", "training")
-# Lazy (function-level) imports that close a cycle, each with its reason; every other cycle fails. Remove an entry
-# when its cycle goes.
-KNOWN_LAZY: dict[tuple[str, str], str] = {}
-# Private names imported across modules that predate this check (another helper's files, in flux): to make public.
-KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
+PKG = ROOT / "phi3lora"
+# What each unit may import from the others. The order is the picture: cli on top, kernels and atomic at the bottom.
+ALLOWED = {
+    "cli": {"training", "data", "interp", "lora", "phi3mini", "kernels", "atomic"},
+    "training": {"data", "lora", "phi3mini", "kernels", "atomic"},
+    "interp": {"lora", "phi3mini", "kernels", "atomic"},
+    "data": {"phi3mini", "atomic"},
+    "lora": {"phi3mini", "kernels", "atomic"},
+    "phi3mini": {"kernels", "atomic"},
+    "kernels": set(),
+    "atomic": set(),
+    "__main__": {"cli"},  # python -m phi3lora
+}
+
+
+def unit_of(module: str) -> str:
+    """phi3lora.lora.inject -> lora; phi3lora.atomic -> atomic."""
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def project_imports(path: Path):
-    """(module imported, [names]) for every import of a project module in path, function-level ones included."""
-    package = path.parent.name
+    """(module imported, [names]) for every phi3lora import in path, function-level ones included."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package if node.level == 1 else None
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module
-            if module and module.split(".")[0] in PACKAGES:
-                names = [a.name for a in node.names]
-                # `from pkg import mod` imports a module: count it as an edge to pkg.mod
-                subs = [n for n in names if (ROOT / module.replace(".", "/") / f"{n}.py").exists()]
-                for n in subs:
-                    yield f"{module}.{n}", []
-                yield module, [n for n in names if n not in subs]
+            if not module or module.split(".")[0] != "phi3lora":
+                continue
+            names = [a.name for a in node.names]
+            # `from pkg import mod` imports a module: an edge to pkg.mod
+            folder = ROOT / module.replace(".", "/")
+            subs = [n for n in names if (folder / f"{n}.py").exists() or (folder / n / "__init__.py").exists()]
+            for n in subs:
+                yield f"{module}.{n}", []
+            yield module, [n for n in names if n not in subs]
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.split(".")[0] in PACKAGES:
+                if a.name.split(".")[0] == "phi3lora":
                     yield a.name, []
 
 
 def modules():
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            yield name, path
+    for path in sorted(PKG.rglob("*.py")):
+        yield module_name(path), path
+
+
+def test_the_card_units_are_subpackages_and_nothing_is_left_at_the_old_names():
+    for unit in ("phi3mini", "lora", "kernels", "data", "training", "interp", "cli"):
+        assert (PKG / unit / "__init__.py").is_file(), unit
+    for old in ("phi3mini", "lora", "kernels", "training"):
+        assert not (ROOT / old).exists(), f"{old}/ at the top level shadows or collides with other packages"
+    units = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    units |= {p.stem for p in PKG.glob("*.py") if p.name != "__init__.py"}
+    assert units == set(ALLOWED), "a new unit needs its place in ALLOWED"
+
+
+def test_each_unit_imports_only_the_units_below_it():
+    bad = []
+    for name, path in modules():
+        unit = unit_of(name)
+        for module, _ in project_imports(path):
+            other = unit_of(module)
+            if other and other != unit and other not in ALLOWED.get(unit, set()):
+                bad.append(f"{path.relative_to(ROOT)} ({unit}) imports {module} ({other})")
+    assert not bad, bad
 
 
 def test_no_private_names_imported_across_modules():
     bad = [f"{path.relative_to(ROOT)}: from {module} import {n}"
            for _, path in modules() for module, names in project_imports(path) for n in names
-           if n.startswith("_") and (str(path.relative_to(ROOT)), module, n) not in KNOWN_PRIVATE]
+           if n.startswith("_")]
     assert not bad, bad
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_no_import_cycle_between_modules(package):
+@pytest.mark.parametrize("unit", sorted(u for u in ALLOWED if (PKG / u).is_dir()))
+def test_no_import_cycle_between_modules(unit):
+    packages = {name for name, path in modules() if path.name == "__init__.py"}
     # package __init__ files only re-export: an edge into a package counts as none
-    graph = {name: {m for m, _ in project_imports(path) if m not in PACKAGES and m != name
-                    and (name, m) not in KNOWN_LAZY}
-             for name, path in modules() if name not in PACKAGES and name.startswith(package + ".")}
+    graph = {name: {m for m, _ in project_imports(path) if m not in packages and m != name}
+             for name, path in modules() if name not in packages and name.startswith(f"phi3lora.{unit}.")}
     state = {}
 
     def visit(node, stack):

@@ -11,9 +11,9 @@ import safetensors.torch
 import torch
 from peft.utils.other import get_pattern_key
 
-import lora
+from phi3lora import lora
 from helpers import make_hf_model, save_hf_checkpoint
-from phi3mini import Phi3
+from phi3lora.phi3mini import Phi3
 
 HF_KW = dict(num_key_value_heads=2)
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")

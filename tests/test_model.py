@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import make_hf_model, save_hf_checkpoint
-from phi3mini import CheckpointError, ConfigError, Phi3, Phi3Config, generate
+from phi3lora.phi3mini import CheckpointError, ConfigError, Phi3, Phi3Config, generate
 
 ATOL = 1e-4
 LONGROPE = dict(max_position_embeddings=128, original_max_position_embeddings=32,
@@ -137,7 +137,7 @@ def test_sampling_filters_equal_transformers_warpers():
     # from the same generator, ties at the top-p boundary included (rounded logits have many)
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from phi3mini import sample_next
+    from phi3lora.phi3mini import sample_next
     g = torch.Generator().manual_seed(0)
     for trial in range(200):
         V = int(torch.randint(2, 300, (), generator=g))
@@ -164,7 +164,7 @@ def test_generate_restores_training_mode_after_an_error():
 
 
 def test_default_stop_ids_come_from_the_generation_config_and_tokenizer():
-    from phi3mini import Tokenizer, default_stop_ids
+    from phi3lora.phi3mini import Tokenizer, default_stop_ids
     model = Phi3.from_name("tiny", seed=0)
     assert default_stop_ids(model) == [32000, 32001, 32007]  # the preset's: Phi-3-mini's generation_config.json
     model.generation_config = {}
@@ -352,7 +352,7 @@ def test_triton_kernels_in_the_model_match_the_torch_path():
 def test_fused_loss_never_skips_an_lm_head_adapter():
     # the fused linear+cross-entropy reads lm_head.weight directly; with a LoRA adapter on lm_head the model must
     # take the plain path, so the adapter shapes the loss and gets its gradient
-    import lora
+    from phi3lora import lora
     model = Phi3.from_name("tiny", seed=0, vocab_size=96)
     lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head"]))
     with torch.no_grad():
@@ -487,7 +487,7 @@ def test_other_safetensors_next_to_the_model_are_not_loaded(tmp_path):
 
 
 def test_short_attention_mask_with_a_cache_is_a_clear_error():
-    from phi3mini import KVCache
+    from phi3lora.phi3mini import KVCache
     model = Phi3.from_name("tiny", seed=0)
     cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
     with torch.no_grad():

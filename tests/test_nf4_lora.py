@@ -6,9 +6,9 @@ fallback); K = 128 is a multiple of the blocksize, as Phi-3's projections are (t
 import pytest
 import torch
 
-import kernels.nf4_lora as nf4_lora
-from kernels.nf4 import NF4Meta, dequantize_nf4, nf4_quant_state, quantize_nf4
-from kernels.nf4_lora import nf4_aligned, nf4_lora_linear, nf4_lora_linear_reference, nf4_matmul_lowrank
+import phi3lora.kernels.nf4_lora as nf4_lora
+from phi3lora.kernels.nf4 import NF4Meta, dequantize_nf4, nf4_quant_state, quantize_nf4
+from phi3lora.kernels.nf4_lora import nf4_aligned, nf4_lora_linear, nf4_lora_linear_reference, nf4_matmul_lowrank
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M, K, N, R, S = 37, 72, 100, 8, 2.0

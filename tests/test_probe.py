@@ -3,11 +3,11 @@ ablation against weight edits that must give the same outputs, LoRA norms agains
 import pytest
 import torch
 
-import lora
+from phi3lora import lora
 from helpers import make_hf_model, save_hf_checkpoint
-from phi3mini import Phi3
-from lora import footprint
-from phi3mini import probe
+from phi3lora.phi3mini import Phi3
+from phi3lora.lora import footprint
+from phi3lora.interp import capture as probe
 
 CONFIGS = {
     "plain": dict(),

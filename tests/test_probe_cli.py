@@ -1,16 +1,14 @@
 """probe.py, the command line: a report for the tiny model, one with an adapter, and its errors."""
-import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-import lora
-from phi3mini import Phi3
+from phi3lora import lora
+from phi3lora.phi3mini import Phi3
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-cli = importlib.import_module("probe")  # the top-level script (phi3mini.probe is the library it drives)
+from phi3lora.cli import probe as cli  # noqa: E402  (phi3lora.interp is the library it drives)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -74,8 +72,8 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
 
 def test_report_for_a_trained_adapter(tmp_path):
     # a few Adam steps on one chat: the report must show the reply's tokens made likelier by the adapter
-    from phi3mini import Tokenizer
-    from lora import footprint
+    from phi3lora.phi3mini import Tokenizer
+    from phi3lora.lora import footprint
 
     tok = Tokenizer.tiny()
     chat = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "A low-rank update."}]

@@ -3,10 +3,10 @@ merging into dense weights, and a short training run whose loss falls like the d
 import pytest
 import torch
 
-import lora
-from lora.nf4 import Linear4bitLoRA, MergedLinear4bitLoRA
-from phi3mini import Phi3
-from phi3mini.quant import Linear4bit, quantize_model
+from phi3lora import lora
+from phi3lora.lora.nf4 import Linear4bitLoRA, MergedLinear4bitLoRA
+from phi3lora.phi3mini import Phi3
+from phi3lora.phi3mini.quant import Linear4bit, quantize_model
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128)

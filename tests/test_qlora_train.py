@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import chat
-import train
-from phi3mini.quant import Linear4bit
+from phi3lora.cli import chat
+from phi3lora.cli import train
+from phi3lora.phi3mini.quant import Linear4bit
 from test_train import QA, TINY, conv, write_jsonl
 
 

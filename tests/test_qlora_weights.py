@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_hf_model, save_hf_checkpoint
-from phi3mini import Phi3
-from phi3mini.quant import Linear4bit, base_weight_bytes, is_quantized
-from phi3mini.weights import CheckpointError
+from phi3lora.phi3mini import Phi3
+from phi3lora.phi3mini.quant import Linear4bit, base_weight_bytes, is_quantized
+from phi3lora.phi3mini.weights import CheckpointError
 
 pytest.importorskip("bitsandbytes")
 

@@ -10,9 +10,9 @@ import warnings
 import pytest
 
 from helpers import CONV
-from phi3mini import StreamDecoder, Tokenizer
-from phi3mini.tiny import _TINY_WORDS, tiny_tokenizer_json
-from phi3mini.tokenizer import PHI3_CHAT_TEMPLATE, TokenizerError
+from phi3lora.phi3mini import StreamDecoder, Tokenizer
+from phi3lora.phi3mini.tiny import _TINY_WORDS, tiny_tokenizer_json
+from phi3lora.phi3mini.tokenizer import PHI3_CHAT_TEMPLATE, TokenizerError
 
 IGNORE = -100
 BOS, EOS, ASSISTANT, SYSTEM, END, USER = 1, 32000, 32001, 32006, 32007, 32010

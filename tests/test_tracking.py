@@ -3,16 +3,15 @@ what lands in samples.jsonl and TensorBoard's event files (read back with tensor
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import lora
+from phi3lora import lora
 from helpers import CONV
-from phi3mini import Phi3, Tokenizer, default_stop_ids, generate
-from phi3mini.data import encode_example, load_data
-from training.tracking import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
+from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate
+from phi3lora.data.pipeline import encode_example, load_data
+from phi3lora.training.tracking import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +140,7 @@ def test_missing_backends_name_the_install(tmp_path, monkeypatch):
 def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from phi3lora.cli import train
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CONV, CONV[1:3])))

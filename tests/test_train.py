@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import sys
 import tomllib
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import lora  # noqa: E402
-import train  # noqa: E402
-from phi3mini import Phi3, Tokenizer, generate  # noqa: E402
-from phi3mini.data import collate, encode_example  # noqa: E402
+from phi3lora import lora  # noqa: E402
+from phi3lora.cli import train  # noqa: E402
+from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
+from phi3lora.data.pipeline import collate, encode_example  # noqa: E402
 
 END = 32007
 # The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,12 +13,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import lora  # noqa: E402
-import train  # noqa: E402
-from training import checkpoints as ckpt  # noqa: E402
-from training import setup  # noqa: E402
+from phi3lora import lora  # noqa: E402
+from phi3lora.cli import train  # noqa: E402
+from phi3lora.training import checkpoints as ckpt  # noqa: E402
+from phi3lora.training import setup  # noqa: E402
 
 TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", "qkv_proj,lm_head", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_file
+from phi3lora.atomic import write_file
 
 MAX_LABEL = 10  # characters of a token shown on an axis
 

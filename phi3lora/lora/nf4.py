@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from phi3mini.quant import Linear4bit, NF4Weight
+from phi3lora.phi3mini.quant import Linear4bit, NF4Weight
 
 from .layers import Linear, MergedLinear
 
@@ -34,7 +34,7 @@ class _LoRA4bit(NF4Weight):
         return self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+        from phi3lora.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
 
         fn = nf4_lora_linear if self.use_kernel else nf4_lora_linear_reference
         tensors = self.nf4_tensors()

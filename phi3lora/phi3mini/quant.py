@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.nf4 import NF4Meta, QUANT_STATE_KEY, dequantize_nf4, quantize_nf4
+from phi3lora.kernels.nf4 import NF4Meta, QUANT_STATE_KEY, dequantize_nf4, quantize_nf4
 
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QUANT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # buffers; weight.<key> in files
@@ -132,7 +132,7 @@ class Linear4bit(NF4Weight, nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+        from phi3lora.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
 
         no_lora = x.new_zeros(0, self.in_features), x.new_zeros(self.out_features, 0)  # rank 0: the base GEMM
         if not self.use_kernel:

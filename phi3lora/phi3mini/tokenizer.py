@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _Backend
 
-from . import atomic
+from phi3lora import atomic
 from .chat_format import BASE_ROLES as ROLES
 from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS  # noqa: F401  (their home is chat_format; named here too)
 from .chat_format import END_TOKEN, PHI3_CHAT_TEMPLATE, PHI4_CHAT_TEMPLATE, for_checkpoint

@@ -2,8 +2,7 @@
 a model, adapter files and PEFT interop. See layers.py for what deviates from loralib on purpose."""
 from .adapter import load_adapter, save_adapter
 from .adapter_io import AdapterError, AdapterWarning
-from .inject import (LayerSpec, LoraConfig, inject, lora_layers, merge, print_trainable_parameters,
-                     unmerge)
+from .inject import LayerSpec, LoraConfig, inject, lora_layers, merge, print_trainable_parameters, unmerge
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
 from .peft_io import export_peft, load_peft, vllm_max_lora_rank
 from .utils import lora_state_dict, mark_only_lora_as_trainable

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from phi3mini.atomic import write_file
-from phi3mini.generation import default_stop_ids, generate
+from phi3lora.atomic import write_file
+from phi3lora.phi3mini.generation import default_stop_ids, generate
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -72,7 +72,7 @@ def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 
 
 def adapter_norm_metrics(model) -> dict[str, float]:
     """{module name: ‖s·B·A‖ Frobenius} for every adapted module, plus "total" (the norm of all of them together)."""
-    from lora.footprint import adapter_norms
+    from phi3lora.lora.footprint import adapter_norms
 
     norms = {n.name.removeprefix("model."): n.frobenius for n in adapter_norms(model)}
     norms["total"] = math.sqrt(sum(v * v for v in norms.values()))

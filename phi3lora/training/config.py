@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lora import LoraConfig
+from phi3lora.lora import LoraConfig
 
 from .errors import TrainError
 
@@ -177,20 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None, notes: list | None = None) -> dict:
-    """Defaults, then the --config TOML file, then command-line flags -> {"training": {...}, "lora": {...}},
+    """Defaults, then the tiny preset's settings (model "tiny"), then the --config TOML file, then command-line
+    flags -> {"training": {...}, "lora": {...}},
     every value checked (TrainError otherwise). Notes for the user (which settings were taken from where) go to
     `notes` when given, else to stderr."""
     args = vars(build_parser().parse_args(argv))
     cfg = defaults()
-    if args["config"]:
-        for section, values in read_toml(Path(args["config"])).items():
-            cfg[section].update(values)
-    elif args["training.model"] == "tiny":
+    from_file = read_toml(Path(args["config"])) if args["config"] else {}
+    model = args["training.model"] or from_file.get("training", {}).get("model") or cfg["training"]["model"]
+    if model == "tiny":  # the preset's settings, under the file's and the flags'
         note = use_tiny_settings(cfg)
         if note and notes is not None:
             notes.append(note)
         elif note:
             print(note, file=sys.stderr, flush=True)
+    for section, values in from_file.items():
+        cfg[section].update(values)
     for dest, value in args.items():
         if dest != "config" and value is not None:
             section, key = dest.split(".")
@@ -199,27 +201,41 @@ def parse_config(argv=None, notes: list | None = None) -> dict:
     return cfg
 
 
-# The demo's settings, for `--model tiny` without --config: the defaults are Phi-3-mini's, and on the random tiny
-# model they barely move the loss (a newcomer's first try on their own data would seem to do nothing).
-TINY_SETTINGS = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
-PER_RUN = ("data", "eval_data", "out")  # what a run reads and writes: the user's, never the demo's
+# The tiny preset's training settings: the defaults are Phi-3-mini's, and on the random tiny model they barely move
+# the loss. They apply whenever the model is "tiny" (from a flag or the config file), below the file and the flags.
+# The built-in tiny random Phi-3 (phi3mini/tiny.py: 256 wide, 4 layers) memorizes the demo's six short chats on a
+# CPU in about a minute with them.
+TINY_SETTINGS = {
+    "training": dict(
+        # 100 steps of the whole set (batch 6): Adam moves each LoRA weight about lr per step, so the number of
+        # steps (not the tokens per step) is what lets the adapter's outputs grow to the logit range it needs.
+        max_steps=100, batch_size=6, max_seq_len=256, packing=False, lr=5e-3, warmup_ratio=0.1,
+        grad_checkpointing=False, log_every=10, eval_every=50, save_every=50),
+    "lora": dict(
+        # scale alpha/r = 16 (not 2): the random, frozen lm_head caps its logits near +-1.3 and the frozen
+        # embeddings are tiny (std 0.02), so the adapters must add logits of ~10 and token vectors much larger than
+        # the base ones.
+        r=16, lora_alpha=256, lora_dropout=0.0,
+        # lm_head: lets the model produce real logits at all. embed_tokens: token vectors that stay distinct after
+        # the final RMSNorm. No o_proj / down_proj: their adapters write one shared vector into the residual stream
+        # that drowns the tiny random embeddings, every hidden state becomes the same, and the loss sticks at the
+        # unigram entropy. qkv_proj and gate_up_proj carry the question into the reply.
+        target_modules=["qkv_proj", "gate_up_proj", "lm_head", "embed_tokens"]),
+}
 
 
 def use_tiny_settings(cfg: dict) -> str | None:
-    """Put configs/tiny.toml's settings (all but data, eval_data and out) in place of the defaults; returns the
-    line that says so."""
-    if not TINY_SETTINGS.is_file():
-        return None
+    """Put the tiny preset's training settings in place of the defaults; returns the line that says so."""
     changed = []
-    for section, values in read_toml(TINY_SETTINGS).items():
+    for section, values in TINY_SETTINGS.items():
         for key, value in values.items():
-            if key not in PER_RUN and cfg[section][key] != value:
+            if cfg[section][key] != value:
                 cfg[section][key] = value
                 changed.append(as_flag(section, key, value))
     if not changed:
         return None
-    return (f"--model tiny without --config: starting from the demo's settings in {TINY_SETTINGS.parent.name}/"
-            f"{TINY_SETTINGS.name} ({' '.join(changed)}); any flag still wins")
+    return (f"--model tiny: starting from the tiny preset's settings ({' '.join(changed)}); the config file and "
+            "flags win")
 
 
 def as_flag(section: str, key: str, value) -> str:
@@ -339,9 +355,9 @@ def check_targets(lora_config: LoraConfig) -> None:
     """The adapter plan on a Phi-3 built on the meta device (no memory, no weights): target names that match
     no layer, or q/k/v flags that leave qkv_proj without an adapter, are found before the real model loads. Every
     preset shares these module names."""
-    from lora.inject import plan
-    from phi3mini import Phi3
-    from phi3mini.config import Phi3Config
+    from phi3lora.lora.inject import plan
+    from phi3lora.phi3mini import Phi3
+    from phi3lora.phi3mini.config import Phi3Config
 
     with torch.device("meta"):
         skeleton = Phi3(Phi3Config.from_name("tiny"))

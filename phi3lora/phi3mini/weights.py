@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from phi3lora import atomic
 from .download import SourceError, find_folder
 from .config import ConfigError, Phi3Config
 
@@ -299,7 +299,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize: str 
 
 def prequantized_modules(headers: dict) -> list[str]:
     """Modules whose weight the files store as bitsandbytes 4-bit (they have a quant-state entry)."""
-    from kernels.nf4 import QUANT_STATE_KEY
+    from phi3lora.kernels.nf4 import QUANT_STATE_KEY
 
     suffix = ".weight." + QUANT_STATE_KEY
     return sorted(name[: -len(suffix)] for header, _ in headers.values() for name in header if name.endswith(suffix))
@@ -314,7 +314,7 @@ def without_4bit_entries(headers: dict, modules: list[str]) -> dict:
 
 def _quantized(name: str, dense: torch.Tensor) -> dict:
     """A dense "x.weight" as its bitsandbytes NF4 entries "x.weight", "x.weight.absmax", ..."""
-    from kernels.nf4 import quantize_nf4
+    from phi3lora.kernels.nf4 import quantize_nf4
 
     prefix = name[: -len("weight")]
     return {prefix + k: v for k, v in quantize_nf4(dense).items()}

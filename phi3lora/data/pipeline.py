@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_files import MAX_LINE_BYTES, Source, resolve
-from .data_formats import DataError, parse_phi3_text, record_to_messages
-from .data_store import DataStats, TokenStore, read_source, raise_errors, load_or_build
-from .tokenizer import IGNORE, ROLES
+from .files import MAX_LINE_BYTES, Source, resolve
+from .formats import DataError, parse_phi3_text, record_to_messages
+from .store import DataStats, TokenStore, read_source, raise_errors, load_or_build
+from phi3lora.phi3mini.tokenizer import IGNORE, ROLES
 
 
 

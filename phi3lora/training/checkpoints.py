@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-import lora
-from phi3mini import atomic
+from phi3lora import lora
+from phi3lora import atomic
 
 STEP_DIR = re.compile(r"step-(\d+)")
 LEFTOVER = re.compile(r"(step-\d+\.(tmp|old-\w+|tmp-\w+))|(\.deleting-step-\d+)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .data_formats import DataError
+from .formats import DataError
 
 MAX_LINE_BYTES = 4 << 20  # a longer JSON line is refused: parsing one of 10 MB took 2.8 GB
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".jsonl.gz", ".json.gz", ".jsonl.zst",

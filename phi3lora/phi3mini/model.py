@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.reference import (apply_rope_reference, cross_entropy_reference, rms_norm_reference, rotate_half,
-                               swiglu_reference)
+from phi3lora.kernels.reference import (apply_rope_reference, cross_entropy_reference, rms_norm_reference,
+                                        rotate_half, swiglu_reference)
 
 from .config import Phi3Config
 from .tokenizer import IGNORE
@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            from kernels.rmsnorm import rms_norm
+            from phi3lora.kernels.rmsnorm import rms_norm
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)  # as transformers: fp32, cast back, then scale
 
@@ -142,7 +142,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.use_kernel:
-            from kernels.rope import apply_rope as apply_rope_kernel
+            from phi3lora.kernels.rope import apply_rope as apply_rope_kernel
             q, k = apply_rope_kernel(q, k, cos, sin)
         else:
             q, k = apply_rope_reference(q, k, cos, sin)
@@ -173,7 +173,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)  # (B, T, 2I)
         if self.use_kernel:
-            from kernels.swiglu import swiglu
+            from phi3lora.kernels.swiglu import swiglu
             return self.down_proj(swiglu(gate_up))
         return self.down_proj(swiglu_reference(gate_up))
 
@@ -317,7 +317,7 @@ class Phi3(nn.Module):
         # the fused kernel multiplies by lm_head.weight itself: only for a plain nn.Linear head (an adapter on
         # lm_head, or a merged-away wrapper, would be skipped and never trained)
         if self.use_kernel and type(self.lm_head) is nn.Linear:
-            from kernels.cross_entropy import fused_linear_cross_entropy
+            from phi3lora.kernels.cross_entropy import fused_linear_cross_entropy
             return fused_linear_cross_entropy(h, self.lm_head.weight, y, ignore_index=IGNORE, reduction=reduction)
         return cross_entropy_reference(self.lm_head(h), y, ignore_index=IGNORE, reduction=reduction)
 

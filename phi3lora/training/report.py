@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from phi3mini import atomic
+from phi3lora import atomic
 
 
 QUIET = {"on": False}  # set on the ranks other than 0 of a torchrun run: rank 0 speaks for them

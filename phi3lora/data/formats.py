@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from .tokenizer import ROLES, check_messages
+from phi3lora.phi3mini.tokenizer import ROLES, check_messages
 
 # roles a record may use; whether the tokenizer's chat format has them is checked when it encodes (Phi-4-mini: tool)
 RECORD_ROLES = ROLES + ("tool",)

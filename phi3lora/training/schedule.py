@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from phi3mini.data import epoch_plan
+from phi3lora.data.pipeline import epoch_plan
 
 from .config import TrainingConfig
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from phi3mini import atomic
+from phi3lora import atomic
 
 from .inject import LayerSpec, LoraConfig, apply_specs, lora_layers
 from .utils import lora_state_dict, mark_only_lora_as_trainable

@@ -5,8 +5,8 @@ import contextlib
 
 import torch
 
-import lora
-from phi3mini import Phi3, Tokenizer, hub
+from phi3lora import lora
+from phi3lora.phi3mini import Phi3, Tokenizer, hub
 
 from .config import TrainingConfig
 from .errors import TrainError

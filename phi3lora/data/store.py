@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .data_files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
-from .data_formats import DataError, record_to_messages
+from phi3lora import atomic
+from .files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
+from .formats import DataError, record_to_messages
 
 STORE_VERSION = 1
 CHUNK_CHARS = 1 << 20  # text per tokenizer batch (~250k tokens): enough for the Rust threads, small next to the arrays

@@ -1,0 +1,6 @@
+"""`python -m phi3lora train|chat|probe ...`: the same as the `phi3lora` command."""
+import sys
+
+from phi3lora.cli import main
+
+sys.exit(main())
