@@ -8,8 +8,8 @@ import torch
 
 from helpers import CONV, write_jsonl
 from phi3lora.phi3mini import Phi3, Tokenizer
-from phi3lora.data.pipeline import (IGNORE, ChatEncoder, DataError, collate, epoch_plan, load_dataset, pack_rows,
-                                    parse_phi3_text, split_eval)
+from phi3lora.data.pipeline import (IGNORE, ChatEncoder, DataError, collate, epoch_plan, load_data, load_dataset,
+                                    pack_rows, parse_phi3_text, split_eval)
 
 ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
 
@@ -189,6 +189,37 @@ def test_too_long_and_truncated_counted_in_stats(tmp_path, tok):
     assert len(examples) == 2 and (stats.truncated, stats.too_long) == (1, 1)
     assert "1 skipped (too long)" in stats.summary() and "1 truncated" in stats.summary()
     assert examples[0].input_ids == short.input_ids[:len(examples[0])]
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_pipeline_equals_the_public_encoder(tmp_path, tok, monkeypatch, train_on):
+    """load_data's token store (chunked, written, memory-mapped, read back) holds exactly ChatEncoder.encode's ids
+    and labels for each chat: system message or not, one turn or several, truncated, too long, no assistant."""
+    from phi3lora.data import store
+    long_reply = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 60}]
+    chats = [CONV, CONV[1:], CONV[1:3], CONV[:3], long_reply, CONV[:2],
+             [{"role": "system", "content": "Be brief."}] + long_reply + CONV[1:3],
+             [{"role": "user", "content": "é 日本 😀"}, {"role": "assistant", "content": "ü  two  spaces\n"}]]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
+    max_seq_len = len(ChatEncoder(tok).encode(CONV[1:3])[0]) + 4  # CONV and its kin are cut after one reply
+    monkeypatch.setattr(store, "CHUNK_CHARS", 40)  # several chunks: an example never sees its neighbours
+    enc = ChatEncoder(tok, max_seq_len, train_on)
+    want = [enc.encode(c, f"{path}:{i + 1}") for i, c in enumerate(chats)]
+    statuses = [status for _, status in want]
+    assert {"ok", "truncated", "too_long", "no_assistant"} <= set(statuses)
+    for cache in ("off", str(tmp_path / "cache"), str(tmp_path / "cache")):  # built, built into a cache, mapped
+        data = load_data(str(path), tok, max_seq_len, train_on, cache=cache)
+        got = data.train.to_examples()
+        assert [(e.input_ids, e.labels, e.source) for e in got] == \
+            [(e.input_ids, e.labels, e.source) for e, _ in want if e is not None]
+        assert [data.train[i].n_target for i in range(len(got))] == [e.n_target for e, _ in want if e is not None]
+        stats = data.train.store.stats[0]
+        assert (stats.kept, stats.truncated, stats.too_long, stats.no_assistant) == (
+            len(got), statuses.count("truncated"), statuses.count("too_long"), statuses.count("no_assistant"))
+    # and the encoder's untruncated ids are the tokenizer's ids of the rendered chat
+    for (ex, status), chat in zip(want, chats):
+        if status == "ok":
+            assert ex.input_ids == tok.encode(tok.apply_chat_template(chat)) == tok.encode_chat(chat)
 
 
 def test_plans_are_seeded_and_packing_fits(tok):
