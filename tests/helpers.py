@@ -1,4 +1,5 @@
 """Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code."""
+import functools
 import json
 import socket
 from pathlib import Path
@@ -52,6 +53,20 @@ def save_hf_checkpoint(model, path, **save_kw):
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True, **save_kw)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def chat_encoder(tok, train_on="assistant", max_seq_len=None):
+    """The data package's ChatEncoder, one per tokenizer and setting (it copies the tokenizer's backend)."""
+    from phi3lora.data import ChatEncoder
+    return ChatEncoder(tok, max_seq_len, train_on)
+
+
+def training_ids(tok, messages, train_on="assistant"):
+    """(input_ids, labels) of one whole conversation, as training sees it (ChatEncoder, no length limit)."""
+    ex, status = chat_encoder(tok, train_on).encode(messages)
+    assert status == "ok", status
+    return ex.input_ids, ex.labels
 
 
 def write_jsonl(path, rows):

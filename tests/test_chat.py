@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from phi3lora.cli import chat  # noqa: E402
 from phi3lora import lora  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer  # noqa: E402
+from helpers import training_ids  # noqa: E402
 
 MARKERS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 
@@ -148,7 +149,7 @@ def test_prompt_prefix_matches_training_encoding(tok):
     turns = [("hello", "bonjour")]
     prompt, dropped = chat.fit_prompt(tok, "Answer in French.", turns, conv[3]["content"], limit=10_000)
     assert dropped == 0
-    ids, labels = tok.encode_for_training(conv, train_on="assistant")
+    ids, labels = training_ids(tok, conv, train_on="assistant")
     ids, labels = list(ids), list(labels)
     assert ids[:len(prompt)] == prompt
     # the new user turn and the assistant header are never targets (the earlier reply is: it is an assistant turn) ...

@@ -2,13 +2,14 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import CONV, write_jsonl
 from phi3lora.phi3mini import Phi3, Tokenizer
-from phi3lora.data.pipeline import (IGNORE, DataError, collate, encode_example, epoch_plan, load_dataset, pack_rows,
-                                    parse_phi3_text, read_conversations, split_eval)
+from phi3lora.data.pipeline import (IGNORE, ChatEncoder, DataError, collate, epoch_plan, load_data, load_dataset,
+                                    pack_rows, parse_phi3_text, split_eval)
 
 ASSISTANT, END, EOS, BOS = 32001, 32007, 32000, 1
 
@@ -153,27 +154,29 @@ def test_empty_and_all_skipped_datasets(tmp_path, tok):
 
 
 def test_no_trained_token_is_skipped(tok):
-    class Masked:  # a tokenizer whose labels train nothing: the example must be skipped, not trained at loss 0
-        def encode_for_training(self, messages, train_on="assistant"):
-            ids, _ = tok.encode_for_training(messages, train_on)
-            return ids, [IGNORE] * len(ids)
-    assert encode_example(Masked(), CONV, 512) == (None, "no_target")
+    class Masked(ChatEncoder):  # labels that train nothing: the example must be skipped, not trained at loss 0
+        def _target_mask(self, flat, lens, starts, is_asst):
+            return np.zeros(len(flat), dtype=np.uint8)
+    assert Masked(tok, 512).encode(CONV) == (None, "no_target")
+    # without an assistant turn, skipped before encoding (as the data reader does), whatever train_on says
+    for train_on in ("assistant", "all"):
+        assert ChatEncoder(tok, 512, train_on).encode(CONV[:2]) == (None, "no_assistant")
 
 
 def test_truncation_keeps_whole_replies(tok):
-    full, _ = encode_example(tok, CONV, 512)
+    full, _ = ChatEncoder(tok, 512).encode(CONV)
     spans = assistant_spans(full.input_ids, tok)
     first_end, second_end = spans[0][-1], spans[1][-1]
     # a limit inside the second reply: cut right after the first reply's <|end|>
-    ex, status = encode_example(tok, CONV, max_seq_len=second_end)
+    ex, status = ChatEncoder(tok, max_seq_len=second_end).encode(CONV)
     assert status == "truncated" and len(ex) == first_end + 1 and ex.input_ids[-1] == END
     assert ex.labels == full.labels[:first_end + 1] and ex.labels[-1] == END
     # a limit inside the first reply: nothing whole fits, skipped as too long
-    assert encode_example(tok, CONV, max_seq_len=first_end) == (None, "too_long")
+    assert ChatEncoder(tok, max_seq_len=first_end).encode(CONV) == (None, "too_long")
     # the limit exactly at the full length keeps everything
-    assert encode_example(tok, CONV, max_seq_len=len(full))[1] == "ok"
+    assert ChatEncoder(tok, max_seq_len=len(full)).encode(CONV)[1] == "ok"
     # train_on="all" cuts at the same place and trains every token after the first
-    ex_all, status = encode_example(tok, CONV, max_seq_len=second_end, train_on="all")
+    ex_all, status = ChatEncoder(tok, max_seq_len=second_end, train_on="all").encode(CONV)
     assert status == "truncated" and ex_all.input_ids == ex.input_ids
     assert all(y == t for y, t in zip(ex_all.labels[1:], ex_all.input_ids[1:]))
 
@@ -181,16 +184,48 @@ def test_truncation_keeps_whole_replies(tok):
 def test_too_long_and_truncated_counted_in_stats(tmp_path, tok):
     long_reply = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 200}]
     rows = [{"messages": CONV[1:]}, {"messages": CONV[1:3]}, {"messages": long_reply}]
-    short, _ = encode_example(tok, CONV[1:3], 512)
+    short, _ = ChatEncoder(tok, 512).encode(CONV[1:3])
     examples, stats = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=len(short))
     assert len(examples) == 2 and (stats.truncated, stats.too_long) == (1, 1)
     assert "1 skipped (too long)" in stats.summary() and "1 truncated" in stats.summary()
     assert examples[0].input_ids == short.input_ids[:len(examples[0])]
 
 
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_pipeline_equals_the_public_encoder(tmp_path, tok, monkeypatch, train_on):
+    """load_data's token store (chunked, written, memory-mapped, read back) holds exactly ChatEncoder.encode's ids
+    and labels for each chat: system message or not, one turn or several, truncated, too long, no assistant."""
+    from phi3lora.data import store
+    long_reply = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 60}]
+    chats = [CONV, CONV[1:], CONV[1:3], CONV[:3], long_reply, CONV[:2],
+             [{"role": "system", "content": "Be brief."}] + long_reply + CONV[1:3],
+             [{"role": "user", "content": "é 日本 😀"}, {"role": "assistant", "content": "ü  two  spaces\n"}]]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
+    max_seq_len = len(ChatEncoder(tok).encode(CONV[1:3])[0]) + 4  # CONV and its kin are cut after one reply
+    monkeypatch.setattr(store, "CHUNK_CHARS", 40)  # several chunks: an example never sees its neighbours
+    enc = ChatEncoder(tok, max_seq_len, train_on)
+    want = [enc.encode(c, f"{path}:{i + 1}") for i, c in enumerate(chats)]
+    statuses = [status for _, status in want]
+    assert {"ok", "truncated", "too_long", "no_assistant"} <= set(statuses)
+    for cache in ("off", str(tmp_path / "cache"), str(tmp_path / "cache")):  # built, built into a cache, mapped
+        data = load_data(str(path), tok, max_seq_len, train_on, cache=cache)
+        got = data.train.to_examples()
+        assert [(e.input_ids, e.labels, e.source) for e in got] == \
+            [(e.input_ids, e.labels, e.source) for e, _ in want if e is not None]
+        assert [data.train[i].n_target for i in range(len(got))] == [e.n_target for e, _ in want if e is not None]
+        stats = data.train.store.stats[0]
+        assert (stats.kept, stats.truncated, stats.too_long, stats.no_assistant) == (
+            len(got), statuses.count("truncated"), statuses.count("too_long"), statuses.count("no_assistant"))
+    # and the encoder's untruncated ids are the tokenizer's ids of the rendered chat
+    for (ex, status), chat in zip(want, chats):
+        if status == "ok":
+            assert ex.input_ids == tok.encode(tok.apply_chat_template(chat)) == tok.encode_chat(chat)
+
+
 def test_plans_are_seeded_and_packing_fits(tok):
-    examples = [encode_example(tok, [{"role": "user", "content": "q" * (i + 1)},
-                                     {"role": "assistant", "content": "a" * (3 * i + 1)}], 512)[0]
+    enc = ChatEncoder(tok, 512)
+    examples = [enc.encode([{"role": "user", "content": "q" * (i + 1)},
+                            {"role": "assistant", "content": "a" * (3 * i + 1)}])[0]
                 for i in range(10)]
     p0 = epoch_plan(examples, 3, seed=1, epoch=0)
     assert p0 == epoch_plan(examples, 3, seed=1, epoch=0) != epoch_plan(examples, 3, seed=1, epoch=1)
@@ -210,7 +245,7 @@ def test_packed_examples_do_not_see_each_other(tok):
     """Packed logits of every example equal its logits alone: attention and positions stay inside it."""
     model = Phi3.from_name("tiny", seed=0).eval()
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]]
-    examples = [encode_example(tok, c, 512)[0] for c in convs]
+    examples = [ChatEncoder(tok, 512).encode(c)[0] for c in convs]
     batch = collate(examples, [[0, 1, 2]], tok.pad_id, packed=True)
     with torch.no_grad():
         packed = model(batch.input_ids, position_ids=batch.position_ids, document_ids=batch.document_ids)
@@ -226,10 +261,10 @@ def test_packed_examples_do_not_see_each_other(tok):
     torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-5)
 
 
-def test_read_conversations_reports_line_numbers(tmp_path):
+def test_examples_name_their_line(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", ["", {"messages": CONV}])
-    (where, messages), = read_conversations(path)
-    assert where.endswith("d.jsonl:2") and messages == CONV
+    (ex,), _ = load_dataset(path, tok, max_seq_len=512)
+    assert ex.source.endswith("d.jsonl:2") and ex.input_ids == ChatEncoder(tok, 512).encode(CONV)[0].input_ids
 
 
 def test_text_with_a_missing_end_is_an_error_not_a_merged_turn(tmp_path, tok):

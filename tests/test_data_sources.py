@@ -1,6 +1,6 @@
 """Data formats, files, Hub-style folders, the token store and its cache (phi3mini.data_formats / data_files /
-data_store, through phi3mini.data.load_data). The reference for ids and labels is encode_example, the per-message
-encoder the label tests of test_data.py check token by token."""
+data_store, through phi3mini.data.load_data). The reference for ids and labels is ChatEncoder.encode on one
+conversation, the encoder the label tests of test_data.py and test_tokenizer.py check token by token."""
 import gzip
 import json
 import re
@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from helpers import CONV, write_jsonl
+from helpers import CONV, chat_encoder, write_jsonl
 from phi3lora.phi3mini import Tokenizer
-from phi3lora.data.pipeline import DataError, encode_example, load_data, load_dataset
+from phi3lora.data.pipeline import ChatEncoder, DataError, load_data, load_dataset
 from phi3lora.data.files import split_of
 
 pa = pytest.importorskip("pyarrow")
@@ -30,7 +30,7 @@ def ids_labels(ex):
 
 
 def reference(tok, messages, max_seq_len=512, train_on="assistant"):
-    ex, _ = encode_example(tok, messages, max_seq_len, train_on)
+    ex, _ = chat_encoder(tok, train_on, max_seq_len).encode(messages)
     return ids_labels(ex)
 
 
@@ -57,7 +57,8 @@ def test_every_form_gives_the_ids_of_its_messages(tmp_path, tok):
 
 
 def test_batched_store_equals_the_per_message_encoder(tmp_path, tok):
-    """Truncation, skipping and train_on='all' agree with encode_example on conversations of many lengths."""
+    """Truncation, skipping and train_on='all' of the chunked store agree with encoding each conversation alone, on
+    conversations of many lengths."""
     rng = np.random.default_rng(0)
     words = "the model learns where replies stop , and why . é 東 \n  spaces".split(" ")
     convs = []
@@ -71,7 +72,8 @@ def test_batched_store_equals_the_per_message_encoder(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in convs])
     for max_seq_len, train_on in ((512, "assistant"), (60, "assistant"), (60, "all")):
         examples, stats = load_dataset(path, tok, max_seq_len=max_seq_len, train_on=train_on)
-        want = [encode_example(tok, c, max_seq_len, train_on) for c in convs]
+        enc = ChatEncoder(tok, max_seq_len, train_on)
+        want = [enc.encode(c) for c in convs]
         kept = [ids_labels(ex) for ex, status in want if ex is not None]
         assert [ids_labels(ex) for ex in examples] == kept
         assert stats.truncated == sum(s == "truncated" for _, s in want)

@@ -13,7 +13,7 @@ import torch
 from phi3lora import lora
 
 from family import PHI4_SPECIAL, PHI4_TEMPLATE, SHAPES, write_phi4_tokenizer
-from helpers import CONV, make_hf_model, save_hf_checkpoint
+from helpers import CONV, make_hf_model, save_hf_checkpoint, training_ids
 from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer, default_stop_ids, generate
 
 ATOL = 1e-4
@@ -95,7 +95,7 @@ def test_phi4_random_conversations_match_transformers(phi4, hf_phi4):
 
 def test_phi4_training_labels_cover_the_replies_and_their_end(phi4):
     messages = PHI4_CONVERSATIONS["tools"]
-    ids, labels = phi4.encode_for_training(messages)
+    ids, labels = training_ids(phi4, messages)
     assert ids == phi4.encode_chat(messages) and len(labels) == len(ids)
     # expected from each message's own encoding: the replies (after <|assistant|>) and their <|end|> train
     want = []

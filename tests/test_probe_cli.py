@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from phi3lora import lora
+from helpers import training_ids
 from phi3lora.phi3mini import Phi3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_report_for_a_trained_adapter(tmp_path):
 
     tok = Tokenizer.tiny()
     chat = [{"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "A low-rank update."}]
-    ids, labels = (torch.tensor([x]) for x in tok.encode_for_training(chat))
+    ids, labels = (torch.tensor([x]) for x in training_ids(tok, chat))
     model = Phi3.from_name("tiny")
     cfg = lora.LoraConfig(r=8, lora_alpha=64, lora_dropout=0.0, target_modules=("qkv_proj", "lm_head"))
     lora.inject(model, cfg)

@@ -1,6 +1,7 @@
 """phi3mini.tokenizer: the tiny tokenizer's layout, round trips, Phi-3's chat format against transformers (rendered
-text and token ids), training labels by token position, the prompt/training prefix invariant, streaming decode,
-saving and loading (ours and transformers' AutoTokenizer), and the errors for bad folders and bad messages."""
+text and token ids), training labels by token position (data.ChatEncoder, built on the tokenizer's public methods),
+the prompt/training prefix invariant, streaming decode, saving and loading (ours and transformers' AutoTokenizer),
+and the errors for bad folders and bad messages."""
 import json
 import random
 import re
@@ -9,7 +10,8 @@ import warnings
 
 import pytest
 
-from helpers import CONV
+from helpers import CONV, chat_encoder, training_ids
+from phi3lora.data import ChatEncoder, DataError
 from phi3lora.phi3mini import StreamDecoder, Tokenizer
 from phi3lora.phi3mini.tiny import _TINY_WORDS, tiny_tokenizer_json
 from phi3lora.phi3mini.tokenizer import PHI3_CHAT_TEMPLATE, TokenizerError
@@ -36,6 +38,8 @@ ROUND_TRIP = [
 FRAGMENTS = ["Hi", "Hello there!", " leading space", "trailing space ", "two\nlines", "\nstarts with a newline",
              "ends with a newline\n", "tabs\tinside", "café au lait", "日本語", "emoji 😀 ok", "What is LoRA?",
              "A low-rank update.", "x", "say <|end|> now", "<|user|> inside", "double  spaces", "12345", "€"]
+# training data refuses special-token text in a content (data.ChatEncoder): its conversations leave those out
+PLAIN_FRAGMENTS = [f for f in FRAGMENTS if "<|" not in f]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +68,13 @@ def hf_chat_ids(hf, messages, add_generation_prompt):
     return list(out if isinstance(out, list) else out["input_ids"])
 
 
-def random_conversations(n, seed=0):
+def random_conversations(n, seed=0, fragments=FRAGMENTS):
     rng = random.Random(seed)
     convs = []
     for _ in range(n):
-        msgs = [{"role": "system", "content": rng.choice(FRAGMENTS)}] if rng.random() < 0.5 else []
+        msgs = [{"role": "system", "content": rng.choice(fragments)}] if rng.random() < 0.5 else []
         for turn in range(rng.randint(1, 6)):
-            content = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
+            content = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 3)))
             if not content.strip():
                 content = "x"
             msgs.append({"role": ("user", "assistant")[turn % 2], "content": content})
@@ -226,7 +230,7 @@ def test_encode_chat_on_many_conversations(tok, hf):
 
 # ----- training labels ----------------------------------------------------------------------------------------------
 def test_training_labels_token_by_token(tok):
-    ids, labels = tok.encode_for_training(CONV, train_on="assistant")
+    ids, labels = training_ids(tok, CONV, train_on="assistant")
     want_ids, want_labels = expected_chat(tok, CONV)
     assert ids == want_ids == tok.encode_chat(CONV)
     assert labels == want_labels
@@ -245,32 +249,57 @@ def test_training_labels_token_by_token(tok):
     assert labels[-1] == IGNORE and ids[-1] == EOS  # the closing eos (== pad) is not a target
     assert sum(y != IGNORE for y in labels) == len(tok.encode("A low-rank update.")) + len(tok.encode("Its rank.")) + 2
 
-    ids_all, labels_all = tok.encode_for_training(CONV, train_on="all")
+    ids_all, labels_all = training_ids(tok, CONV, train_on="all")
     assert ids_all == ids and labels_all == ids
 
 
 def test_training_labels_on_many_conversations(tok):
-    for messages in random_conversations(100, seed=2):
-        ids, labels = tok.encode_for_training(messages)
+    checked = 0
+    for messages in random_conversations(100, seed=2, fragments=PLAIN_FRAGMENTS):
+        if not any(m["role"] == "assistant" for m in messages):
+            assert chat_encoder(tok).encode(messages) == (None, "no_assistant")
+            continue
+        checked += 1
+        ids, labels = training_ids(tok, messages)
         assert (ids, labels) == expected_chat(tok, messages)
         assert ids == tok.encode_chat(messages) and len(labels) == len(ids)
         n_replies = sum(m["role"] == "assistant" for m in messages)
         assert sum(1 for p, y in enumerate(labels) if y == END and (p + 1 == len(labels) or labels[p + 1] == IGNORE)) \
             == n_replies  # every reply ends with a trained <|end|>
+    assert checked > 50
+
+
+def test_training_refuses_special_token_text(tok):
+    # encode and apply_chat_template read "<|end|>" in a content as the token (as transformers does); trained, it
+    # would teach the model to end a reply there, so the training encoder names the message instead
+    checked = 0
+    for messages in random_conversations(60, seed=6):
+        bad = [i for i, m in enumerate(messages) if "<|" in m["content"]]
+        if not bad or not any(m["role"] == "assistant" for m in messages):
+            continue
+        with pytest.raises(DataError, match=f"the conversation: message {bad[0]} .* contains the special token"):
+            chat_encoder(tok).encode(messages)
+        checked += 1
+    assert checked > 10
 
 
 def test_prompt_is_the_prefix_of_training_ids(tok):
-    convs = list(CONVERSATIONS.values()) + random_conversations(60, seed=3)
+    convs = list(CONVERSATIONS.values()) + random_conversations(60, seed=3, fragments=PLAIN_FRAGMENTS)
     checked = 0
     for messages in convs:
-        ids, labels = tok.encode_for_training(messages)
+        if not any(m["role"] == "assistant" for m in messages):
+            continue
+        ids, labels = training_ids(tok, messages)
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             prompt = tok.encode_chat(messages[:k], add_generation_prompt=True)
             assert ids[:len(prompt)] == prompt
             # inside the prompt only the earlier replies are targets, and the prompt's <|assistant|> is not
-            earlier = tok.encode_for_training(messages[:k])[1][:len(prompt) - 1]
+            if any(m["role"] == "assistant" for m in messages[:k]):
+                earlier = training_ids(tok, messages[:k])[1][:len(prompt) - 1]
+            else:
+                earlier = [IGNORE] * (len(prompt) - 1)
             assert labels[:len(prompt)] == earlier + [IGNORE]
             assert labels[len(prompt)] != IGNORE  # the reply starts right after the prompt
             if not any(m["role"] == "assistant" for m in messages[:k]):
@@ -281,7 +310,7 @@ def test_prompt_is_the_prefix_of_training_ids(tok):
 
 def test_no_double_bos(tok):
     text = tok.apply_chat_template(CONV)
-    assert BOS not in tok.encode_chat(CONV) and BOS not in tok.encode_for_training(CONV)[0]
+    assert BOS not in tok.encode_chat(CONV) and BOS not in training_ids(tok, CONV)[0]
     assert tok.encode(text, add_bos=True).count(BOS) == 1
     assert tok.encode("<s>" + text).count(BOS) == 1  # a BOS spelled in the text is the only one
 
@@ -340,8 +369,9 @@ def test_from_pretrained_of_saved_folder_equals_original(tok, saved):
     assert (again.bos_id, again.eos_id, again.pad_id, again.end_id) == (tok.bos_id, tok.eos_id, tok.pad_id, tok.end_id)
     for s in SAMPLES:
         assert again.encode(s) == tok.encode(s)
-    for messages in random_conversations(20, seed=5):
-        assert again.encode_for_training(messages) == tok.encode_for_training(messages)
+    again_encoder = ChatEncoder(again)
+    for messages in random_conversations(20, seed=5, fragments=PLAIN_FRAGMENTS):
+        assert again_encoder.encode(messages) == chat_encoder(tok).encode(messages)
     assert Tokenizer.from_pretrained(saved / "tokenizer.json").encode(SAMPLES[1]) == tok.encode(SAMPLES[1])
     assert again.chat_template == PHI3_CHAT_TEMPLATE
 
@@ -428,7 +458,7 @@ def test_vocabulary_without_chat_tokens(tmp_path):
     ("just a string", "messages must be a list"),
 ])
 def test_bad_messages_name_the_index(tok, messages, message):
-    for call in (tok.apply_chat_template, tok.encode_chat, tok.encode_for_training):
+    for call in (tok.apply_chat_template, tok.encode_chat, chat_encoder(tok).encode):
         with pytest.raises(ValueError) as e:
             call(messages)
         assert message in str(e.value)
@@ -436,7 +466,7 @@ def test_bad_messages_name_the_index(tok, messages, message):
 
 def test_bad_train_on(tok):
     with pytest.raises(ValueError, match="train_on must be 'assistant' or 'all'"):
-        tok.encode_for_training(CONV, train_on="user")
+        ChatEncoder(tok, train_on="user")
 
 
 def hub_like_folder(path):
@@ -472,7 +502,8 @@ def test_hub_layout_loads_without_warning_and_encodes_the_same(tok, tmp_path):
     assert (real.bos_id, real.eos_id, real.pad_id, real.end_id, real.stop_ids) == (1, 32000, 32000, 32007,
                                                                                  (32007, 32000))
     assert real.encode("Hi") == tok.encode("Hi")  # the post-processor's <s> is not added
+    real_encoder = ChatEncoder(real)
     for messages in CONVERSATIONS.values():
         for agp in (False, True):
             assert real.encode_chat(messages, add_generation_prompt=agp) == tok.encode_chat(messages, agp)
-            assert real.encode_for_training(messages) == tok.encode_for_training(messages)
+        assert real_encoder.encode(messages) == chat_encoder(tok).encode(messages)

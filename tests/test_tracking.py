@@ -10,7 +10,7 @@ import torch
 from phi3lora import lora
 from helpers import CONV
 from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate
-from phi3lora.data.pipeline import encode_example, load_data
+from phi3lora.data.pipeline import ChatEncoder, load_data
 from phi3lora.training.tracking import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
 
 
@@ -21,7 +21,8 @@ def tok():
 
 def examples(tok):
     one_turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
-    return [encode_example(tok, messages, 512)[0] for messages in (CONV, one_turn, CONV)]
+    enc = ChatEncoder(tok, 512)
+    return [enc.encode(messages)[0] for messages in (CONV, one_turn, CONV)]
 
 
 def test_sample_prompts_are_chat_prompts_of_the_last_reply(tok):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
-from phi3lora.data.pipeline import collate, encode_example  # noqa: E402
+from phi3lora.data.pipeline import ChatEncoder, collate  # noqa: E402
 
 END = 32007
 # The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without
@@ -303,8 +303,8 @@ def grads(params):
 
 def test_batch_8_equals_8_micro_batches_of_1():
     model, tok, params = lora_model_with_random_b()
-    examples = [encode_example(tok, conv("q" * (3 * i + 1), "answer " * (i + 1))["messages"], 512)[0]
-                for i in range(8)]
+    enc = ChatEncoder(tok, 512)
+    examples = [enc.encode(conv("q" * (3 * i + 1), "answer " * (i + 1))["messages"])[0] for i in range(8)]
     assert len({len(e) for e in examples}) == 8
     amp = train.autocast(torch.device("cpu"), torch.float32)
     whole = collate(examples, [[i] for i in range(8)], tok.pad_id)
@@ -330,8 +330,8 @@ def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     assert model.gradient_checkpointing
-    batch = collate([encode_example(tok, conv("What is LoRA?", "A low-rank update.")["messages"], 512)[0]], [[0]],
-                    tok.pad_id)
+    batch = collate([ChatEncoder(tok, 512).encode(conv("What is LoRA?", "A low-rank update.")["messages"])[0]],
+                    [[0]], tok.pad_id)
     train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     b_names = [n for n in named if "lora_B" in n]

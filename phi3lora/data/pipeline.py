@@ -6,9 +6,11 @@ tokenized training and evaluation sets (`TokenSet`, backed by the compact memory
 on disk) and a fingerprint of the training set. `load_dataset(path, ...)` is the same for one file, returning plain
 `Example` lists (tests, small scripts).
 
-Labels come from the tokenizer's per-message encoding (`Tokenizer.encode_for_training`): token positions of each
-assistant reply and its closing <|end|>, never a search for a template string and never the pad id (Phi-3's pad
-is its eos). Position 0 is never a target (nothing predicts it), so `n_target` counts labels[1:].
+Ids and labels come from `ChatEncoder` (encoder.py), the one encoder of chats for training: per-message token
+positions of each assistant reply and its closing <|end|>, never a search for a template string and never the pad
+id (Phi-3's pad is its eos). Position 0 is never a target (nothing predicts it), so `n_target` counts labels[1:].
+`ChatEncoder(tokenizer, max_seq_len, train_on).encode(messages)` gives one conversation's Example exactly as the
+token store built by `load_data` holds it.
 
 What is stopped and what is skipped:
 - malformed JSON, an unknown role, empty or non-string content, text not in Phi-3's format, special-token text
@@ -34,72 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encoder import ChatEncoder, Example
 from .files import MAX_LINE_BYTES, Source, resolve
 from .formats import DataError, parse_phi3_text, record_to_messages
-from .store import DataStats, TokenStore, read_source, raise_errors, load_or_build
+from .store import DataStats, TokenStore, load_or_build
 from phi3lora.phi3mini.tokenizer import IGNORE, ROLES
-
-
-
-def read_conversations(path, stats: DataStats | None = None) -> list[tuple[str, list[dict]]]:
-    """Read and validate one data file -> [(\"file:line\", messages)]. Conversations without an assistant turn are
-    skipped and counted in stats; every malformed line is collected and reported together in one DataError."""
-    path = Path(path)
-    stats = stats if stats is not None else DataStats(str(path))
-    errors: list[str] = []
-    out = list(read_source(Source(str(path), [path]), MAX_LINE_BYTES, stats, errors))
-    raise_errors(errors, str(path))
-    if stats.lines == 0:
-        raise DataError(f"{path}: the dataset is empty (no JSON lines)")
-    return out
-
-
-# ----- encoding -----------------------------------------------------------------------------------------------
-
-@dataclass
-class Example:
-    input_ids: list[int]  # (a numpy array when it comes from a TokenSet)
-    labels: list[int]  # aligned with input_ids: -100 where no loss, else the token id itself
-    source: str = ""  # file:line
-
-    @property
-    def n_target(self) -> int:
-        # position 0 is never predicted (the model shifts: token t predicts labels[t + 1])
-        return int((np.asarray(self.labels[1:]) != IGNORE).sum())
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode_example(tokenizer, messages: list[dict], max_seq_len: int, train_on: str = "assistant",
-                   source: str = "") -> tuple[Example | None, str]:
-    """Encode one conversation -> (Example, "ok" | "truncated"), or (None, reason) with reason one of
-    "no_target", "too_long". Truncation keeps whole assistant replies only (see the module docstring)."""
-    if train_on not in ("assistant", "all"):
-        raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
-    ids, asst = tokenizer.encode_for_training(messages, train_on="assistant")
-    ids, asst = list(ids), list(asst)
-    labels = asst
-    if train_on == "all":
-        ids_all, labels = tokenizer.encode_for_training(messages, train_on="all")
-        ids_all, labels = list(ids_all), list(labels)
-        if ids_all != ids:
-            raise RuntimeError(f"{source}: the tokenizer encodes the conversation differently for train_on='all'")
-    if len(labels) != len(ids) or any(y != IGNORE and y != t for y, t in zip(labels, ids)):
-        raise RuntimeError(f"{source}: tokenizer labels are not aligned with its input ids")
-    status = "ok"
-    if len(ids) > max_seq_len:
-        # ends of assistant replies: a trained <|end|> (the tokenizer's id) followed by an untrained token (or the end)
-        ends = [p for p in range(min(len(ids), max_seq_len)) if asst[p] == tokenizer.end_id
-                and (p + 1 == len(asst) or asst[p + 1] == IGNORE)]
-        if not ends:
-            return None, "too_long"
-        cut = ends[-1] + 1
-        ids, labels, status = ids[:cut], labels[:cut], "truncated"
-    ex = Example(ids, labels, source)
-    if ex.n_target == 0:
-        return None, "no_target"
-    return ex, status
 
 
 class TokenSet:
@@ -317,6 +258,6 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed:
     return Batch(ids, labels, pos, doc, n_target, n_tokens)
 
 
-__all__ = ["DataError", "DataStats", "DataSets", "Example", "TokenSet", "Batch", "ROLES", "IGNORE", "parse_phi3_text",
-           "record_to_messages", "read_conversations", "encode_example", "load_data", "load_dataset", "split_eval",
-           "fingerprint", "epoch_order", "pack_rows", "epoch_plan", "collate"]
+__all__ = ["DataError", "DataStats", "DataSets", "ChatEncoder", "Example", "TokenSet", "Batch", "ROLES", "IGNORE",
+           "parse_phi3_text", "record_to_messages", "load_data", "load_dataset", "split_eval", "fingerprint",
+           "epoch_order", "pack_rows", "epoch_plan", "collate"]

@@ -7,11 +7,9 @@ A store holds n examples and T tokens:
 plus per example its number of targets (n_target, int32: mask[1:] of the example, position 0 is never predicted) and
 where it came from (a file number and a line/row number, int32 + int64). 5 bytes per token, whatever the dataset.
 
-Building reads the records in chunks (a few MB of text), renders each message as the tokenizer's chat format does,
-tokenizes the whole chunk with `encode_batch_fast` (Rust threads), checks and cuts on the numpy arrays, and appends
-the chunk to ids.bin / mask.bin: no Python list of all ids is ever held. The labels are the per-message token
-positions of `Tokenizer.encode_for_training` (a message's ids are its own encoding, so the concatenation equals
-the ids of the whole rendered conversation) and the truncation rule of `data.encode_example`.
+Building reads the records in chunks (a few MB of text), encodes each chunk with `ChatEncoder.encode_chunk`
+(encoder.py: the labels and truncation rules, tokenized in one batch) and appends it to ids.bin / mask.bin: no
+Python list of all ids is ever held.
 
 The cache folder is named by a key that hashes the store format, the data files' contents and paths, the
 tokenizer (tokenizer.json and its special tokens) and every setting that changes the ids (max_seq_len, train_on,
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -35,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3lora import atomic
+from .encoder import ChatEncoder
 from .files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
 from .formats import DataError, record_to_messages
 
@@ -126,177 +124,6 @@ def store_keys(sources: list[Source], tokenizer, max_seq_len: int, train_on: str
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], content_key
 
 
-# ----- encoding a chunk ---------------------------------------------------------------------------------------
-
-class _Encoder:
-    """Tokenizer facts used on every chunk: the chat-format tokens, the eos tail, and a table of special ids."""
-
-    def __init__(self, tokenizer, max_seq_len: int, train_on: str):
-        if train_on not in ("assistant", "all"):
-            raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
-        tokenizer._check_chat([{"role": "user", "content": "x"}])  # a vocabulary without Phi-3's chat tokens
-        self.tok, self.max_seq_len, self.train_on = tokenizer, max_seq_len, train_on
-        backend = tokenizer.backend
-        if backend.pre_tokenizer is None and hasattr(backend.model, "_resize_cache"):
-            # No pre-tokenizer (Phi-3's SentencePiece layout): BPE sees each message as one word, and its word
-            # cache would keep up to 10,000 whole messages (measured: 16 bytes per token) for next to no hits.
-            # A private copy without the cache; the user's tokenizer keeps its own.
-            backend = type(backend).from_str(backend.to_str())
-            backend.model._resize_cache(0)
-        self.encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        self.tail = np.asarray(tokenizer._tail(add_generation_prompt=False), dtype=np.int32)
-        self.role_ids = dict(tokenizer.role_ids)
-        # special tokens that must not come out of a message's content (they would be trained as structure)
-        special = {tid: tok.content for tid, tok in backend.get_added_tokens_decoder().items()
-                   if tok.special and tid != tokenizer.unk_id}
-        self.special_lut = np.zeros(tokenizer.vocab_size + 1, dtype=bool)
-        self.special_lut[list(special)] = True
-        self.special_text = special
-
-    def _encode(self, convs, errors):
-        """Tokenize every message of the chunk; conversations whose text the tokenizer refuses are dropped."""
-        convs = self._fit_format(convs, errors)
-        texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in convs for m in ms]
-        try:
-            return convs, self.encode_batch(texts, add_special_tokens=False)
-        except Exception as e:  # tokenizers raises TypeError/Exception without saying which string: find it
-            good = []
-            for where, ms in convs:
-                bad = _unencodable(ms)
-                if bad:
-                    errors.append(f"{where}: {bad}")
-                else:
-                    good.append((where, ms))
-            if len(good) == len(convs):
-                raise DataError(f"{convs[0][0]} ... {convs[-1][0]}: the tokenizer failed on these records "
-                                f"({type(e).__name__}: {e})") from None
-            texts = [self.tok._render_message(m["role"], m["content"], m.get("tools")) for _, ms in good for m in ms]
-            return good, self.encode_batch(texts, add_special_tokens=False) if texts else []
-
-    def _fit_format(self, convs, errors):
-        """Drop (with a file:line error) conversations the chat format cannot render: a role it lacks (Phi-3 has no
-        tool role) or tools where it has no tool section. Only unusual conversations pay for the full check."""
-        good = []
-        for where, ms in convs:
-            if any(m["role"] not in self.role_ids or m.get("tools") is not None for m in ms):
-                try:
-                    self.tok._check_chat(ms)
-                except ValueError as e:
-                    errors.append(f"{where}: {e}")
-                    continue
-            good.append((where, ms))
-        return good
-
-    def chunk(self, convs: list[tuple[str, list[dict]]], errors: list[str], stats: DataStats):
-        """Encode conversations -> (ids, mask, [(length, n_target, where)]) of the kept examples."""
-        convs, encs = self._encode(convs, errors)
-        if not encs:
-            return None
-        lens = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(lens.sum()))
-        starts = np.cumsum(lens) - lens
-        lasts = starts + lens - 1
-        roles = [m["role"] for _, ms in convs for m in ms]
-        want = np.fromiter((self.role_ids[r] for r in roles), dtype=np.int64, count=len(roles))
-        if (lens < 2).any() or (flat[starts] != want).any() or (flat[lasts] != self.tok.end_id).any():
-            raise DataError(f"{self.tok.source}: a message does not encode as <|role|> ... <|end|> (the vocabulary's "
-                            "added tokens are not Phi-3's)")
-        inner = self.special_lut[flat]
-        inner[starts] = inner[lasts] = False
-        n_msgs = np.fromiter((len(ms) for _, ms in convs), dtype=np.int64, count=len(convs))
-        tool_errors = self._tools_errors(convs, inner, starts, lasts, errors)
-        bad_convs = self._special_errors(np.flatnonzero(inner), flat, starts, n_msgs, convs, roles, errors)
-        bad_convs |= tool_errors
-        is_asst = np.fromiter((r == "assistant" for r in roles), dtype=bool, count=len(roles))
-        if self.train_on == "all":
-            mask = np.ones(len(flat), dtype=np.uint8)
-        else:
-            mask = np.repeat(is_asst, lens).astype(np.uint8)
-            mask[starts] = 0  # the <|assistant|> token is prompt; the reply and its <|end|> train
-        return self._cut(flat, mask, starts, lasts, is_asst, n_msgs, convs, bad_convs, stats)
-
-    def _tools_errors(self, convs, inner, starts, lasts, errors) -> set[int]:
-        """A system message with tools (Phi-4-mini) holds <|tool|> and <|/tool|> as structure: its tokens are left
-        out of the id check (inner is cleared there) and its content and tools texts are checked as strings."""
-        bad, msg = set(), 0
-        for c, (where, ms) in enumerate(convs):
-            for i, m in enumerate(ms):
-                if m.get("tools") is not None:
-                    inner[starts[msg] + 1:lasts[msg]] = False
-                    for field in ("content", "tools"):
-                        found = next((t for t in self.special_text.values() if t in m[field]), None)
-                        if found and c not in bad:
-                            bad.add(c)
-                            errors.append(f"{where}: message {i} ({m['role']}) {field} contains the special token "
-                                          f"{found!r}: it would be read as that token, not as text; remove or "
-                                          "rewrite it")
-                msg += 1
-        return bad
-
-    def _special_errors(self, positions, flat, starts, n_msgs, convs, roles, errors) -> set[int]:
-        """file:line errors for special-token text inside a message's content -> the conversations to drop."""
-        if not len(positions):
-            return set()
-        first_msg = np.cumsum(n_msgs) - n_msgs
-        bad = set()
-        for msg in np.unique(np.searchsorted(starts, positions, side="right") - 1):
-            c = int(np.searchsorted(first_msg, msg, side="right") - 1)
-            if c in bad:
-                continue
-            bad.add(c)
-            pos = positions[np.searchsorted(starts, positions, side="right") - 1 == msg][0]
-            text = self.special_text.get(int(flat[pos]), "?")
-            errors.append(f"{convs[c][0]}: message {int(msg - first_msg[c])} ({roles[msg]}) contains the special "
-                          f"token {text!r}: it would be read as that token, not as text; remove or rewrite it")
-        return bad
-
-    def _cut(self, flat, mask, starts, lasts, is_asst, n_msgs, convs, bad_convs, stats):
-        """Per conversation: append the tail, or cut after the last whole reply that fits; skip what cannot train."""
-        pieces_ids, pieces_mask, kept = [], [], []
-        tail_mask = np.full(len(self.tail), self.train_on == "all", dtype=np.uint8)
-        m0 = 0
-        for c, (where, _) in enumerate(convs):
-            m1 = m0 + int(n_msgs[c])
-            a, b = int(starts[m0]), int(lasts[m1 - 1]) + 1
-            asst_ends = lasts[m0:m1][is_asst[m0:m1]] + 1 - a
-            m0 = m1
-            if c in bad_convs:
-                continue
-            length = b - a + len(self.tail)
-            truncated = length > self.max_seq_len
-            if not truncated:
-                ids = (flat[a:b], self.tail)
-                msk = (mask[a:b], tail_mask)
-            else:
-                fits = asst_ends[asst_ends <= self.max_seq_len]
-                if not len(fits):
-                    stats.skip("too_long", where)
-                    continue
-                length = int(fits[-1])
-                ids, msk = (flat[a:a + length],), (mask[a:a + length],)
-            n_target = int(sum(int(m.sum()) for m in msk)) - int(msk[0][0])  # labels[1:]: position 0 never predicted
-            if n_target == 0:
-                stats.skip("no_target", where)
-                continue
-            stats.truncated += truncated
-            pieces_ids += ids
-            pieces_mask += msk
-            kept.append((length, n_target, where))
-        if not kept:
-            return None
-        return np.concatenate(pieces_ids), np.concatenate(pieces_mask), kept
-
-
-def _unencodable(messages: list[dict]) -> str | None:
-    for i, m in enumerate(messages):
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as e:
-            return (f"message {i} ({m['role']}) content is not valid Unicode ({e.reason}: "
-                    f"{m['content'][e.start]!r} at character {e.start}); fix or drop that text")
-    return None
-
-
 # ----- building -----------------------------------------------------------------------------------------------
 
 class _Writer:
@@ -361,17 +188,22 @@ def raise_errors(errors: list[str], name: str) -> None:
         raise DataError(f"{len(errors)} bad lines in {name}:\n  " + "\n  ".join(errors[:5]) + more)
 
 
-def _build_source(source: Source, encoder: _Encoder, writer: _Writer, max_line_bytes: int) -> DataStats:
+def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_line_bytes: int) -> DataStats:
     stats, errors = DataStats(source.spec), []
     chunk, chars = [], 0
 
     def flush() -> bool:  # True when the source's limit is reached
         nonlocal chunk, chars
-        out = encoder.chunk(chunk, errors, stats) if chunk and not errors else None
+        out = encoder.encode_chunk(chunk, errors) if chunk and not errors else None
         chunk, chars = [], 0
         if out is None:
             return False
-        ids, mask, kept = out
+        for reason, where in out.skipped:
+            stats.skip(reason, where)
+        stats.truncated += out.truncated
+        if not out.kept:
+            return False
+        ids, mask, kept = out.ids, out.mask, out.kept
         if source.limit and stats.kept + len(kept) >= source.limit:
             kept = kept[: source.limit - stats.kept]
             n = sum(k[0] for k in kept)
@@ -399,7 +231,7 @@ def _build_source(source: Source, encoder: _Encoder, writer: _Writer, max_line_b
 def build_store(sources: list[Source], tokenizer, max_seq_len: int, train_on: str, folder: Path,
                 keys: tuple[str, str], max_line_bytes: int = MAX_LINE_BYTES) -> list[DataStats]:
     """Tokenize every source into `folder` (which must exist and be empty). DataError lists the bad records."""
-    encoder = _Encoder(tokenizer, max_seq_len, train_on)
+    encoder = ChatEncoder(tokenizer, max_seq_len, train_on)
     writer = _Writer(folder)
     try:
         stats = [_build_source(s, encoder, writer, max_line_bytes) for s in sources]

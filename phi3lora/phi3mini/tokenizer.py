@@ -15,11 +15,12 @@ transformers' `apply_chat_template(..., tokenize=True)` adds none and neither do
 chat_template found in tokenizer_config.json is kept (and written back by save_pretrained) but not executed: the
 format is rendered in Python, so it needs no Jinja.
 
-Conversations are encoded message by message. Every message starts and ends at an added token, which is also where
-the `tokenizers` library splits the whole rendered string, so the concatenation equals the ids of the rendered
-string (what transformers produces), and the position of every message's tokens is known exactly. Training labels
-come from those positions, never from searching for a template string or from the pad id (Phi-3's pad is its eos).
-As in transformers, special-token text inside a message's content ("<|end|>") is read as that special token.
+Conversations are encoded message by message (`render_message` renders one). Every message starts and ends at an
+added token, which is also where the `tokenizers` library splits the whole rendered string, so the concatenation
+equals the ids of the rendered string (what transformers produces), and the position of every message's tokens is
+known exactly. Training labels come from those positions: phi3lora.data's `ChatEncoder` builds them (and refuses
+special-token text inside a content). Here, as in transformers, special-token text inside a message's content
+("<|end|>") is read as that special token.
 
 Like Phi-3's own, the tokenizer is lossless except for U+2581 ("▁") in the text, which decodes as a space.
 
@@ -279,8 +280,10 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     # ----- chat format ---------------------------------------------------------------------------------------------
-    def _check_chat(self, messages) -> list[tuple[str, str, str | None]]:
-        """(role, content, tools) per message, checked against this vocabulary's chat format."""
+    def check_chat(self, messages: Sequence[dict]) -> list[tuple[str, str, str | None]]:
+        """(role, content, tools) per message of a conversation [{"role", "content"}, ...], checked against this
+        vocabulary's chat format: TokenizerError when the vocabulary has no chat tokens, ValueError naming the
+        message for a role the format lacks, empty content or tools it cannot render (see `check_messages`)."""
         needed = {f"<|{role}|>": tid for role, tid in self.role_ids.items()} | {END_TOKEN: self.end_id}
         missing = [token for token, tid in needed.items() if tid is None]
         if missing:
@@ -296,22 +299,23 @@ class Tokenizer:
             out.append((role, content, tools))
         return out
 
-    def _render_message(self, role: str, content: str, tools: str | None = None) -> str:
-        """One message as text in this checkpoint's chat format (the data store renders whole chunks with it)."""
+    def render_message(self, role: str, content: str, tools: str | None = None) -> str:
+        """One message as text in this checkpoint's chat format, e.g. Phi-3's "<|user|>\\n{content}<|end|>\\n";
+        unchecked (see `check_chat`). A conversation's text is its messages' texts, then the eos token or the
+        generation prompt; its ids are the concatenation of each message's `encode` (see the module docstring)."""
         return self.chat_format.render(role, content, tools)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text in this checkpoint's chat format (what transformers renders from its
         chat_template; see chat_format.py)."""
-        fmt = self.chat_format
-        text = "".join(fmt.render(*turn) for turn in self._check_chat(messages))
-        return text + (fmt.generation_prompt if add_generation_prompt else self.eos_token)
+        text = "".join(self.render_message(*turn) for turn in self.check_chat(messages))
+        return text + (self.chat_format.generation_prompt if add_generation_prompt else self.eos_token)
 
     def _encode_turns(self, messages) -> list[tuple[str, list[int]]]:
         # (role, ids) per message; ids[0] is the role token, ids[-1] the closing <|end|> (Phi-3: its "\n" absorbed)
         out = []
-        for i, (role, content, tools) in enumerate(self._check_chat(messages)):
-            ids = self.backend.encode(self.chat_format.render(role, content, tools), add_special_tokens=False).ids
+        for i, (role, content, tools) in enumerate(self.check_chat(messages)):
+            ids = self.backend.encode(self.render_message(role, content, tools), add_special_tokens=False).ids
             if ids[0] != self.role_ids[role] or ids[-1] != self.end_id:
                 raise TokenizerError(f"{self.source}: message {i} does not encode as <|{role}|> ... <|end|> "
                                      f"(the vocabulary's added tokens do not fit the {self.chat_format.name} "
@@ -328,28 +332,6 @@ class Tokenizer:
         docstring)."""
         ids = [t for _, turn in self._encode_turns(messages) for t in turn]
         return ids + self._tail(add_generation_prompt)
-
-    def encode_for_training(self, messages: Sequence[dict], train_on: str = "assistant") -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a conversation. input_ids == encode_chat(messages) (closed with the eos token).
-        labels equal input_ids where the loss applies and -100 elsewhere: with train_on="assistant", each assistant
-        reply's tokens and its closing <|end|> (never the role tokens, the other turns or the final eos); with
-        train_on="all", every token. The prompt chat.py builds for a reply, encode_chat(messages[:k],
-        add_generation_prompt=True), is exactly the prefix of input_ids before reply k's content."""
-        if train_on not in ("assistant", "all"):
-            raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
-        ids, labels = [], []
-        for role, turn in self._encode_turns(messages):
-            ids += turn
-            if train_on == "all":
-                labels += turn
-            elif role == "assistant":
-                labels += [IGNORE] + turn[1:]  # the <|assistant|> token is prompt; the reply and its <|end|> train
-            else:
-                labels += [IGNORE] * len(turn)
-        tail = self._tail(add_generation_prompt=False)
-        ids += tail
-        labels += tail if train_on == "all" else [IGNORE] * len(tail)
-        return ids, labels
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
