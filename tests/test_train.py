@@ -16,6 +16,7 @@ from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
 from phi3lora.data.pipeline import ChatEncoder, collate  # noqa: E402
+from phi3lora.training.config import typed  # noqa: E402
 
 END = 32007
 # The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without
@@ -205,8 +206,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     assert [s for s, _ in train.list_checkpoints(ckpts)] == [2, 4]
     # the previous checkpoint loads
     cfg = tiny_cfg()
-    model, _, params = train.build_model(cfg["training"], train.parse_config(TINY + RESUME_ARGS)["lora"],
-                                            torch.device("cpu"), torch.float32)
+    t, _ = typed(cfg)
+    _, lc = typed(train.parse_config(TINY + RESUME_ARGS))
+    model, _, params = train.build_model(t, lc, torch.device("cpu"), torch.float32)
     opt = torch.optim.AdamW(params)
     state = train.load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
     assert state["step"] == 4 and all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
@@ -285,7 +287,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def lora_model_with_random_b(**training):
     cfg = tiny_cfg(**training)
     torch.manual_seed(0)
-    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    model, _, params = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     with torch.no_grad():  # B starts at zero (then A gets no gradient): make both matter
         for n, p in model.named_parameters():
@@ -327,7 +329,7 @@ def test_batch_8_equals_8_micro_batches_of_1():
 def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     cfg = tiny_cfg(grad_checkpointing=True)
     torch.manual_seed(0)
-    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    model, _, params = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     assert model.gradient_checkpointing
     batch = collate([ChatEncoder(tok, 512).encode(conv("What is LoRA?", "A low-rank update.")["messages"])[0]],
@@ -401,7 +403,7 @@ def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
     """The fused loss reads lm_head.weight alone: with LoRA on lm_head its adapter would get no gradient."""
     for targets, fused in ((TARGETS, False), ("qkv_proj,o_proj", True)):
         cfg = train.parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
-        model, _, _ = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+        model, _, _ = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
         assert model.use_kernel is fused, targets
 
 

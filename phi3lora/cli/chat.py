@@ -24,11 +24,11 @@ import warnings
 
 import torch
 
+from phi3lora import console
+from phi3lora.cli.options import add_model_flags
 from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate, hub
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # Phi-3's chat markers: a reply shown or kept in the history never contains them, even spelled out in plain text.
 MARKERS = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>")
 HELP = "commands: /reset (clear the history), /system TEXT (set the system message and reset), /exit"
@@ -60,9 +60,7 @@ def refuse_non_finite_logits(model: Phi3) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat with Phi-3-mini, with or without a LoRA adapter.",
                                 epilog=f"In a chat, {HELP}. Ctrl-C stops a reply; Ctrl-D quits.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hub id, local checkpoint folder, or 'tiny' (built-in random demo model); "
-                        f"default {DEFAULT_MODEL}")
+    add_model_flags(p, default=DEFAULT_MODEL)
     p.add_argument("--adapter", help="LoRA adapter folder (ours, from train.py, or a PEFT one)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (in fp32, cast once)")
     p.add_argument("--system", help="system message")
@@ -75,11 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--quantize", choices=["", "nf4"], default="",
                    help="nf4: a 4-bit base (the decoder projections quantized while loading, as train.py --quantize)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                   help="weights dtype; auto keeps the checkpoint's (fp32 for tiny)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of prompt + reply to keep (default and maximum: the model's max_position_embeddings)")
     args = p.parse_args(argv)
@@ -104,15 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----- loading ---------------------------------------------------------------------------------------------------
 def load(args, stderr=None) -> tuple[Phi3, Tokenizer]:
     """The model (with the adapter, merged if asked) and the tokenizer from the same checkpoint."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ChatError("--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
     try:
-        tokenizer = hub.load_tokenizer(args.model)  # first: a missing tokenizer fails before gigabytes load
-        model = hub.load_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
-    except hub.ERRORS as e:
-        raise ChatError(f"--model {args.model}: {e}") from None
+        model, tokenizer = hub.load(args.model, args.device, args.dtype, args.quantize)
+    except hub.LoadError as e:
+        raise ChatError(str(e)) from None
     if args.adapter:
         load_adapter(model, args.adapter, merge=args.merge, stderr=stderr or sys.stderr)
     refuse_non_finite_logits(model)
@@ -130,7 +120,7 @@ def load_adapter(model: Phi3, adapter_dir: str, merge: bool, stderr=None) -> Non
         raise ChatError(f"--adapter {adapter_dir}: {e}") from None
     for w in caught:  # e.g. trained on another base model: one plain line, not Python's warning format
         if issubclass(w.category, lora.AdapterWarning):
-            print(f"warning: {w.message}", file=stderr or sys.stderr, flush=True)
+            console.warn(str(w.message), file=stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if merge:
@@ -208,7 +198,7 @@ class Chat:
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def notice(self, text: str) -> None:
-        print(f"[{text}]", file=self.stderr, flush=True)
+        console.info(f"[{text}]", file=self.stderr)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit."""
@@ -270,9 +260,9 @@ class Chat:
         if a.stats and times:
             n, ttft = len(times), times[0] - start
             decode = f", decode {(n - 1) / (times[-1] - times[0]):.1f} tokens/s" if n > 1 else ""
-            print(f"[stats] {len(ids)} prompt tokens, time to first token {ttft * 1000:.0f} ms, {n} new tokens "
-                  f"in {times[-1] - start:.2f} s: {n / (times[-1] - start):.1f} tokens/s{decode}",
-                  file=self.stderr, flush=True)
+            console.info(f"[stats] {len(ids)} prompt tokens, time to first token {ttft * 1000:.0f} ms, {n} new "
+                         f"tokens in {times[-1] - start:.2f} s: {n / (times[-1] - start):.1f} tokens/s{decode}",
+                         file=self.stderr)
         return "".join(shown)
 
 
@@ -315,7 +305,7 @@ def run_chat(chat: Chat, stdin, stdout) -> int:
             else:
                 chat.ask(text)
         except ChatError as e:
-            print(f"error: {e}", file=chat.stderr, flush=True)
+            console.error(str(e), file=chat.stderr)
 
 
 def check_streams(args, stdin, stdout) -> None:
@@ -355,7 +345,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
             return 0
         return run_chat(chat, stdin, stdout)
     except (ChatError, BrokenModel) as e:
-        print(f"error: {e}", file=stderr, flush=True)
+        console.error(str(e), file=stderr)
         return 2
     except BrokenPipeError:
         return quiet_broken_pipe(stdout)

@@ -10,7 +10,7 @@ Writes into --out (created if needed; files of the same names are replaced, othe
   adapter_norms.png        (--adapter) ‖s·B·A‖ per adapted module, Frobenius and spectral
   adapter_effect.png       (--adapter) adapted − base log-probability of each token, and KL per position
   index.html               all of them with the token list and top-k tables
-The numbers come from phi3mini.probe (one forward pass with the attention recorded, one without the adapter);
+The numbers come from phi3lora.interp.capture (one forward pass with the attention recorded, one without the adapter);
 the pictures need matplotlib (pip install 'phi3-lora[viz]').
 """
 from __future__ import annotations
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from phi3lora import console
+from phi3lora.cli.options import add_model_flags
 from phi3lora.lora import footprint
 from phi3lora.phi3mini import Phi3, Tokenizer, hub
-from phi3lora.interp import capture as probe, viz
+from phi3lora.interp import viz
+from phi3lora.interp.capture import capture, logit_lens  # interp.capture is also the function's name
 from phi3lora.atomic import write_file
-
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 class ProbeError(Exception):
     """A problem the user can fix: printed as `error: ...`, exit code 2."""
@@ -38,7 +37,7 @@ class ProbeError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Write pictures of attention, the logit lens and a LoRA adapter's "
                                             "footprint for one prompt (index.html + PNGs).")
-    p.add_argument("--model", required=True, help="Hub id, local checkpoint folder, or 'tiny' (built-in demo model)")
+    add_model_flags(p)
     p.add_argument("--adapter", help="LoRA adapter folder (ours or PEFT): adds its norms and base-vs-adapted pictures")
     p.add_argument("--prompt", required=True, help="the text to run")
     p.add_argument("--chat", action="store_true", help="render --prompt as a user message in Phi-3's chat format")
@@ -49,8 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated heads, 'all', or 'auto' (all up to 8 heads, else the first 8)")
     p.add_argument("--top-k", type=int, default=5, help="tokens per position in the logit-lens table")
     p.add_argument("--max-tokens", type=int, default=64, help="keep the last this many tokens of the input")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="auto keeps the checkpoint's")
     args = p.parse_args(argv)
     if not args.prompt.strip():
         p.error("--prompt is empty")
@@ -73,15 +70,10 @@ def int_list(text: str, flag: str, n: int) -> list[int]:
 
 
 def load(args) -> tuple[Phi3, Tokenizer]:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ProbeError("--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
     try:
-        tokenizer = hub.load_tokenizer(args.model)
-        model = hub.load_model(args.model, dtype=dtype, device=device)
-    except hub.ERRORS as e:
-        raise ProbeError(f"--model {args.model}: {e}") from None
+        model, tokenizer = hub.load(args.model, args.device, args.dtype)
+    except hub.LoadError as e:
+        raise ProbeError(str(e)) from None
     if args.adapter:
         from phi3lora import lora
         try:
@@ -128,7 +120,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def attention_section(model, ids, labels, layers, heads, out: Path) -> list[str]:
-    with torch.no_grad(), probe.capture(model, attention=True, layers=layers) as cap:
+    with torch.no_grad(), capture(model, attention=True, layers=layers) as cap:
         model(ids)
     parts = ["<h2>Attention</h2><p>Softmax probabilities per head: row = query token, column = key token.</p>"]
     for layer in layers:
@@ -139,7 +131,7 @@ def attention_section(model, ids, labels, layers, heads, out: Path) -> list[str]
 
 
 def lens_section(model, tokenizer, ids, labels, top_k: int, out: Path) -> list[str]:
-    lens = probe.logit_lens(model, ids, k=top_k)
+    lens = logit_lens(model, ids, k=top_k)
     top_labels = [viz.token_labels(tokenizer, row[:, 0].tolist()) for row in lens.top_ids[:, 0]]  # [L][T]
     viz.logit_lens_figure(lens.layers, lens.top_probs[:, 0, :, 0], top_labels, labels, lens.final_probs[:, 0],
                           out / "logit_lens.png")
@@ -200,12 +192,12 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         index = write_report(args, model, tokenizer, out)
     except (ProbeError, viz.VizError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error(str(e))
         return 2
     except OSError as e:
-        print(f"error: --out {out}: {e.strerror or e}", file=sys.stderr)
+        console.error(f"--out {out}: {e.strerror or e}")
         return 2
-    print(f"wrote {index}", file=sys.stderr)
+    console.info(f"wrote {index}")
     return 0
 
 

@@ -47,7 +47,7 @@ import torch
 from phi3lora import lora
 from phi3lora.lora.adapter_io import base_fingerprint
 from phi3lora.phi3mini import Tokenizer
-from phi3lora import atomic
+from phi3lora import atomic, console
 from phi3lora import data
 from phi3lora.data import DataError, TokenSet, collate, fingerprint
 from phi3lora.training.tracking import (Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples,
@@ -60,7 +60,7 @@ from phi3lora.training.config import TrainingConfig, parse_config  # noqa: F401 
 from phi3lora.training.distributed import World
 from phi3lora.training.errors import TrainError
 from phi3lora.training.health import lora_weight_problem
-from phi3lora.training.report import QUIET, MetricsLog, Progress, log, memory_gb, read_metrics, write_loss_svg
+from phi3lora.training.report import MetricsLog, Progress, memory_gb, read_metrics, write_loss_svg
 from phi3lora.training.schedule import EpochPlans, lr_at, total_and_warmup
 from phi3lora.training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
                                      resolve_device_dtype)
@@ -122,17 +122,17 @@ def main(argv=None) -> int:
     try:
         return train(parse_config(argv, notes), notes)
     except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.error(str(e))
         return 2
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        print(f"error: cannot write {e.filename or 'to the output folder'}: {e.strerror}; free some space, then "
-              "continue with --resume", file=sys.stderr)
+        console.error(f"cannot write {e.filename or 'to the output folder'}: {e.strerror}; free some space, then "
+                      "continue with --resume")
         return 2
     except KeyboardInterrupt:  # outside the loop: while loading (nothing to save yet) or while writing the final
         # adapter (the last step's checkpoint is complete: --resume writes the adapter again)
-        print("\ninterrupted", file=sys.stderr)
+        console.info("\ninterrupted")
         return 130
 
 
@@ -147,7 +147,7 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
         raise TrainError(str(e)) from None
     device, dtype = resolve_device_dtype(t)
     device = distributed.device_for(world, device)
-    QUIET["on"] = not world.is_main
+    console.set_quiet(not world.is_main)
     distributed.init(world, device)
     finished = False
     try:
@@ -167,19 +167,19 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     tokenizer = load_tokenizer(t.model)
     train_set, eval_set = distributed.first_on_rank0(world, lambda: load_data(t, tokenizer))
     for note in notes:
-        log(note)
+        console.info(note)
 
     torch.manual_seed(t.seed)  # the adapter's initial A, then dropout
     random.seed(t.seed)
     model, lora_config, params = build_model(t, lc, device, dtype)
     n_train, n_all = sum(p.numel() for p in params), model.num_parameters()  # a 4-bit weight counts its values
-    log(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
-        f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
+    console.info(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
+                 f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
     if world.active:
         distributed.broadcast_params(world, params)
         torch.manual_seed(t.seed + world.rank)  # each rank its own dropout masks (rank 0: as one process)
     elif t.fsdp:
-        log("note: --fsdp shards the base over torchrun's processes; in one process it changes nothing")
+        console.info("note: --fsdp shards the base over torchrun's processes; in one process it changes nothing")
     # every rank plans the global micro-batches (batch_size x world) and takes its share of each
     plans = EpochPlans(train_set, dataclasses.replace(t, batch_size=t.batch_size * world.size))
     total_steps, warmup = total_and_warmup(t, plans)
@@ -194,7 +194,8 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     metrics = distributed.on_rank0(world, lambda: open_metrics(run, records))
     reporter = None
     if world.is_main:
-        reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None)
+        reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None,
+                            echo=console.info)
     try:
         status = loop(run, pos, metrics, reporter)
     finally:
@@ -215,9 +216,9 @@ def parallelize(run: Run) -> None:
     whole = distributed.base_bytes(run.model)
     distributed.wrap_fsdp(run.model, run.world, run.device, run.params)
     run.sharded = True
-    log(f"FSDP2: the base sharded over {run.world.size} processes, one unit per decoder block: this one holds "
-        f"{distributed.base_bytes(run.model) / 2**20:,.1f} MiB of its {whole / 2**20:,.1f} MiB; the adapter whole "
-        "in each")
+    console.info(f"FSDP2: the base sharded over {run.world.size} processes, one unit per decoder block: this one "
+                 f"holds {distributed.base_bytes(run.model) / 2**20:,.1f} MiB of its {whole / 2**20:,.1f} MiB; the "
+                 "adapter whole in each")
 
 
 def open_metrics(run: Run, records: list[dict]) -> MetricsLog:
@@ -238,7 +239,7 @@ def close_metrics(run: Run, metrics: MetricsLog, reporter: Reporter) -> None:
     try:
         write_loss_svg(metrics.records, run.out / "loss.svg", f"Loss per step: {run.out.name}")
     except OSError as e:  # never hides why the loop ended
-        log(f"warning: could not write {run.out / 'loss.svg'} ({e.strerror})")
+        console.warn(f"could not write {run.out / 'loss.svg'} ({e.strerror})")
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
                 if metrics is not None:  # rank 0
                     metrics.write(rec)
                     reporter.log(rec)
-                log(f"eval loss before training {loss:.4f}")
+                console.info(f"eval loss before training {loss:.4f}")
             while pos.step < run.total_steps:
                 if distributed.any_rank(world, stop.requested, run.device):
                     together = True
@@ -278,15 +279,15 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
     except KeyboardInterrupt:
         run.optimizer.zero_grad(set_to_none=True)
         if pos.updating:
-            log(f"\ninterrupted during an update: not saving; the last checkpoint is {pos.last_saved or 'none'}")
+            console.info(f"interrupted during an update: not saving; the last checkpoint is {pos.last_saved or 'none'}")
         elif pos.step > start_step or pos.last_saved is None:
             # a signal mid-step under torchrun: the other ranks may be anywhere, so rank 0 saves on its own
             pos.last_saved = save(run, pos, alone=world.active and not together)
-        log(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
+        console.info(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
         return 130
     if pos.zero_grad_steps:
-        log(f"warning: {pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "
-            f"learned nothing in them")
+        console.warn(f"{pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "
+                     f"learned nothing in them")
     return 0
 
 
@@ -333,9 +334,9 @@ def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> No
     if grad_norm == 0.0:
         pos.zero_grad_steps += 1
         if pos.zero_grad_steps == 1:
-            log(f"warning: gradient norm 0 at step {pos.step} (loss {loss:.4f}): the adapter is not learning. "
-                f"A saturated model does this (a learning rate far too high, now --lr {run.t.lr:g}), as do targets "
-                f"that never reach the loss.")
+            console.warn(f"gradient norm 0 at step {pos.step} (loss {loss:.4f}): the adapter is not learning. "
+                         f"A saturated model does this (a learning rate far too high, now --lr {run.t.lr:g}), as do "
+                         f"targets that never reach the loss.")
 
 
 def accumulate(run: Run, micro: list, n_target: int) -> float:
@@ -446,7 +447,7 @@ class StopOnCtrlC:
         if self.requested or signum == signal.SIGTERM:
             raise KeyboardInterrupt
         self.requested = True
-        log("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+        console.info("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
 
 
 def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
@@ -474,7 +475,7 @@ def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
         raise TrainError(f"cannot write the checkpoint of step {pos.step} in {run.out / 'checkpoints'} "
                          f"({write_error_text(e)}); the last complete checkpoint is {pos.last_saved or 'none'}: "
                          "free some space, then continue with --resume") from None
-    log(f"saved checkpoint {path}")
+    console.info(f"saved checkpoint {path}")
     return path
 
 
@@ -494,7 +495,7 @@ def prepare_out(out: Path, t: TrainingConfig) -> Path | None:
     if t.resume:
         resume_from, skipped = newest_complete(ckpt_root)
         for line in skipped:
-            log(f"skipping checkpoint {line}")
+            console.info(f"skipping checkpoint {line}")
         if resume_from is None:
             raise TrainError(f"--resume: no complete checkpoint in {ckpt_root} to resume from"
                              + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
@@ -521,21 +522,22 @@ def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[TokenSet, TokenS
     except DataError as e:
         raise TrainError(str(e)) from None
     for line in sets.report:
-        log(line)
+        console.info(line)
     n = sets.train.n_tokens + sets.eval.n_tokens
-    log(f"{n:,} tokens {'read from the data cache' if sets.from_cache else 'tokenized'}")
+    console.info(f"{n:,} tokens {'read from the data cache' if sets.from_cache else 'tokenized'}")
     return sets.train, sets.eval
 
 
 def describe_schedule(run: Run) -> None:
     t, per_epoch = run.t, len(run.plans(0))
-    log(f"{len(run.train_set)} training examples, {per_epoch} micro-batches per epoch, {run.total_steps} steps "
-        f"(batch {t.batch_size}{f' x {run.world.size} processes' if run.world.active else ''} x accumulation "
-        f"{t.grad_accum}{', packed' if t.packing else ''}), "
-        f"warmup {run.warmup}, {t.schedule} to {t.min_lr:g}")
+    console.info(f"{len(run.train_set)} training examples, {per_epoch} micro-batches per epoch, "
+                 f"{run.total_steps} steps (batch {t.batch_size}"
+                 f"{f' x {run.world.size} processes' if run.world.active else ''} x accumulation {t.grad_accum}"
+                 f"{', packed' if t.packing else ''}), "
+                 f"warmup {run.warmup}, {t.schedule} to {t.min_lr:g}")
     if t.grad_accum > per_epoch:  # a step never spans two epochs
-        log(f"note: --grad-accum {t.grad_accum} is more than the {per_epoch} micro-batches of an epoch: "
-            f"each step accumulates one epoch at most")
+        console.info(f"note: --grad-accum {t.grad_accum} is more than the {per_epoch} micro-batches of an epoch: "
+                     f"each step accumulates one epoch at most")
 
 
 def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
@@ -562,12 +564,12 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     for group in run.optimizer.param_groups:  # load_state_dict brought back the old run's; the config wins
         group.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     if state["scheduler"]["total_steps"] != run.total_steps:
-        log(f"note: the schedule now spans {run.total_steps} steps (the checkpoint's run planned "
-            f"{state['scheduler']['total_steps']})")
+        console.info(f"note: the schedule now spans {run.total_steps} steps (the checkpoint's run planned "
+                     f"{state['scheduler']['total_steps']})")
     if run.world.rank > 0:  # the checkpoint holds rank 0's RNG states: the others draw their own dropout masks
         torch.manual_seed(t.seed + run.world.rank + 1_000_003 * state["step"])
     pos = Position(state["step"], state["epoch"], state["batch_index"], rng_state(), path)
-    log(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.index})")
+    console.info(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.index})")
     return pos, read_metrics(run.out / "metrics.jsonl", pos.step)
 
 
@@ -601,15 +603,15 @@ def save_outputs(run: Run, last_saved: Path) -> None:
     out, t = run.out, run.t
     write_output(run, last_saved, out / "adapter",
                  lambda path: lora.save_adapter(run.model, path, run.lora_config, run.fingerprint))
-    log(f"adapter written to {out / 'adapter'}")
+    console.info(f"adapter written to {out / 'adapter'}")
     if t.export_peft:
         write_output(run, last_saved, out / "adapter-peft", lambda path: lora.export_peft(
             run.model, path, run.lora_config, base_model_name_or_path=t.model))
-        log(f"PEFT adapter written to {out / 'adapter-peft'}{vllm_note(out / 'adapter-peft')}")
+        console.info(f"PEFT adapter written to {out / 'adapter-peft'}{vllm_note(out / 'adapter-peft')}")
     if t.merge:
         model = run.model if not run.sharded else unsharded_copy(run, out / "adapter")
         write_output(run, last_saved, out / "merged", lambda path: save_merged(model, run.tokenizer, path))
-        log(f"merged model written to {out / 'merged'}")
+        console.info(f"merged model written to {out / 'merged'}")
 
 
 def write_output(run: Run, last_saved: Path, final: Path, write) -> None:
@@ -627,7 +629,7 @@ def write_output(run: Run, last_saved: Path, final: Path, write) -> None:
 def unsharded_copy(run: Run, adapter: Path) -> torch.nn.Module:
     """For --merge after an FSDP run (rank 0, the others waiting): the base loaded again whole, on the CPU (no GPU
     could hold it: that is why it was sharded), with the adapter just written."""
-    log(f"--merge with --fsdp: loading {run.t.model} again on the CPU to merge the adapter into it")
+    console.info(f"--merge with --fsdp: loading {run.t.model} again on the CPU to merge the adapter into it")
     model, _, _ = build_model(dataclasses.replace(run.t, compile=False, kernels="off"), run.lora_config,
                               torch.device("cpu"), run.dtype)
     lora.load_adapter(model, adapter)

@@ -40,7 +40,7 @@ from phi3lora import atomic
 from .chat_format import BASE_ROLES as ROLES
 from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS  # noqa: F401  (their home is chat_format; named here too)
 from .chat_format import END_TOKEN, PHI3_CHAT_TEMPLATE, PHI4_CHAT_TEMPLATE, for_checkpoint
-from .download import SourceError, find_folder, looks_like_hub_id
+from .download import find_folder
 
 IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index); defined here only
 
@@ -144,12 +144,7 @@ class Tokenizer:
         if path.is_file():
             folder, tok_file = path.parent, path
         else:
-            folder = path
-            if looks_like_hub_id(path_or_hub_id):
-                try:
-                    folder = find_folder(str(path_or_hub_id))
-                except SourceError as e:
-                    raise TokenizerError(str(e)) from None
+            folder = find_folder(path_or_hub_id, TokenizerError)
             tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
             raise TokenizerError(f"{tok_file}: no such file (a tokenizer folder needs tokenizer.json; "

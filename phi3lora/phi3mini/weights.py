@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from phi3lora import atomic
-from .download import SourceError, find_folder
+from .download import find_folder
 from .config import ConfigError, Phi3Config
 
 
@@ -33,15 +33,6 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 # ----- finding the files ----------------------------------------------------------------------------------------
-def resolve_checkpoint(path_or_hub_id) -> Path:
-    """A local folder as is; otherwise a Hub id, downloading only config, safetensors and tokenizer files
-    (phi3mini.download)."""
-    try:
-        return find_folder(path_or_hub_id)
-    except SourceError as e:
-        raise CheckpointError(str(e)) from None
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by model.safetensors.index.json, or the one file."""
     index = folder / INDEX_NAME
@@ -243,7 +234,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize: str 
     if quantize not in QUANTIZE_CHOICES:
         raise CheckpointError(f"quantize={quantize!r}: choose one of {QUANTIZE_CHOICES}")
     dtype = _weight_dtype(dtype)
-    folder = resolve_checkpoint(path_or_hub_id)
+    folder = find_folder(path_or_hub_id, CheckpointError)  # a Hub id: downloaded (phi3mini.download)
     try:
         config = Phi3Config.from_hf(folder / "config.json")
     except ConfigError as e:

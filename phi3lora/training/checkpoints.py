@@ -14,22 +14,17 @@ import json
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from phi3lora import lora
-from phi3lora import atomic
+from phi3lora import atomic, console
 
 STEP_DIR = re.compile(r"step-(\d+)")
 LEFTOVER = re.compile(r"(step-\d+\.(tmp|old-\w+|tmp-\w+))|(\.deleting-step-\d+)")
 MANIFEST = "manifest.json"
 NEEDED = ("adapter/", "optimizer.pt", "rng.safetensors", "trainer_state.json")  # files, or a folder with files
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -94,7 +89,7 @@ def clean_leftovers(root: Path) -> None:
     for p in sorted(root.iterdir()):
         empty_step = STEP_DIR.fullmatch(p.name) and p.is_dir() and not any(p.iterdir())
         if LEFTOVER.fullmatch(p.name) or empty_step:
-            log(f"removing incomplete checkpoint folder {p}")
+            console.info(f"removing incomplete checkpoint folder {p}")
             atomic.remove(p)
 
 

@@ -4,6 +4,9 @@
 metadata its help line and constraints:
     help          the --help text
     choices       the allowed values
+    type          turns the text given into the value kept (dtype: "bf16" -> "bfloat16"), on the command line and
+                  in the TOML file
+    metavar       how --help shows the value
     min / above   value >= min / value > above
     below         value < below
     length        a list of exactly this many items
@@ -17,14 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from phi3lora import console
 from phi3lora.lora import LoraConfig
+from phi3lora.phi3mini import hub
 
 from .errors import TrainError
 
@@ -75,9 +79,9 @@ class TrainingConfig:
     adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
     adam_eps: float = option(1e-8, "AdamW eps", min=0)
     max_grad_norm: float = option(1.0, "gradient clipping; 0 turns it off", min=0)
-    dtype: str = option("auto", "base weights and autocast: auto = bf16 on CUDA, fp32 on CPU (LoRA weights are "
-                        "fp32 always)", choices=("auto", "bf16", "fp32"))
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", f"{hub.DTYPE_HELP}; autocast in it too (the LoRA weights are float32 always; "
+                        "float16 is refused: it needs loss scaling)", choices=hub.DTYPE_CHOICES, type=hub.dtype_name)
+    device: str = option("auto", hub.DEVICE_HELP, metavar=hub.DEVICE_METAVAR)
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA", choices=("auto", "on", "off"))
     quantize: str = option("", "4-bit base (QLoRA): nf4 quantizes the decoder projections while loading; a "
                            "bitsandbytes 4-bit checkpoint is 4-bit anyway", choices=("", "nf4"), resume_fixed=True)
@@ -158,11 +162,11 @@ def _argument(section: str, f) -> dict:
     elif k is list:
         kw.update(type=_list_arg(type(default[0]) if default else str), metavar="A,B,...")
     else:
-        kw["type"] = k
+        kw["type"] = f.metadata.get("type", k)  # a field's own type= spells its value one way (dtype: bf16 -> bfloat16)
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         else:
-            kw["metavar"] = k.__name__.upper()
+            kw["metavar"] = f.metadata.get("metavar", k.__name__.upper())
     return kw
 
 
@@ -190,7 +194,7 @@ def parse_config(argv=None, notes: list | None = None) -> dict:
         if note and notes is not None:
             notes.append(note)
         elif note:
-            print(note, file=sys.stderr, flush=True)
+            console.info(note)
     for section, values in from_file.items():
         cfg[section].update(values)
     for dest, value in args.items():
@@ -265,6 +269,7 @@ def coerce(f, value, where: str, section: str):
         ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
     else:
         ok = isinstance(value, str)
+        value = f.metadata["type"](value) if ok and "type" in f.metadata else value
     if not ok:
         raise TrainError(f"{where}: [{section}] {f.name} must be {k.__name__}, got {value!r}")
     return value

@@ -4,21 +4,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from phi3lora import atomic
-
-
-QUIET = {"on": False}  # set on the ranks other than 0 of a torchrun run: rank 0 speaks for them
-
-
-def log(msg: str) -> None:
-    if not QUIET["on"]:
-        print(msg, file=sys.stderr, flush=True)
+from phi3lora import atomic, console
 
 
 def memory_gb(device: torch.device) -> float:
@@ -32,11 +23,12 @@ def memory_gb(device: torch.device) -> float:
 
 
 class Progress:
-    """One status line on stderr: redrawn in place on a terminal, else printed every `every` steps."""
+    """One status line on stderr (phi3lora.console): redrawn in place on a terminal, else printed every `every`
+    steps."""
 
     def __init__(self, total: int, every: int):
         self.total, self.every = total, max(1, every)
-        self.tty = sys.stderr.isatty()
+        self.tty = console.is_terminal()
         self.start = time.perf_counter()
 
     def update(self, step: int, rec: dict, steps_done: int) -> None:
@@ -46,11 +38,9 @@ class Progress:
                 f"{rec['tokens_per_s']:.0f} tok/s | mem {rec['mem_gb']:.2f} GB | eta {eta:.0f}s")
         if "eval_loss" in rec:
             line += f" | eval {rec['eval_loss']:.4f}"
-        if self.tty:
-            end = "\n" if step == self.total or "eval_loss" in rec else ""
-            print("\r\033[K" + line, end=end, file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total or "eval_loss" in rec:
-            print(line, file=sys.stderr, flush=True)
+        last = step == self.total or "eval_loss" in rec  # kept on screen: the last step and each evaluation
+        if self.tty or last or step % self.every == 0:
+            console.progress(line, last=last)
 
 
 class MetricsLog:
@@ -87,7 +77,7 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
             rec = json.loads(line)
         except ValueError:  # e.g. the half-written last line of a killed run
             if line.strip():
-                log(f"note: {path}:{n} is not a JSON record; dropped")
+                console.info(f"note: {path}:{n} is not a JSON record; dropped")
             continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= up_to_step:
             records.append(rec)

@@ -14,18 +14,15 @@ from .health import check_base
 
 
 def resolve_device_dtype(t: TrainingConfig) -> tuple[torch.device, torch.dtype]:
-    name = t.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """--device and --dtype as chat and probe read them (phi3mini.hub.resolve); float16 is refused here: without
+    loss scaling its small gradients round to zero, and the adapter stops learning without a word."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available on this machine")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(t.dtype)
-    if dtype is None:  # auto
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device, dtype = hub.resolve(t.device, t.dtype)
+    except hub.LoadError as e:
+        raise TrainError(str(e)) from None
+    if dtype == torch.float16:
+        raise TrainError("--dtype float16: training in float16 needs loss scaling, which train.py does not do; "
+                         "use bfloat16 (or float32)")
     return device, dtype
 
 
@@ -49,26 +46,24 @@ def keep_freed_cpu_memory() -> None:
 
 def load_tokenizer(name: str) -> Tokenizer:
     try:
-        return hub.load_tokenizer(name)
-    except hub.ERRORS as e:
-        raise TrainError(f"--model {name}: cannot load its tokenizer: {e}") from None
+        return hub.open_tokenizer(name)
+    except hub.LoadError as e:
+        raise TrainError(str(e)) from None
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device, quantize: str = "") -> Phi3:
     """The frozen base model: "tiny", a local folder in the Hugging Face layout, or a Hub id (phi3mini.hub);
     quantize="nf4": its decoder projections 4-bit (QLoRA)."""
     try:
-        return hub.load_model(name, dtype=dtype, device=device, quantize=quantize)
-    except hub.ERRORS as e:
-        raise TrainError(f"--model {name}: {e}") from None
+        return hub.open_model(name, device, dtype, quantize)
+    except hub.LoadError as e:
+        raise TrainError(str(e)) from None
 
 
-def build_model(t: TrainingConfig | dict, lc: lora.LoraConfig | dict, device: torch.device, dtype: torch.dtype):
+def build_model(t: TrainingConfig, lora_config: lora.LoraConfig, device: torch.device, dtype: torch.dtype):
     """Base model + LoRA on the target modules, only LoRA trainable (in fp32) -> model, LoraConfig, trainable
-    parameters. The adapter's random A comes from torch's global RNG: seed it first. t and lc may also be the
-    sections of a configuration dict (config.parse_config)."""
-    t = TrainingConfig(**t) if isinstance(t, dict) else t
-    lora_config = lora.LoraConfig(**lc) if isinstance(lc, dict) else lc
+    parameters. The adapter's random A comes from torch's global RNG: seed it first. A configuration dict
+    (config.parse_config) becomes these two with config.typed."""
     model = load_base(t.model, dtype, device, t.quantize)
     check_base(model, t.model)  # a NaN here would later look like a learning-rate problem
     try:
