@@ -53,8 +53,9 @@ from phi3lora.data import DataError, TokenSet, collate, fingerprint
 from phi3lora.training.tracking import (Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples,
                                         sample_prompts)
 from phi3lora.training import config, distributed
-from phi3lora.training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
-                                           newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
+from phi3lora.training.checkpoints import (CheckpointWriteError, clean_leftovers, delete_checkpoint, is_write_error,
+                                           load_checkpoint, newest_complete, read_trainer_state, rng_state,
+                                           save_checkpoint, step_dirs)
 from phi3lora.training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
 from phi3lora.training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
 from phi3lora.training.distributed import World
@@ -468,11 +469,9 @@ def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
     try:
         path = save_checkpoint(run.out / "checkpoints", pos.step, run.model, run.optimizer, run.lora_config, state,
                                pos.rng, t.keep_last, run.fingerprint)
-    except Exception as e:
-        if not is_write_error(e):
-            raise
+    except CheckpointWriteError as e:
         raise TrainError(f"cannot write the checkpoint of step {pos.step} in {run.out / 'checkpoints'} "
-                         f"({write_error_text(e)}); the last complete checkpoint is {pos.last_saved or 'none'}: "
+                         f"({e.file}: {e.reason}); the last complete checkpoint is {pos.last_saved or 'none'}: "
                          "free some space, then continue with --resume") from None
     log(f"saved checkpoint {path}")
     return path
