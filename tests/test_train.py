@@ -174,6 +174,24 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path, monkeypatch, resume_d
     assert losses(out) == reference  # identical losses and gradient norms, bit for bit
 
 
+def test_sigterm_mid_step_saves_the_last_completed_step_and_resume_is_exact(tmp_path, monkeypatch, resume_data,
+                                                                            capsys):
+    """What a scheduler sends before it kills: the step in flight (step 4: micro-steps 6 and 7) is abandoned, step 3
+    saved with its RNG and data position, exit 143; --resume then gives the uninterrupted run bit for bit."""
+    data, reference = resume_data
+    out = str(tmp_path / "out")
+    count_micro_steps(monkeypatch, 6, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--save-every", "0"]) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM)" in err and "continue with --resume" in err and "Traceback" not in err, err
+    assert losses(out) == reference[:3]
+    assert [p.name for p in (Path(out) / "checkpoints").iterdir()] == ["step-0000003"]
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the loop
+    assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", out, "--resume"]) == 0
+    assert losses(out) == reference
+
+
 def test_keyboard_interrupt_inside_a_step_saves_the_last_completed_step(tmp_path, monkeypatch, resume_data):
     data, reference = resume_data
     out = str(tmp_path / "out")

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
+from phi3lora.training import checkpoints  # noqa: E402
 from phi3lora.training import checkpoints as ckpt  # noqa: E402
 from phi3lora.training import setup  # noqa: E402
 
@@ -186,19 +187,47 @@ def disk_full(*a, **kw):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_checkpointing_is_a_clean_error(tmp_path, monkeypatch, capsys):
-    data, out = write_data(tmp_path), tmp_path / "out"
-    real_save = torch.save
+# Each file of a checkpoint failing in turn, each as its writer fails on a full disk: torch.save's zip writer raises
+# RuntimeError "[enforce fail at inline_container.cc] ... unexpected pos", the others OSError ENOSPC.
+ZIP_WRITER_FULL = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4288 vs 4176")
+CHECKPOINT_FILES = {
+    "adapter": ("save_adapter", "No space left"),
+    "optimizer.pt": ("torch.save", "unexpected pos 4288 vs 4176"),
+    "rng.safetensors": ("write_file", "No space left"),
+    "trainer_state.json": ("write_text", "No space left"),
+    "manifest.json": ("write_manifest", "No space left"),
+}
 
-    def save(obj, f, *a, **kw):
-        if "step-0000002" in str(f):
-            disk_full()
-        return real_save(obj, f, *a, **kw)
-    monkeypatch.setattr(torch, "save", save)
+
+@pytest.mark.parametrize("file", list(CHECKPOINT_FILES))
+def test_disk_full_while_checkpointing_is_a_clean_error(tmp_path, monkeypatch, capsys, file):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    how, reason = CHECKPOINT_FILES[file]
+
+    def failing(real, path_of):  # real, failing when the path it writes is in step 2's checkpoint
+        def write(*a, **kw):
+            path = str(path_of(*a))
+            if "step-0000002" in path and (file in path or how == "write_manifest"):
+                if how == "torch.save":
+                    raise ZIP_WRITER_FULL
+                disk_full()
+            return real(*a, **kw)
+        return write
+    target, name, path_of = {
+        "save_adapter": (checkpoints.lora, "save_adapter", lambda model, path, *a: path),
+        "torch.save": (torch, "save", lambda obj, f, *a: f),
+        "write_file": (checkpoints.atomic, "write_file", lambda path, *a: path),
+        "write_text": (Path, "write_text", lambda self, *a: self),
+        "write_manifest": (checkpoints, "write_manifest", lambda folder: folder),
+    }[how]
+    monkeypatch.setattr(target, name, failing(getattr(target, name), path_of))
     rc, err = run(["--data", data, "--out", str(out), "--max-steps", "3", "--save-every", "1"], capsys)
-    assert rc == 2 and "error: cannot write the checkpoint of step 2" in err and "No space left" in err, err
-    assert "step-0000001" in err and "--resume" in err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: cannot write the checkpoint of step 2"), err
+    assert f"({file}: " in last and reason in last, last
+    assert "step-0000001" in last and "--resume" in last
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]  # no .tmp left to fill it
+    assert checkpoints.problem(out / "checkpoints" / "step-0000001", hashes=True) is None  # the older one intact
 
 
 def test_a_config_toml_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,9 @@ merged/ (--merge: base + adapter in the Hugging Face layout, tokenizer beside it
 Exit codes: 0 done; 2 a problem with the input or configuration, or a NaN/inf loss, printed as "error: ..."
 (a NaN stops before the bad update, so the last checkpoint is the last good state); 130 interrupted by Ctrl-C:
 the first Ctrl-C finishes the current step, saves a checkpoint and exits (continue with --resume), a second one
-stops at once (still saving the last completed step when that is safe).
+stops at once (still saving the last completed step when that is safe); 143 stopped by SIGTERM (a scheduler, a
+spot instance, torchrun's agent): the step in flight is abandoned, the last completed one saved, and the run
+continues exactly with --resume.
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ from phi3lora.data import DataError, TokenSet, collate, fingerprint
 from phi3lora.training.tracking import (Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples,
                                         sample_prompts)
 from phi3lora.training import config, distributed
-from phi3lora.training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
-                                           newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
+from phi3lora.training.checkpoints import (CheckpointWriteError, clean_leftovers, delete_checkpoint, is_write_error,
+                                           load_checkpoint, newest_complete, read_trainer_state, rng_state,
+                                           save_checkpoint, step_dirs)
 from phi3lora.training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
 from phi3lora.training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
 from phi3lora.training.distributed import World
@@ -246,13 +249,14 @@ def close_metrics(run: Run, metrics: MetricsLog, reporter: Reporter) -> None:
 def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter | None) -> int:
     """Optimizer steps from pos to the end of the run, with evaluation, metrics and checkpoints on their schedule
     (metrics and reporter: None on the ranks other than 0, which write nothing). Returns 0, or 130 after Ctrl-C
-    (the last completed step saved when that is safe)."""
+    and 143 after SIGTERM (the last completed step saved when that is safe)."""
     t, world = run.t, run.world
     progress = Progress(run.total_steps, t.log_every)
     start_step = pos.step
     together = False  # a stop every rank agreed on (they may all still talk), not a signal in the middle of a step
+    stop = StopOnCtrlC()
     try:
-        with StopOnCtrlC(terminate_too=world.active) as stop:
+        with stop:
             if run.eval_set and pos.step == 0:
                 loss = evaluate_loss(run)
                 rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -284,7 +288,7 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
             # a signal mid-step under torchrun: the other ranks may be anywhere, so rank 0 saves on its own
             pos.last_saved = save(run, pos, alone=world.active and not together)
         console.info(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
-        return 130
+        return stop.exit_code
     if pos.zero_grad_steps:
         console.warn(f"{pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "
                      f"learned nothing in them")
@@ -423,31 +427,40 @@ def due(every: int, step: int) -> bool:
 
 
 class StopOnCtrlC:
-    """The first Ctrl-C sets `requested` (the loop finishes its step, saves and stops); a second one raises
-    KeyboardInterrupt at once. Only the main thread can take signals: elsewhere Ctrl-C is left as it is.
-    terminate_too (under torchrun, whose agent passes a Ctrl-C on and then terminates its workers): SIGTERM is a
-    second Ctrl-C, so the last completed step is still saved."""
+    """Stopping by signal. The first Ctrl-C (SIGINT) sets `requested`: the loop finishes its step, saves and stops;
+    a second one raises KeyboardInterrupt at once. SIGTERM, what Slurm, Kubernetes, spot instances and torchrun's
+    agent send before they kill, raises KeyboardInterrupt at once: the step in flight is abandoned and the last
+    completed one saved (its RNG and data position with it, so the resume is exact), then the process exits 143.
+    Only the main thread can take signals: elsewhere they are left as they are."""
 
-    def __init__(self, terminate_too: bool = False):
+    def __init__(self):
         self.requested = False
+        self.terminated = False
         self.old_handlers = {}
         self.installed = threading.current_thread() is threading.main_thread()
-        self.signals = (signal.SIGINT, signal.SIGTERM) if terminate_too else (signal.SIGINT,)
 
     def __enter__(self) -> "StopOnCtrlC":
         if self.installed:
-            self.old_handlers = {s: signal.signal(s, self.on_sigint) for s in self.signals}
+            self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
         for s, old in self.old_handlers.items():
             signal.signal(s, old)
 
-    def on_sigint(self, signum, frame) -> None:
-        if self.requested or signum == signal.SIGTERM:
+    def on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            self.terminated = True
+            console.info("terminated (SIGTERM): saving the last completed step, then stopping")
+            raise KeyboardInterrupt
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         console.info("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.terminated else 130  # 128 + the signal's number, as a shell reports it
 
 
 def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
@@ -469,11 +482,9 @@ def save(run: Run, pos: Position, alone: bool = False) -> Path | None:
     try:
         path = save_checkpoint(run.out / "checkpoints", pos.step, run.model, run.optimizer, run.lora_config, state,
                                pos.rng, t.keep_last, run.fingerprint)
-    except Exception as e:
-        if not is_write_error(e):
-            raise
+    except CheckpointWriteError as e:
         raise TrainError(f"cannot write the checkpoint of step {pos.step} in {run.out / 'checkpoints'} "
-                         f"({write_error_text(e)}); the last complete checkpoint is {pos.last_saved or 'none'}: "
+                         f"({e.file}: {e.reason}); the last complete checkpoint is {pos.last_saved or 'none'}: "
                          "free some space, then continue with --resume") from None
     console.info(f"saved checkpoint {path}")
     return path

@@ -137,7 +137,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, traine
                     keep_last: int, fingerprint: dict | None = None) -> Path:
     """checkpoints/step-N: adapter/, optimizer.pt, rng.safetensors, trainer_state.json, then manifest.json,
     assembled in step-N.tmp and renamed; then only the newest keep_last are kept. rng: the RNG states as they
-    were when update N finished (see rng_state). A write error (disk full) removes step-N.tmp and is raised.
+    were when update N finished (see rng_state). A write error (disk full) in any file removes step-N.tmp and
+    raises CheckpointWriteError naming the file; older checkpoints are left as they are.
     fingerprint: the base's, as lora.save_adapter takes it."""
     from safetensors.torch import save_file
 
@@ -145,31 +146,56 @@ def save_checkpoint(root: Path, step: int, model, optimizer, lora_config, traine
     tmp = final.with_name(final.name + ".tmp")
     atomic.remove(tmp)
     tmp.mkdir(parents=True)
+    tensors = {k: v.contiguous() for k, v in rng.items() if k != "python"}
+    state = dict(trainer_state, python_random=rng["python"])
+    writes = [  # (the file, how it is written), in order; the manifest last, over what the others wrote
+        ("adapter/", lambda: lora.save_adapter(model, tmp / "adapter", lora_config, fingerprint)),
+        ("optimizer.pt", lambda: torch.save(optimizer.state_dict(), tmp / "optimizer.pt")),
+        ("rng.safetensors",  # atomic.write_file: the umask's mode, not safetensors' 0600
+         lambda: atomic.write_file(tmp / "rng.safetensors", lambda p: save_file(tensors, str(p)))),
+        ("trainer_state.json", lambda: (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))),
+        (MANIFEST, lambda: write_manifest(tmp)),
+    ]
+    for name, write in writes:
+        try:
+            write()
+        except Exception as e:
+            if not is_write_error(e):  # a crash, as a kill would be: the .tmp folder goes at the next start
+                raise
+            atomic.remove(tmp)  # free the space now; the older checkpoints stay as they are
+            raise CheckpointWriteError(name.rstrip("/"), e) from e
     try:
-        lora.save_adapter(model, tmp / "adapter", lora_config, fingerprint)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        tensors = {k: v.contiguous() for k, v in rng.items() if k != "python"}
-        atomic.write_file(tmp / "rng.safetensors", lambda p: save_file(tensors, str(p)))  # umask's mode, not 0600
-        state = dict(trainer_state, python_random=rng["python"])
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        write_manifest(tmp)
-    except Exception as e:
-        if is_write_error(e):  # free the space now; any other error is a crash, as a kill would be
-            atomic.remove(tmp)
-        raise
-    atomic.replace_dir(tmp, final)
+        atomic.replace_dir(tmp, final)
+    except OSError as e:
+        atomic.remove(tmp)
+        raise CheckpointWriteError(final.name, e) from e
     delete_old(root, keep_last, step)
     return final
+
+
+class CheckpointWriteError(Exception):
+    """One file of a checkpoint could not be written (disk full, quota, read-only, an I/O error); the partial
+    folder is gone. file: its name inside the checkpoint; reason: the system's words."""
+
+    def __init__(self, file: str, cause: BaseException):
+        self.file, self.cause = file, cause
+        if isinstance(cause, OSError) and cause.strerror:
+            self.reason = cause.strerror
+        else:
+            self.reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200]
+        super().__init__(f"{file}: {self.reason}")
 
 
 def is_write_error(e: BaseException) -> bool:
     """A failure to write a file (disk full, quota, read-only...), whichever library raised it."""
     if isinstance(e, OSError):
         return True
-    text = str(e).lower()
     if type(e).__name__ == "SafetensorError":  # safetensors wraps the OS error
         return True
-    return isinstance(e, RuntimeError) and "write" in text and "fail" in text  # torch.save: "file write failed"
+    text = str(e).lower()
+    # torch.save's zip writer: "file write failed", or on a full disk "[enforce fail at inline_container.cc] ...
+    # unexpected pos N vs M" (the bytes it could write fell short)
+    return isinstance(e, RuntimeError) and (("write" in text and "fail" in text) or "inline_container" in text)
 
 
 def read_trainer_state(path: Path) -> dict:
