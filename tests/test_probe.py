@@ -7,7 +7,7 @@ from phi3lora import lora
 from helpers import make_hf_model, save_hf_checkpoint
 from phi3lora.phi3mini import Phi3
 from phi3lora.lora import footprint
-from phi3lora.interp import capture as probe
+from phi3lora.interp import internals as probe
 
 CONFIGS = {
     "plain": dict(),

@@ -322,12 +322,15 @@ def test_bad_values_in_a_config_file_too(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
-# ----- 10.2 --model tiny takes the demo's settings ------------------------------------------------------------------
-def test_model_tiny_without_config_starts_from_the_demo_settings(capsys):
+# ----- --model tiny takes the tiny preset's settings, under the config file and the flags ----------------------------
+NOTE = "--model tiny: starting from the tiny preset's settings"
+
+
+def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags(capsys):
     demo = train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])
     notes = []
     cfg = train.parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
-    assert len(notes) == 1 and "--model tiny without --config: starting from the demo's settings" in notes[0]
+    assert len(notes) == 1 and NOTE in notes[0]
     assert "--lr 0.005" in notes[0] and "--no-packing" in notes[0] and "--lora-alpha 256 " in notes[0], notes
     for key in ("lr", "max_steps", "batch_size", "warmup_ratio"):
         assert cfg["training"][key] == demo["training"][key], key
@@ -335,19 +338,23 @@ def test_model_tiny_without_config_starts_from_the_demo_settings(capsys):
     # where the run reads and writes stays the user's
     assert cfg["training"]["data"] == "mine.jsonl" and cfg["training"]["eval_data"] == ""
     assert cfg["training"]["out"] == train.DEFAULTS["training"]["out"]
-    # a flag still wins; a config file replaces the tiny settings altogether
+    # a flag wins over the preset; so does a key of the config file, and a flag over the file
     assert train.parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
     plain, notes = str(ROOT / "configs" / "phi3-mini-lora.toml"), []
-    assert train.parse_config(["--config", plain, "--model", "tiny"], notes)["training"]["lr"] == 2e-4
+    from_file = train.parse_config(["--config", plain, "--model", "tiny"], notes)
+    assert from_file["training"]["lr"] == 2e-4 and from_file["lora"]["r"] == 16 and len(notes) == 1
+    assert from_file["training"]["max_steps"] == 0  # the file's 0 (epochs govern), not the preset's 100
+    assert train.parse_config(["--config", plain, "--model", "tiny", "--lr", "3e-3"])["training"]["lr"] == 3e-3
+    notes = []
     assert train.parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
     assert notes == []
 
 
 def test_the_tiny_settings_note_comes_with_the_run_not_before_an_input_error(tmp_path, capsys):
     rc, err = run(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 2 and err.startswith("error: ") and "demo's settings" not in err, err
+    assert rc == 2 and err.startswith("error: ") and "preset's settings" not in err, err
     rc, err = run(["--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"], capsys)
-    assert rc == 0 and "--model tiny without --config: starting from the demo's settings" in err
+    assert rc == 0 and NOTE in err
 
 
 # ----- 10.5 loss.svg ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Writes into --out (created if needed; files of the same names are replaced, othe
   adapter_norms.png        (--adapter) ‖s·B·A‖ per adapted module, Frobenius and spectral
   adapter_effect.png       (--adapter) adapted − base log-probability of each token, and KL per position
   index.html               all of them with the token list and top-k tables
-The numbers come from phi3lora.interp.capture (one forward pass with the attention recorded, one without the adapter);
+The numbers come from phi3lora.interp.internals (one forward pass with the attention recorded, one without the adapter);
 the pictures need matplotlib (pip install 'phi3-lora[viz]').
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from phi3lora.cli.options import add_model_flags
 from phi3lora.lora import footprint
 from phi3lora.phi3mini import Phi3, Tokenizer, hub
 from phi3lora.interp import viz
-from phi3lora.interp.capture import capture, logit_lens  # interp.capture is also the function's name
+from phi3lora.interp.internals import capture, logit_lens
 from phi3lora.atomic import write_file
 
 class ProbeError(Exception):

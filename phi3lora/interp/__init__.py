@@ -1,5 +1,5 @@
 """Looking inside the model: capture attention and the residual stream (capture.py), the logit lens, activation
 patching, and the pictures of them (viz.py, needs the [viz] extra)."""
-from .capture import capture
+from .internals import capture
 
 __all__ = ["capture"]
