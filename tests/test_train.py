@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
+from phi3lora.training.checkpoints import list_checkpoints, load_checkpoint  # noqa: E402
+from phi3lora.training.config import defaults, parse_config  # noqa: E402
+from phi3lora.training.lr_schedule import lr_at  # noqa: E402
+from phi3lora.training.setup import autocast, build_model  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
 from phi3lora.data.pipeline import collate, encode_example  # noqa: E402
 
@@ -43,7 +47,7 @@ def losses(out):
 
 
 def tiny_cfg(**training):
-    cfg = train.parse_config(TINY + ["--lora-dropout", "0"])
+    cfg = parse_config(TINY + ["--lora-dropout", "0"])
     cfg["training"].update(training)
     return cfg
 
@@ -78,7 +82,7 @@ def test_loss_halves_and_outputs_are_written(overfit_run):
     assert (out / "loss.svg").read_text().startswith("<svg") and "polyline" in (out / "loss.svg").read_text()
     resolved = tomllib.loads((out / "config.toml").read_text())
     assert resolved["training"]["max_steps"] == 60 and resolved["lora"]["target_modules"] == TARGETS.split(",")
-    assert train.parse_config(["--config", str(out / "config.toml")]) == \
+    assert parse_config(["--config", str(out / "config.toml")]) == \
         {"training": resolved["training"], "lora": resolved["lora"]}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000050", "step-0000060"]
     for name in ("adapter", "adapter-peft", "merged"):
@@ -202,13 +206,13 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     monkeypatch.undo()
     ckpts = out / "checkpoints"
     assert (ckpts / "step-0000006.tmp" / "adapter").is_dir()  # half written
-    assert [s for s, _ in train.list_checkpoints(ckpts)] == [2, 4]
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 4]
     # the previous checkpoint loads
     cfg = tiny_cfg()
-    model, _, params = train.build_model(cfg["training"], train.parse_config(TINY + RESUME_ARGS)["lora"],
+    model, _, params = build_model(cfg["training"], parse_config(TINY + RESUME_ARGS)["lora"],
                                             torch.device("cpu"), torch.float32)
     opt = torch.optim.AdamW(params)
-    state = train.load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
+    state = load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
     assert state["step"] == 4 and all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     # resume removes the partial folder and reproduces the uninterrupted run
     assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
@@ -275,7 +279,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "error: loss nan at step 5" in err and "step-0000004" in err and "Traceback" not in err
     monkeypatch.undo()
-    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [2, 4]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]
     assert losses(out) == reference[:4]
     assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
     assert losses(out) == reference
@@ -285,7 +289,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def lora_model_with_random_b(**training):
     cfg = tiny_cfg(**training)
     torch.manual_seed(0)
-    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    model, _, params = build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     with torch.no_grad():  # B starts at zero (then A gets no gradient): make both matter
         for n, p in model.named_parameters():
@@ -306,7 +310,7 @@ def test_batch_8_equals_8_micro_batches_of_1():
     examples = [encode_example(tok, conv("q" * (3 * i + 1), "answer " * (i + 1))["messages"], 512)[0]
                 for i in range(8)]
     assert len({len(e) for e in examples}) == 8
-    amp = train.autocast(torch.device("cpu"), torch.float32)
+    amp = autocast(torch.device("cpu"), torch.float32)
     whole = collate(examples, [[i] for i in range(8)], tok.pad_id)
     n = whole.n_target
     train.micro_step(model, whole, n, amp)
@@ -327,12 +331,12 @@ def test_batch_8_equals_8_micro_batches_of_1():
 def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     cfg = tiny_cfg(grad_checkpointing=True)
     torch.manual_seed(0)
-    model, _, params = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+    model, _, params = build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     assert model.gradient_checkpointing
     batch = collate([encode_example(tok, conv("What is LoRA?", "A low-rank update.")["messages"], 512)[0]], [[0]],
                     tok.pad_id)
-    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    train.micro_step(model, batch, batch.n_target, autocast(torch.device("cpu"), torch.float32))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     b_names = [n for n in named if "lora_B" in n]
     assert len(b_names) >= 9  # 4 projections x 2 layers + lm_head
@@ -342,7 +346,7 @@ def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     for p in named.values():
         p.grad = None
     model.gradient_checkpointing = False
-    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    train.micro_step(model, batch, batch.n_target, autocast(torch.device("cpu"), torch.float32))
     for n, p in named.items():
         torch.testing.assert_close(with_ckpt[n], p.grad, atol=1e-6, rtol=1e-5)
 
@@ -351,23 +355,23 @@ def test_activation_checkpointing_gives_every_lora_b_a_gradient():
 def test_config_precedence_and_files(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[training]\nlr = 1\nbatch_size = 3\npacking = false\n[lora]\nr = 4\n')
-    cfg = train.parse_config(["--config", str(f), "--batch-size", "5", "--lora-alpha", "7", "--packing",
+    cfg = parse_config(["--config", str(f), "--batch-size", "5", "--lora-alpha", "7", "--packing",
                               "--lora-enable-lora", "true,false,true"])
     t, lc = cfg["training"], cfg["lora"]
     assert (t["lr"], t["batch_size"], t["packing"], lc["r"], lc["lora_alpha"]) == (1.0, 5, True, 4, 7)
-    assert lc["enable_lora"] == [True, False, True] and t["grad_accum"] == train.DEFAULTS["training"]["grad_accum"]
-    cfg = train.parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
-    assert cfg == train.parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
-    assert train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
+    assert lc["enable_lora"] == [True, False, True] and t["grad_accum"] == defaults()["training"]["grad_accum"]
+    cfg = parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
+    assert cfg == parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
+    assert parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
 
 
 def test_lr_schedule():
-    lr = [train.lr_at(s, 100, 20, 1e-3, 1e-5, "cosine") for s in range(100)]
+    lr = [lr_at(s, 100, 20, 1e-3, 1e-5, "cosine") for s in range(100)]
     assert lr[0] == pytest.approx(1e-3 / 20) and lr[19] == pytest.approx(1e-3) and lr[20] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(lr[20:], lr[21:])) and 1e-5 < lr[-1] < 2e-5
-    lin = [train.lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
+    lin = [lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
     assert lin == pytest.approx([1 - s / 10 for s in range(10)])
-    assert train.lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
+    assert lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
 
 
 # ----- review: output folder, --overwrite, kernels, setup interrupt, resume hyperparameters -------------------------
@@ -391,17 +395,17 @@ def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_can_start(tmp_pat
     # a typo in --data: the run stops before anything of the old run is deleted
     assert train.main(TINY + ["--data", data + "x", "--out", out, "--max-steps", "1", "--overwrite"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [1]
+    assert [s for s, _ in list_checkpoints(Path(out) / "checkpoints")] == [1]
     assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "2", "--save-every", "0",
                               "--overwrite"]) == 0
-    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [2]
+    assert [s for s, _ in list_checkpoints(Path(out) / "checkpoints")] == [2]
 
 
 def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
     """The fused loss reads lm_head.weight alone: with LoRA on lm_head its adapter would get no gradient."""
     for targets, fused in ((TARGETS, False), ("qkv_proj,o_proj", True)):
-        cfg = train.parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
-        model, _, _ = train.build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
+        cfg = parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
+        model, _, _ = build_model(cfg["training"], cfg["lora"], torch.device("cpu"), torch.float32)
         assert model.use_kernel is fused, targets
 
 

@@ -18,6 +18,7 @@ from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
 from phi3lora.training import checkpoints as ckpt  # noqa: E402
 from phi3lora.training import setup  # noqa: E402
+from phi3lora.training.config import defaults, parse_config  # noqa: E402
 
 TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", "qkv_proj,lm_head", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
@@ -295,9 +296,9 @@ def test_bad_values_in_a_config_file_too(tmp_path, capsys):
 
 # ----- 10.2 --model tiny takes the demo's settings ------------------------------------------------------------------
 def test_model_tiny_without_config_starts_from_the_demo_settings(capsys):
-    demo = train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])
+    demo = parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])
     notes = []
-    cfg = train.parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
+    cfg = parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
     assert len(notes) == 1 and "--model tiny without --config: starting from the demo's settings" in notes[0]
     assert "--lr 0.005" in notes[0] and "--no-packing" in notes[0] and "--lora-alpha 256 " in notes[0], notes
     for key in ("lr", "max_steps", "batch_size", "warmup_ratio"):
@@ -305,12 +306,12 @@ def test_model_tiny_without_config_starts_from_the_demo_settings(capsys):
     assert cfg["lora"] == demo["lora"]
     # where the run reads and writes stays the user's
     assert cfg["training"]["data"] == "mine.jsonl" and cfg["training"]["eval_data"] == ""
-    assert cfg["training"]["out"] == train.DEFAULTS["training"]["out"]
+    assert cfg["training"]["out"] == defaults()["training"]["out"]
     # a flag still wins; a config file replaces the tiny settings altogether
-    assert train.parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
+    assert parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
     plain, notes = str(ROOT / "configs" / "phi3-mini-lora.toml"), []
-    assert train.parse_config(["--config", plain, "--model", "tiny"], notes)["training"]["lr"] == 2e-4
-    assert train.parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
+    assert parse_config(["--config", plain, "--model", "tiny"], notes)["training"]["lr"] == 2e-4
+    assert parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
     assert notes == []
 
 

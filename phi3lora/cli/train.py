@@ -55,8 +55,7 @@ from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter
 from phi3lora.training import config, distributed
 from phi3lora.training.checkpoints import (clean_leftovers, delete_checkpoint, is_write_error, load_checkpoint,
                                            newest_complete, read_trainer_state, rng_state, save_checkpoint, step_dirs)
-from phi3lora.training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
-from phi3lora.training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
+from phi3lora.training.config import TrainingConfig, parse_config
 from phi3lora.training.distributed import World
 from phi3lora.training.errors import TrainError
 from phi3lora.training.health import lora_weight_problem
@@ -66,7 +65,6 @@ from phi3lora.training.metrics import QUIET, MetricsLog, Progress, log, memory_g
 from phi3lora.training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
                                      resolve_device_dtype)
 
-DEFAULTS = config.defaults()
 # what an earlier run leaves in --out: a new run there needs --resume or --overwrite
 EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg",
                "samples.jsonl", "tensorboard")
