@@ -13,7 +13,7 @@ import torch
 from phi3lora import lora
 
 from family import PHI4_SPECIAL, PHI4_TEMPLATE, SHAPES, write_phi4_tokenizer
-from helpers import CONV, make_hf_model, save_hf_checkpoint
+from helpers import CONV, make_hf_model, save_hf_checkpoint, small_tiny
 from phi3lora.kernels.reference import apply_rope_reference
 from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer, default_stop_ids, generate
 
@@ -221,7 +221,7 @@ def test_presets(name):
 
 
 def test_tiny_phi4_model_stops_on_its_own_ids(phi4):
-    model = Phi3.from_name("tiny", vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
+    model = small_tiny(vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
     model.generation_config = {"eos_token_id": [200020, 199999]}  # Phi-4-mini's generation_config.json
     assert default_stop_ids(model, phi4) == [200020, 199999]
     assert 32007 not in default_stop_ids(model, phi4)

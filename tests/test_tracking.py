@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phi3lora import lora
-from helpers import CONV
-from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate
+from helpers import CONV, small_tiny, small_tiny_args
+from phi3lora.phi3mini import Tokenizer, default_stop_ids, generate
 from phi3lora.data.pipeline import encode_example, load_data
 from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter_norm_metrics, greedy_samples,
                                        sample_prompts)
@@ -44,7 +44,7 @@ def test_sample_prompts_from_a_token_set(tok, tmp_path):
 
 
 def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
-    model = Phi3.from_name("tiny").train()
+    model = small_tiny().train()
     prompts = sample_prompts(examples(tok), tok, 1)
     samples = greedy_samples(model, tok, prompts, max_new_tokens=5)
     assert model.training
@@ -58,7 +58,7 @@ def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
     """Under FSDP every forward is a collective: each prompt must cost the same forwards on every rank, whatever
     token comes out. Here the first token is made a stop id: alone, the reply ends after the prefill; in lockstep
     the decoding runs on to max_new_tokens, and the reply is still cut at that stop."""
-    model = Phi3.from_name("tiny")
+    model = small_tiny()
     prompts = sample_prompts(examples(tok), tok, 1)
     with torch.no_grad():
         first = generate(model, prompts[0]["prompt_ids"], 1, stop_ids=[])[0]
@@ -72,7 +72,7 @@ def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
 
 
 def test_adapter_norm_metrics(tok):
-    model = Phi3.from_name("tiny")
+    model = small_tiny()
     lora.inject(model, lora.LoraConfig(r=2, target_modules=("o_proj",)))
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.lora_B.fill_(0.5)
@@ -145,7 +145,7 @@ def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypa
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CONV, CONV[1:3])))
-    base = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+    base = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
             "--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "2",
             "--eval-every", "1", "--save-every", "1", "--eval-samples", "1", "--report-to", "tensorboard",
             "--lora-target-modules", "qkv_proj,lm_head"]

@@ -20,12 +20,13 @@ from phi3lora.training.lr_schedule import lr_at  # noqa: E402
 from phi3lora.training.setup import autocast, build_model  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
 from phi3lora.data.pipeline import collate, encode_example  # noqa: E402
+from helpers import small_tiny, small_tiny_args  # noqa: E402
 
 END = 32007
 # The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without
 # it the loss could not fall much below ~9.
 TARGETS = "qkv_proj,o_proj,gate_up_proj,down_proj,lm_head"
-TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+TINY = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", TARGETS, "--lora-r", "8", "--lora-alpha", "16", "--log-every", "1000"]
 QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."),
       ("2 + 2?", "4."), ("Who made Phi-3?", "Microsoft.")]
@@ -101,7 +102,7 @@ def test_run_folder_modes_follow_the_umask(overfit_run):
 
 def test_overfit_then_greedy_generation_reproduces_replies(overfit_run):
     tok = Tokenizer.tiny()
-    model = Phi3.from_name("tiny", seed=0)
+    model = small_tiny()
     lora.load_adapter(model, overfit_run / "adapter")
     merged = Phi3.from_pretrained(overfit_run / "merged")
     for q, a in QA:

@@ -19,8 +19,9 @@ from phi3lora.cli import train  # noqa: E402
 from phi3lora.training import checkpoints as ckpt  # noqa: E402
 from phi3lora.training import setup  # noqa: E402
 from phi3lora.training.config import defaults, parse_config  # noqa: E402
+from helpers import small_tiny_args  # noqa: E402
 
-TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+TINY = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", "qkv_proj,lm_head", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
         "--log-every", "1000", "--batch-size", "2", "--eval-every", "0"]
 QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."), ("2 + 2?", "4.")]
@@ -316,9 +317,12 @@ def test_model_tiny_without_config_starts_from_the_demo_settings(capsys):
 
 
 def test_the_tiny_settings_note_comes_with_the_run_not_before_an_input_error(tmp_path, capsys):
-    rc, err = run(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], capsys)
+    # the note belongs to the name "tiny" (the demo-sized model, built only by the second run)
+    rc, err = run(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+                  capsys)
     assert rc == 2 and err.startswith("error: ") and "demo's settings" not in err, err
-    rc, err = run(["--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"], capsys)
+    rc, err = run(["--model", "tiny", "--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"],
+                  capsys)
     assert rc == 0 and "--model tiny without --config: starting from the demo's settings" in err
 
 

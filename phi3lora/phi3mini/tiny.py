@@ -4,7 +4,7 @@
 vocabulary size and special-token ids, so the training and chat code paths are the real ones; only the widths and
 the number of layers are small. The preset is large enough (256 wide, 4 layers) that LoRA on a frozen random base
 can memorize a few short chats to exact greedy replies in about a minute on two CPU cores, which is what the demo
-shows. Tests that need speed, not memorization, shrink it (tests/conftest.py).
+shows. Tests that need speed, not memorization, build a smaller one by keyword overrides (tests/helpers.py).
 """
 from __future__ import annotations
 
