@@ -21,8 +21,8 @@ TINY_HF = dict(
 )
 
 # The `tiny` preset is sized for the README demo (256 wide, 4 layers: big enough to memorize its chats). Most tests
-# only need the real code paths with Phi-3's vocabulary and ids, so they build this smaller one (about 4x faster: the
-# 32064 x hidden embedding and lm_head dominate); tests of the demo itself use the preset as it is.
+# only need the real code paths with Phi-3's vocabulary and ids, so they build this smaller one (a quarter of the
+# width, where the 32064-row embedding and lm_head cost the most); tests of the demo itself use the preset as it is.
 SMALL_TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2)
 
 
@@ -38,7 +38,7 @@ def small_tiny(seed=0, **overrides) -> Phi3:
 @functools.cache
 def small_tiny_dir() -> str:
     """A checkpoint folder of small_tiny(seed=0) with the tiny tokenizer and the preset's eos ids: what `--model tiny`
-    loads, at the small size, for train.py / chat.py / probe.py and subprocesses. Written once per test process."""
+    loads, at the small size, for train.py / chat.py / probe.py. Written once per test process, removed at its exit."""
     folder = Path(tempfile.mkdtemp(prefix="phi3lora-small-tiny-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     model = small_tiny()
