@@ -1,10 +1,17 @@
-"""Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code."""
+"""Tiny random Phi-3 checkpoints written by transformers, so tests go through the real loading code; the small
+`tiny` model most tests build, and its checkpoint folder for the command lines."""
+import atexit
 import functools
 import json
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
+
+from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer
+from phi3lora.training.config import TINY_SETTINGS, as_flag
 
 TINY_HF = dict(
     vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -12,6 +19,40 @@ TINY_HF = dict(
     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2, sliding_window=None,
     tie_word_embeddings=False, attn_implementation="eager",
 )
+
+# The `tiny` preset is sized for the README demo (256 wide, 4 layers: big enough to memorize its chats). Most tests
+# only need the real code paths with Phi-3's vocabulary and ids, so they build this smaller one (a quarter of the
+# width, where the 32064-row embedding and lm_head cost the most); tests of the demo itself use the preset as it is.
+SMALL_TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2)
+
+
+def small_tiny_config(**overrides) -> Phi3Config:
+    return Phi3Config.from_name("tiny", **{**SMALL_TINY, **overrides})
+
+
+def small_tiny(seed=0, **overrides) -> Phi3:
+    """The small tiny model, randomly initialised from seed (fp32); seed 0 is the one in small_tiny_dir()."""
+    return Phi3.from_name("tiny", seed=seed, **{**SMALL_TINY, **overrides})
+
+
+@functools.cache
+def small_tiny_dir() -> str:
+    """A checkpoint folder of small_tiny(seed=0) with the tiny tokenizer and the preset's eos ids: what `--model tiny`
+    loads, at the small size, for train.py / chat.py / probe.py. Written once per test process, removed at its exit."""
+    folder = Path(tempfile.mkdtemp(prefix="phi3lora-small-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model = small_tiny()
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps(model.generation_config))
+    Tokenizer.tiny().save_pretrained(folder)
+    return str(folder)
+
+
+def small_tiny_args() -> list[str]:
+    """What `--model tiny` means to train.py, at the small size: --model small_tiny_dir() and the tiny preset's
+    training settings as flags (train.py applies them for the name "tiny" only); later flags override them."""
+    flags = [as_flag(section, key, value) for section, values in TINY_SETTINGS.items() for key, value in values.items()]
+    return ["--model", small_tiny_dir()] + [part for flag in flags for part in flag.split(" ")]
 
 
 # a two-turn conversation with a system message, shared by the tokenizer and data tests

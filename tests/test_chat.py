@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from phi3lora.cli import chat  # noqa: E402
 from phi3lora import lora  # noqa: E402
-from phi3lora.phi3mini import Phi3, Tokenizer  # noqa: E402
-from helpers import training_ids  # noqa: E402
+from phi3lora.phi3mini import Tokenizer  # noqa: E402
+from helpers import small_tiny, small_tiny_dir, training_ids  # noqa: E402
 
+# What `--model tiny` means to chat.py (replies of up to 64 tokens by default), at the small size (tests/helpers.py).
+# The real processes and the demo below run the tiny model by its name, at the demo's size.
+TINY = ["--model", small_tiny_dir(), "--max-new-tokens", "64"]
 MARKERS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 
 
@@ -62,8 +65,8 @@ def fake_generate(monkeypatch, replies, seen=None):
 
 
 def make_adapter(path, seed=0, **model_overrides):
-    """An adapter for the tiny model (or a differently shaped one) with random, non-zero lora_B."""
-    model = Phi3.from_name("tiny", seed=0, **model_overrides)
+    """An adapter for the small tiny model (or a differently shaped one) with random, non-zero lora_B."""
+    model = small_tiny(seed=0, **model_overrides)
     config = lora.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     lora.inject(model, config)
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +85,7 @@ def adapter(tmp_path_factory):
 
 # ----- one-shot ---------------------------------------------------------------------------------------------------
 def test_one_shot_prints_one_reply(prompts, tok):
-    code, out, err = run(["--model", "tiny", "--prompt", "hello there", "--max-new-tokens", "12"])
+    code, out, err = run([*TINY, "--prompt", "hello there", "--max-new-tokens", "12"])
     assert code == 0, err
     assert out.endswith("\n") and out.count("\n") == 1 and out.strip()
     assert not any(m in out for m in MARKERS)
@@ -95,14 +98,14 @@ def test_reply_never_shows_chat_markers(monkeypatch, tok):
         Tokenizer.encode.__code__.co_varnames else tok.encode("x <|user|> y <|assistant|>")
     ids = tok.encode("Hi") + [32001, 32010] + tok.encode(" there <|en") + tok.encode("d|> friend") + spelled + [32007]
     fake_generate(monkeypatch, [ids])
-    code, out, err = run(["--model", "tiny", "--prompt", "hello"])
+    code, out, err = run([*TINY, "--prompt", "hello"])
     assert code == 0, err
     assert not any(m in out for m in MARKERS), out
     assert "Hi" in out and "friend" in out
 
 
 def test_stats_on_stderr():
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "5", "--stats"])
+    code, out, err = run([*TINY, "--prompt", "hi", "--max-new-tokens", "5", "--stats"])
     assert code == 0
     assert "time to first token" in err and "tokens/s" in err
     assert "tokens/s" not in out
@@ -111,7 +114,7 @@ def test_stats_on_stderr():
 # ----- sessions through standard input ------------------------------------------------------------------------------
 def test_scripted_session_keeps_history(prompts, tok):
     script = "/system You are terse.\nhello\nhow are you?\n/reset\nagain\n/exit\nnever answered\n"
-    code, out, err = run(["--model", "tiny", "--max-new-tokens", "6"], script)
+    code, out, err = run([*TINY, "--max-new-tokens", "6"], script)
     assert code == 0, err
     lines = out.splitlines()
     assert len(prompts) == 3
@@ -133,7 +136,7 @@ def test_scripted_session_keeps_history(prompts, tok):
 def test_session_commands(monkeypatch, tok):
     seen = []
     fake_generate(monkeypatch, [tok.encode("one") + [32007], tok.encode("two") + [32007]], seen)
-    code, out, err = run(["--model", "tiny"], "hi\n/system Be kind.\n\n/bogus\nyo\n")  # EOF ends the session
+    code, out, err = run(TINY, "hi\n/system Be kind.\n\n/bogus\nyo\n")  # EOF ends the session
     assert code == 0
     assert out == "one\ntwo\n"
     assert "unknown command /bogus" in err
@@ -167,7 +170,7 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(monkeypatch, tok):
             raise KeyboardInterrupt
 
     fake_generate(monkeypatch, [Interrupted(), tok.encode("next") + [32007]])
-    code, out, err = run(["--model", "tiny"], "first\nsecond\n")
+    code, out, err = run(TINY, "first\nsecond\n")
     assert code == 0
     assert out == "partial\nnext\n"
     assert "interrupted" in err
@@ -178,7 +181,7 @@ def test_ctrl_c_at_the_prompt_exits_cleanly():
         def readline(self, *a):
             raise KeyboardInterrupt
 
-    code, out, err = run(["--model", "tiny"], stdin=CtrlC())
+    code, out, err = run(TINY, stdin=CtrlC())
     assert code == 0 and "Traceback" not in err
 
 
@@ -186,7 +189,7 @@ def test_history_truncation_drops_oldest_turn(monkeypatch, tok):
     seen = []
     reply = tok.encode("a fairly long reply of many words to fill the context") + [32007]
     fake_generate(monkeypatch, [reply] * 6, seen)
-    argv = ["--model", "tiny", "--system", "SYS", "--max-context", "100", "--max-new-tokens", "20"]
+    argv = [*TINY, "--system", "SYS", "--max-context", "100", "--max-new-tokens", "20"]
     code, out, err = run(argv, "".join(f"question number {i}\n" for i in range(6)))
     assert code == 0, err
     assert out.count("\n") == 6
@@ -199,7 +202,7 @@ def test_history_truncation_drops_oldest_turn(monkeypatch, tok):
 
 
 def test_message_longer_than_context_is_an_error():
-    code, out, err = run(["--model", "tiny", "--max-context", "40", "--max-new-tokens", "20",
+    code, out, err = run([*TINY, "--max-context", "40", "--max-new-tokens", "20",
                           "--prompt", "word " * 100])
     assert code == 2 and "error: the message is too long" in err
 
@@ -209,31 +212,31 @@ def test_empty_reply_is_not_kept_and_the_session_goes_on(monkeypatch, tok):
     # cannot be rendered, so the turn must not stay in the history
     seen = []
     fake_generate(monkeypatch, [[32007], tok.encode("two") + [32007]], seen)
-    code, out, err = run(["--model", "tiny"], "hi\nyo\n")
+    code, out, err = run(TINY, "hi\nyo\n")
     assert code == 0, err
     assert out == "\ntwo\n" and "Traceback" not in err
     assert seen[1] == tok.encode_chat([{"role": "user", "content": "yo"}], add_generation_prompt=True)
 
 
 def test_blank_system_and_prompt(prompts, tok):
-    code, out, err = run(["--model", "tiny", "--system", "  ", "--prompt", "hi", "--max-new-tokens", "3"])
+    code, out, err = run([*TINY, "--system", "  ", "--prompt", "hi", "--max-new-tokens", "3"])
     assert code == 0, err  # a blank --system is no system message, like "/system" with no text
     assert prompts[-1] == tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    code, out, err = run(["--model", "tiny", "--prompt", " \n "])
+    code, out, err = run([*TINY, "--prompt", " \n "])
     assert code == 2 and err.startswith("error:") and "empty" in err and out == ""
 
 
 def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path):
-    Phi3.from_name("tiny", seed=0).save_pretrained(tmp_path / "ckpt")  # weights only, no tokenizer.json
+    small_tiny(seed=0).save_pretrained(tmp_path / "ckpt")  # weights only, no tokenizer.json
     code, out, err = run(["--model", str(tmp_path / "ckpt"), "--prompt", "hi"])
     assert code == 2 and err.startswith("error: --model") and "tokenizer.json" in err and "Traceback" not in err
 
 
 # ----- adapters -----------------------------------------------------------------------------------------------------
 def test_adapter_changes_reply_and_merge_keeps_it(adapter):
-    base = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16"])
-    tuned = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter)])
-    merged = run(["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter),
+    base = run([*TINY, "--prompt", "hello", "--max-new-tokens", "16"])
+    tuned = run([*TINY, "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter)])
+    merged = run([*TINY, "--prompt", "hello", "--max-new-tokens", "16", "--adapter", str(adapter),
                   "--merge"])
     assert base[0] == tuned[0] == merged[0] == 0, (tuned[2], merged[2])
     assert tuned[1] != base[1]
@@ -241,24 +244,24 @@ def test_adapter_changes_reply_and_merge_keeps_it(adapter):
 
 
 def test_peft_adapter_folder_gives_the_same_reply(adapter, tmp_path):
-    model = Phi3.from_name("tiny", seed=0)
+    model = small_tiny(seed=0)
     lora.load_adapter(model, adapter)
     lora.export_peft(model, tmp_path / "peft", model.lora_config)
-    argv = ["--model", "tiny", "--prompt", "hello", "--max-new-tokens", "16", "--adapter"]
+    argv = [*TINY, "--prompt", "hello", "--max-new-tokens", "16", "--adapter"]
     ours, peft = run(argv + [str(adapter)]), run(argv + [str(tmp_path / "peft")])
     assert ours[0] == peft[0] == 0, peft[2]
     assert peft[1] == ours[1]
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path):
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(tmp_path / "nope")])
+    code, out, err = run([*TINY, "--prompt", "hi", "--adapter", str(tmp_path / "nope")])
     assert code == 2 and out == ""
     assert err.startswith("error: --adapter") and "nope" in err and "Traceback" not in err
 
 
 def test_adapter_for_another_model_is_a_clear_error(tmp_path):
     path = make_adapter(tmp_path / "other", hidden_size=32, intermediate_size=96)
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(path)])
+    code, out, err = run([*TINY, "--prompt", "hi", "--adapter", str(path)])
     assert code == 2 and out == ""
     assert err.startswith("error: --adapter") and "shape" in err.lower()
 
@@ -269,15 +272,15 @@ def test_bad_model_is_a_clear_error(tmp_path):
 
 
 def test_bad_arguments_exit_2():
-    assert run(["--model", "tiny", "--top-p", "0"])[0] == 2
-    assert run(["--model", "tiny", "--merge"])[0] == 2
+    assert run([*TINY, "--top-p", "0"])[0] == 2
+    assert run([*TINY, "--merge"])[0] == 2
 
 
 def test_bad_numbers_exit_2_with_one_line(capsys):
     # issue 13.6: --temperature nan was a RuntimeError from multinomial; --max-context 0 silently meant the whole
     # context and -5 said "context of -5 tokens"
     for args in (["--temperature", "nan"], ["--temperature", "inf"], ["--max-context", "0"], ["--max-context", "-5"]):
-        assert run(["--model", "tiny", "--prompt", "hi", *args])[0] == 2, args
+        assert run([*TINY, "--prompt", "hi", *args])[0] == 2, args
         err = capsys.readouterr().err
         assert f"error: {args[0]} must be" in err and "Traceback" not in err, err
 
@@ -295,9 +298,9 @@ def test_nan_logits_are_refused(monkeypatch):
         return model
 
     monkeypatch.setattr(hub, "load_model", poisoned)
-    code, out, err = run(["--model", "tiny", "--prompt", "hi"])
+    code, out, err = run([*TINY, "--prompt", "hi"])
     assert code == 2 and out == "" and err.startswith("error: the model computes NaN or infinite logits"), err
-    code, out, err = run(["--model", "tiny"], "hello\nagain\n")  # a session ends too, at the first message
+    code, out, err = run(TINY, "hello\nagain\n")  # a session ends too, at the first message
     assert code == 2 and err.count("error:") == 1, err
 
 
@@ -309,16 +312,16 @@ def test_adapter_with_nan_weights_is_refused_at_load(tmp_path):
     key = sorted(tensors)[0]
     tensors[key][0, 0] = float("nan")
     save_file(tensors, path / "adapter.safetensors")
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(path)])
+    code, out, err = run([*TINY, "--prompt", "hi", "--adapter", str(path)])
     assert code == 2 and err.startswith("error: --adapter") and "NaN or infinite values" in err and key in err
 
 
 def test_adapter_for_another_base_warns(tmp_path):
-    model = Phi3.from_name("tiny", seed=1)  # same shapes as --model tiny (seed 0), other weights
+    model = small_tiny(seed=1)  # same shapes as TINY's model (seed 0), other weights
     lora.inject(model, lora.LoraConfig(r=2))
     model.name_or_path = "my-other-base"
     lora.save_adapter(model, tmp_path / "a")
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--adapter",
+    code, out, err = run([*TINY, "--prompt", "hi", "--max-new-tokens", "2", "--adapter",
                           str(tmp_path / "a")])
     assert code == 0 and "warning:" in err and "'my-other-base'" in err and "Traceback" not in err, err
 
@@ -326,7 +329,7 @@ def test_adapter_for_another_base_warns(tmp_path):
 def test_checkpoint_folder_as_adapter_points_at_its_adapter(adapter, tmp_path):
     import shutil
     shutil.copytree(adapter, tmp_path / "step-0000010" / "adapter")
-    code, out, err = run(["--model", "tiny", "--prompt", "hi", "--adapter", str(tmp_path / "step-0000010")])
+    code, out, err = run([*TINY, "--prompt", "hi", "--adapter", str(tmp_path / "step-0000010")])
     assert code == 2 and "point at" in err and str(tmp_path / "step-0000010" / "adapter") in err
 
 
@@ -347,7 +350,7 @@ def test_subprocess_pipe_and_errors():
 
 
 @pytest.mark.slow
-def test_demo_memorizes_its_chats(tmp_path, demo_tiny):
+def test_demo_memorizes_its_chats(tmp_path):
     # the README's demo as it is (configs/tiny.toml, the demo-sized tiny model, ~1 min): after training, a trained
     # question gets its trained answer word for word; before training, the base model's noise
     import json
@@ -372,12 +375,12 @@ def test_closed_stdin_or_stdout_is_a_clean_error(monkeypatch):
     # issue 13.6: `<&-` / `>&-` leave sys.stdin / sys.stdout None, which was an AttributeError
     monkeypatch.setattr(sys, "stdin", None)
     out, err = io.StringIO(), io.StringIO()
-    assert chat.main(["--model", "tiny"], stdout=out, stderr=err) == 2
+    assert chat.main(TINY, stdout=out, stderr=err) == 2
     assert err.getvalue().startswith("error: stdin is closed") and out.getvalue() == "", err.getvalue()
-    assert chat.main(["--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2"], stdout=out, stderr=err) == 0
+    assert chat.main([*TINY, "--prompt", "hi", "--max-new-tokens", "2"], stdout=out, stderr=err) == 0
     monkeypatch.setattr(sys, "stdout", None)
     err = io.StringIO()
-    assert chat.main(["--model", "tiny", "--prompt", "hi"], stderr=err) == 2
+    assert chat.main([*TINY, "--prompt", "hi"], stderr=err) == 2
     assert err.getvalue().startswith("error: stdout is closed")
 
 

@@ -9,7 +9,8 @@ import torch
 from phi3lora import console
 from phi3lora.cli import chat, probe, train
 from phi3lora.phi3mini import download, hub
-from phi3lora.training import report
+from phi3lora.training import metrics
+from phi3lora.training.config import parse_config
 
 
 def help_text(main, capsys, monkeypatch) -> str:
@@ -35,7 +36,7 @@ def test_the_three_programs_offer_the_same_device_and_dtype_choices(flag, capsys
 
 def test_the_three_programs_read_dtype_and_device_alike(tmp_path, capsys):
     # the older spellings still work, as the one name; a wrong one is argparse's usage error (exit 2) everywhere
-    assert train.parse_config(["--model", "tiny", "--dtype", "bf16"])["training"]["dtype"] == "bfloat16"
+    assert parse_config(["--model", "tiny", "--dtype", "bf16"])["training"]["dtype"] == "bfloat16"
     assert chat.parse_args(["--model", "tiny", "--dtype", "bf16"]).dtype == "bfloat16"
     assert probe.parse_args(["--model", "tiny", "--prompt", "x", "--out", "o", "--dtype", "fp32"]).dtype == "float32"
     with pytest.raises(SystemExit) as e:
@@ -137,7 +138,7 @@ def test_the_progress_line_is_ended_before_a_warning(terminal):
 def test_report_progress_goes_through_the_console(terminal):
     terminal = terminal()
     rec = {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0, "mem_gb": 0.1}
-    progress = report.Progress(total=2, every=10)
+    progress = metrics.Progress(total=2, every=10)
     progress.update(1, rec, 1)
     console.error("it broke")
     text = terminal.getvalue()

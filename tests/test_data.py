@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONV, write_jsonl
-from phi3lora.phi3mini import Phi3, Tokenizer
+from helpers import CONV, small_tiny, write_jsonl
+from phi3lora.phi3mini import Tokenizer
 from phi3lora.data.pipeline import (IGNORE, ChatEncoder, DataError, collate, epoch_plan, load_data, load_dataset,
                                     pack_rows, parse_phi3_text, split_eval)
 
@@ -243,7 +243,7 @@ def test_plans_are_seeded_and_packing_fits(tok):
 
 def test_packed_examples_do_not_see_each_other(tok):
     """Packed logits of every example equal its logits alone: attention and positions stay inside it."""
-    model = Phi3.from_name("tiny", seed=0).eval()
+    model = small_tiny(seed=0).eval()
     convs = [CONV, CONV[1:3], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]]
     examples = [ChatEncoder(tok, 512).encode(c)[0] for c in convs]
     batch = collate(examples, [[0, 1, 2]], tok.pad_id, packed=True)

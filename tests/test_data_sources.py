@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import CONV, chat_encoder, write_jsonl
+from helpers import CONV, chat_encoder, small_tiny_args, small_tiny_dir, write_jsonl
 from phi3lora.phi3mini import Tokenizer
 from phi3lora.data.pipeline import ChatEncoder, DataError, load_data, load_dataset
 from phi3lora.data.files import split_of
@@ -246,7 +246,7 @@ def test_train_tiny_on_every_form_and_source(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
     spec = ",".join([str(mixed), str(tmp_path / "b.parquet"), f"{tmp_path / 'c.json.gz'}:3",
                      str(tmp_path / "d.jsonl.zst"), str(tmp_path / "e.arrow"), str(hub)])
-    argv = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+    argv = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
             "--lora-r", "4", "--log-every", "1000", "--batch-size", "4", "--data", spec, "--data-split", "train_sft",
             "--eval-split", "test_sft", "--data-cache", str(cache), "--out", str(out)]
     assert train.main(argv + ["--max-steps", "2"]) == 0
@@ -265,4 +265,4 @@ def test_train_tiny_on_every_form_and_source(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err and len(errors) == 1 and "bad.jsonl:2: message 1 (assistant) contains" in errors[0]
-    assert "model tiny on" not in err  # refused before the model was built
+    assert f"model {small_tiny_dir()} on" not in err  # refused before the model was built

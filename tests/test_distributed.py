@@ -1,8 +1,8 @@
 """train.py under torchrun on CPU (gloo): 2 ranks x batch b must train exactly as 1 process x batch 2b, with DDP
 and with FSDP2 (--fsdp), and a checkpoint of each resumes on the others.
 
-The runs are subprocesses (torchrun starts its own), so they would see the demo-sized tiny preset: the test saves
-the small one conftest.py sets up as a model folder and trains that instead.
+The runs are subprocesses (torchrun starts its own): the test saves the small tiny model (tests/helpers.py) as a
+model folder and trains that.
 """
 import json
 import os
@@ -18,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import free_port, small_tiny_config
 from phi3lora.phi3mini import Phi3, Tokenizer
-from phi3lora.phi3mini.config import Phi3Config
 from phi3lora.training import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +75,7 @@ def assert_same_training(a: Path, b: Path, steps=range(1, STEPS + 1)) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
-    Phi3(Phi3Config.from_name("tiny")).save_pretrained(tmp / "model")  # conftest's small preset
+    Phi3(small_tiny_config()).save_pretrained(tmp / "model")
     Tokenizer.tiny().save_pretrained(tmp / "model")
     (tmp / "data.jsonl").write_text("".join(DEMO.read_text().splitlines(keepends=True)[:5]))
     return tmp, train(tmp, "one", 1, 4), train(tmp, "two", 2, 2)

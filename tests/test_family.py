@@ -13,7 +13,8 @@ import torch
 from phi3lora import lora
 
 from family import PHI4_SPECIAL, PHI4_TEMPLATE, SHAPES, write_phi4_tokenizer
-from helpers import CONV, make_hf_model, save_hf_checkpoint, training_ids
+from helpers import CONV, make_hf_model, save_hf_checkpoint, small_tiny, training_ids
+from phi3lora.kernels.reference import apply_rope_reference
 from phi3lora.phi3mini import Phi3, Phi3Config, Tokenizer, default_stop_ids, generate
 
 ATOL = 1e-4
@@ -183,8 +184,7 @@ def test_phi4_mini_partial_rotary_leaves_the_last_quarter_of_each_head_unrotated
     q = torch.randn(1, c.num_attention_heads, 5, c.head_dim)
     pos = torch.arange(5)[None]
     cos, sin = ours.rotary(pos, False, torch.float32)
-    from phi3lora.phi3mini.model import apply_rope
-    q2, _ = apply_rope(q, q[:, :c.num_key_value_heads], cos, sin)
+    q2, _ = apply_rope_reference(q, q[:, :c.num_key_value_heads], cos, sin)
     assert torch.equal(q2[..., 12:], q[..., 12:]) and not torch.allclose(q2[:, :, 1:, :12], q[:, :, 1:, :12])
 
 
@@ -221,7 +221,7 @@ def test_presets(name):
 
 
 def test_tiny_phi4_model_stops_on_its_own_ids(phi4):
-    model = Phi3.from_name("tiny", vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
+    model = small_tiny(vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
     model.generation_config = {"eos_token_id": [200020, 199999]}  # Phi-4-mini's generation_config.json
     assert default_stop_ids(model, phi4) == [200020, 199999]
     assert 32007 not in default_stop_ids(model, phi4)

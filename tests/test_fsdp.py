@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 from phi3lora import lora
-from helpers import free_port
-from phi3lora.phi3mini import Phi3
+from helpers import free_port, small_tiny
 from phi3lora.training import distributed
 
 
@@ -41,7 +40,7 @@ def loss_and_lora_grads(model, ids, amp):
 def test_fsdp_of_one_process_computes_what_the_plain_model_does(group_of_one, device):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = Phi3.from_name("tiny").to(device=device, dtype=dtype)
+    model = small_tiny().to(device=device, dtype=dtype)
     targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
     lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]

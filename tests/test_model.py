@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers import make_hf_model, save_hf_checkpoint
+from helpers import make_hf_model, save_hf_checkpoint, small_tiny
 from phi3lora.phi3mini import CheckpointError, ConfigError, Phi3, Phi3Config, generate
 
 ATOL = 1e-4
@@ -153,7 +153,7 @@ def test_sampling_filters_equal_transformers_warpers():
 
 
 def test_generate_restores_training_mode_after_an_error():
-    model = Phi3.from_name("tiny", seed=0).train()
+    model = small_tiny(seed=0).train()
 
     def stop(token):
         raise KeyboardInterrupt
@@ -165,7 +165,7 @@ def test_generate_restores_training_mode_after_an_error():
 
 def test_default_stop_ids_come_from_the_generation_config_and_tokenizer():
     from phi3lora.phi3mini import Tokenizer, default_stop_ids
-    model = Phi3.from_name("tiny", seed=0)
+    model = small_tiny(seed=0)
     assert default_stop_ids(model) == [32000, 32001, 32007]  # the preset's: Phi-3-mini's generation_config.json
     model.generation_config = {}
     assert default_stop_ids(model) == [32000]  # config.json's eos_token_id alone
@@ -327,7 +327,7 @@ def test_triton_kernels_in_the_model_match_the_torch_path():
     # RMSNorm, RoPE, SwiGLU and the fused linear+cross-entropy switched on (Triton's interpreter on CPU) against the
     # plain torch path: the same loss and the same gradient for every weight. Odd sizes: T=13, GQA, partial rotary.
     torch.manual_seed(0)
-    model = Phi3.from_name("tiny", seed=0, vocab_size=96, num_key_value_heads=2, partial_rotary_factor=0.75).float()
+    model = small_tiny(seed=0, vocab_size=96, num_key_value_heads=2, partial_rotary_factor=0.75).float()
     ids = torch.randint(0, 96, (2, 13))
     labels = ids.clone()
     labels[0, :4] = -100
@@ -353,7 +353,7 @@ def test_fused_loss_never_skips_an_lm_head_adapter():
     # the fused linear+cross-entropy reads lm_head.weight directly; with a LoRA adapter on lm_head the model must
     # take the plain path, so the adapter shapes the loss and gets its gradient
     from phi3lora import lora
-    model = Phi3.from_name("tiny", seed=0, vocab_size=96)
+    model = small_tiny(seed=0, vocab_size=96)
     lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head"]))
     with torch.no_grad():
         model.lm_head.lora_B.normal_(0, 0.5)
@@ -399,7 +399,7 @@ def test_dtype_cast_keeps_rope_frequencies_in_fp32(tmp_path):
     _, ours = pair(tmp_path, **LONGROPE)
     loaded = Phi3.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
     cast = ours.to(torch.bfloat16)
-    for m in (cast, Phi3.from_name("tiny", dtype=torch.bfloat16)):
+    for m in (cast, small_tiny(dtype=torch.bfloat16)):
         assert m.rotary.inv_freq_short.dtype == m.rotary.inv_freq_long.dtype == torch.float32
     ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(10))
     pos = (3000 + torch.arange(60))[None]
@@ -488,7 +488,7 @@ def test_other_safetensors_next_to_the_model_are_not_loaded(tmp_path):
 
 def test_short_attention_mask_with_a_cache_is_a_clear_error():
     from phi3lora.phi3mini import KVCache
-    model = Phi3.from_name("tiny", seed=0)
+    model = small_tiny(seed=0)
     cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]), cache=cache)
@@ -509,7 +509,7 @@ def test_flops_per_token_counts_only_visible_keys():
         return 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * visible
 
     for window in (None, 7, 40):
-        model = Phi3.from_name("tiny", sliding_window=window)
+        model = small_tiny(sliding_window=window)
         for T in (1, 7, 8, 33, 100):
             assert abs(attention_flops(model, T) - brute(model, T)) < 1e-6 * brute(model, T)
     with torch.device("meta"):

@@ -7,6 +7,7 @@ import pytest
 from phi3lora.cli import chat
 from phi3lora.cli import train
 from phi3lora.phi3mini.quant import Linear4bit
+from helpers import small_tiny_dir
 from test_train import QA, TINY, conv, write_jsonl
 
 
@@ -22,8 +23,8 @@ def test_train_quantize_nf4_merge_and_chat(tmp_path, capsys):
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged  # merged: dense weights, never re-quantized
     # the adapter runs on a 4-bit base in chat
-    model, _ = chat.load(chat.parse_args(["--model", "tiny", "--quantize", "nf4", "--adapter", str(out / "adapter"),
-                                          "--prompt", "hi"]))
+    model, _ = chat.load(chat.parse_args(["--model", small_tiny_dir(), "--quantize", "nf4",
+                                          "--adapter", str(out / "adapter"), "--prompt", "hi"]))
     assert any(isinstance(m, Linear4bit) or hasattr(m, "nf4_tensors") for m in model.modules())
     # --quantize cannot change on --resume (the adapter was trained against dequant(W4))
     assert train.main(TINY + ["--data", data, "--out", str(out), "--max-steps", "4", "--resume"]) == 2

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from phi3lora import lora
-from helpers import CONV
-from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate
+from helpers import CONV, small_tiny, small_tiny_args
+from phi3lora.phi3mini import Tokenizer, default_stop_ids, generate
 from phi3lora.data.pipeline import ChatEncoder, load_data
-from phi3lora.training.tracking import Reporter, ReportError, adapter_norm_metrics, greedy_samples, sample_prompts
+from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter_norm_metrics, greedy_samples,
+                                       sample_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_sample_prompts_from_a_token_set(tok, tmp_path):
 
 
 def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
-    model = Phi3.from_name("tiny").train()
+    model = small_tiny().train()
     prompts = sample_prompts(examples(tok), tok, 1)
     samples = greedy_samples(model, tok, prompts, max_new_tokens=5)
     assert model.training
@@ -58,7 +59,7 @@ def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
     """Under FSDP every forward is a collective: each prompt must cost the same forwards on every rank, whatever
     token comes out. Here the first token is made a stop id: alone, the reply ends after the prefill; in lockstep
     the decoding runs on to max_new_tokens, and the reply is still cut at that stop."""
-    model = Phi3.from_name("tiny")
+    model = small_tiny()
     prompts = sample_prompts(examples(tok), tok, 1)
     with torch.no_grad():
         first = generate(model, prompts[0]["prompt_ids"], 1, stop_ids=[])[0]
@@ -72,7 +73,7 @@ def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
 
 
 def test_adapter_norm_metrics(tok):
-    model = Phi3.from_name("tiny")
+    model = small_tiny()
     lora.inject(model, lora.LoraConfig(r=2, target_modules=("o_proj",)))
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.lora_B.fill_(0.5)
@@ -89,7 +90,7 @@ SAMPLES = [{"prompt": "<|user|>\nHi?<|end|>\n<|assistant|>", "reply": "Hello.", 
 
 def test_samples_jsonl_and_resume(tmp_path):
     said = []
-    rep = Reporter(tmp_path, echo=said.append)
+    rep = ExperimentTracker(tmp_path, echo=said.append)
     rep.log({"step": 1, "loss": 2.0})  # report_to none: nothing but the samples file
     rep.log_samples(10, SAMPLES)
     rep.log_samples(20, SAMPLES)
@@ -99,14 +100,14 @@ def test_samples_jsonl_and_resume(tmp_path):
     assert "Hello." in said[0] and "step 10" in said[0]
     with open(tmp_path / "samples.jsonl", "a") as f:
         f.write('{"step": 30, "rep')  # a killed run's half line
-    Reporter(tmp_path, resume_step=15).close()  # steps after the checkpoint are redone
+    ExperimentTracker(tmp_path, resume_step=15).close()  # steps after the checkpoint are redone
     assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [10]
-    fresh = Reporter(tmp_path)  # a fresh run starts the file afresh, with its first samples
+    fresh = ExperimentTracker(tmp_path)  # a fresh run starts the file afresh, with its first samples
     assert (tmp_path / "samples.jsonl").exists()
     fresh.log_samples(5, SAMPLES)
     fresh.log_samples(6, SAMPLES)
     assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [5, 6]
-    Reporter(tmp_path / "new").close()
+    ExperimentTracker(tmp_path / "new").close()
     assert not (tmp_path / "new" / "samples.jsonl").exists()  # no samples, no file
     assert not (tmp_path / "tensorboard").exists()
 
@@ -114,7 +115,7 @@ def test_samples_jsonl_and_resume(tmp_path):
 def test_tensorboard_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rep = Reporter(tmp_path, report_to="tensorboard", echo=lambda m: None)
+    rep = ExperimentTracker(tmp_path, report_to="tensorboard", echo=lambda m: None)
     rep.log({"step": 5, "loss": 1.5, "lr": 1e-3, "adapter_norms": {"total": 0.25}, "note": "x", "nan_ok": True})
     rep.log({"step": 6, "loss": 1.25})
     rep.log_samples(6, SAMPLES)
@@ -129,13 +130,13 @@ def test_tensorboard_event_files(tmp_path):
 
 def test_missing_backends_name_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ReportError, match=r"pip install 'phi3-lora\[tensorboard\]'"):
-        Reporter(tmp_path, report_to="tensorboard")
+    with pytest.raises(TrackerError, match=r"pip install 'phi3-lora\[tensorboard\]'"):
+        ExperimentTracker(tmp_path, report_to="tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ReportError, match="pip install wandb"):
-        Reporter(tmp_path, report_to="wandb")
-    with pytest.raises(ReportError, match="one of none, tensorboard, wandb"):
-        Reporter(tmp_path, report_to="mlflow")
+    with pytest.raises(TrackerError, match="pip install wandb"):
+        ExperimentTracker(tmp_path, report_to="wandb")
+    with pytest.raises(TrackerError, match="one of none, tensorboard, wandb"):
+        ExperimentTracker(tmp_path, report_to="mlflow")
 
 
 def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypatch, capsys):
@@ -145,7 +146,7 @@ def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypa
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CONV, CONV[1:3])))
-    base = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+    base = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
             "--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "2",
             "--eval-every", "1", "--save-every", "1", "--eval-samples", "1", "--report-to", "tensorboard",
             "--lora-target-modules", "qkv_proj,lm_head"]

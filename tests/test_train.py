@@ -14,15 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
+from phi3lora.training.checkpoints import list_checkpoints, load_checkpoint  # noqa: E402
+from phi3lora.training.config import defaults, parse_config  # noqa: E402
+from phi3lora.training.lr_schedule import lr_at  # noqa: E402
+from phi3lora.training.setup import autocast, build_model  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
 from phi3lora.data.pipeline import ChatEncoder, collate  # noqa: E402
 from phi3lora.training.config import typed  # noqa: E402
+from helpers import small_tiny, small_tiny_args  # noqa: E402
 
 END = 32007
 # The tiny model's random, frozen lm_head caps its logits near +-1.3, so its tests also put LoRA on lm_head: without
 # it the loss could not fall much below ~9.
 TARGETS = "qkv_proj,o_proj,gate_up_proj,down_proj,lm_head"
-TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+TINY = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", TARGETS, "--lora-r", "8", "--lora-alpha", "16", "--log-every", "1000"]
 QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."),
       ("2 + 2?", "4."), ("Who made Phi-3?", "Microsoft.")]
@@ -44,7 +49,7 @@ def losses(out):
 
 
 def tiny_cfg(**training):
-    cfg = train.parse_config(TINY + ["--lora-dropout", "0"])
+    cfg = parse_config(TINY + ["--lora-dropout", "0"])
     cfg["training"].update(training)
     return cfg
 
@@ -79,7 +84,7 @@ def test_loss_halves_and_outputs_are_written(overfit_run):
     assert (out / "loss.svg").read_text().startswith("<svg") and "polyline" in (out / "loss.svg").read_text()
     resolved = tomllib.loads((out / "config.toml").read_text())
     assert resolved["training"]["max_steps"] == 60 and resolved["lora"]["target_modules"] == TARGETS.split(",")
-    assert train.parse_config(["--config", str(out / "config.toml")]) == \
+    assert parse_config(["--config", str(out / "config.toml")]) == \
         {"training": resolved["training"], "lora": resolved["lora"]}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000050", "step-0000060"]
     for name in ("adapter", "adapter-peft", "merged"):
@@ -98,7 +103,7 @@ def test_run_folder_modes_follow_the_umask(overfit_run):
 
 def test_overfit_then_greedy_generation_reproduces_replies(overfit_run):
     tok = Tokenizer.tiny()
-    model = Phi3.from_name("tiny", seed=0)
+    model = small_tiny()
     lora.load_adapter(model, overfit_run / "adapter")
     merged = Phi3.from_pretrained(overfit_run / "merged")
     for q, a in QA:
@@ -221,14 +226,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     monkeypatch.undo()
     ckpts = out / "checkpoints"
     assert (ckpts / "step-0000006.tmp" / "adapter").is_dir()  # half written
-    assert [s for s, _ in train.list_checkpoints(ckpts)] == [2, 4]
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 4]
     # the previous checkpoint loads
     cfg = tiny_cfg()
     t, _ = typed(cfg)
-    _, lc = typed(train.parse_config(TINY + RESUME_ARGS))
-    model, _, params = train.build_model(t, lc, torch.device("cpu"), torch.float32)
+    _, lc = typed(parse_config(TINY + RESUME_ARGS))
+    model, _, params = build_model(t, lc, torch.device("cpu"), torch.float32)
     opt = torch.optim.AdamW(params)
-    state = train.load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
+    state = load_checkpoint(ckpts / "step-0000004", model, opt, "cpu")
     assert state["step"] == 4 and all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     # resume removes the partial folder and reproduces the uninterrupted run
     assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
@@ -295,7 +300,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "error: loss nan at step 5" in err and "step-0000004" in err and "Traceback" not in err
     monkeypatch.undo()
-    assert [s for s, _ in train.list_checkpoints(out / "checkpoints")] == [2, 4]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]
     assert losses(out) == reference[:4]
     assert train.main(TINY + RESUME_ARGS + ["--data", data, "--out", str(out), "--resume"]) == 0
     assert losses(out) == reference
@@ -305,7 +310,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def lora_model_with_random_b(**training):
     cfg = tiny_cfg(**training)
     torch.manual_seed(0)
-    model, _, params = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
+    model, _, params = build_model(*typed(cfg), torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     with torch.no_grad():  # B starts at zero (then A gets no gradient): make both matter
         for n, p in model.named_parameters():
@@ -326,7 +331,7 @@ def test_batch_8_equals_8_micro_batches_of_1():
     enc = ChatEncoder(tok, 512)
     examples = [enc.encode(conv("q" * (3 * i + 1), "answer " * (i + 1))["messages"])[0] for i in range(8)]
     assert len({len(e) for e in examples}) == 8
-    amp = train.autocast(torch.device("cpu"), torch.float32)
+    amp = autocast(torch.device("cpu"), torch.float32)
     whole = collate(examples, [[i] for i in range(8)], tok.pad_id)
     n = whole.n_target
     train.micro_step(model, whole, n, amp)
@@ -347,12 +352,12 @@ def test_batch_8_equals_8_micro_batches_of_1():
 def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     cfg = tiny_cfg(grad_checkpointing=True)
     torch.manual_seed(0)
-    model, _, params = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
+    model, _, params = build_model(*typed(cfg), torch.device("cpu"), torch.float32)
     tok = Tokenizer.tiny()
     assert model.gradient_checkpointing
     batch = collate([ChatEncoder(tok, 512).encode(conv("What is LoRA?", "A low-rank update.")["messages"])[0]],
                     [[0]], tok.pad_id)
-    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    train.micro_step(model, batch, batch.n_target, autocast(torch.device("cpu"), torch.float32))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     b_names = [n for n in named if "lora_B" in n]
     assert len(b_names) >= 9  # 4 projections x 2 layers + lm_head
@@ -362,7 +367,7 @@ def test_activation_checkpointing_gives_every_lora_b_a_gradient():
     for p in named.values():
         p.grad = None
     model.gradient_checkpointing = False
-    train.micro_step(model, batch, batch.n_target, train.autocast(torch.device("cpu"), torch.float32))
+    train.micro_step(model, batch, batch.n_target, autocast(torch.device("cpu"), torch.float32))
     for n, p in named.items():
         torch.testing.assert_close(with_ckpt[n], p.grad, atol=1e-6, rtol=1e-5)
 
@@ -371,23 +376,23 @@ def test_activation_checkpointing_gives_every_lora_b_a_gradient():
 def test_config_precedence_and_files(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[training]\nlr = 1\nbatch_size = 3\npacking = false\n[lora]\nr = 4\n')
-    cfg = train.parse_config(["--config", str(f), "--batch-size", "5", "--lora-alpha", "7", "--packing",
+    cfg = parse_config(["--config", str(f), "--batch-size", "5", "--lora-alpha", "7", "--packing",
                               "--lora-enable-lora", "true,false,true"])
     t, lc = cfg["training"], cfg["lora"]
     assert (t["lr"], t["batch_size"], t["packing"], lc["r"], lc["lora_alpha"]) == (1.0, 5, True, 4, 7)
-    assert lc["enable_lora"] == [True, False, True] and t["grad_accum"] == train.DEFAULTS["training"]["grad_accum"]
-    cfg = train.parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
-    assert cfg == train.parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
-    assert train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
+    assert lc["enable_lora"] == [True, False, True] and t["grad_accum"] == defaults()["training"]["grad_accum"]
+    cfg = parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
+    assert cfg == parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
+    assert parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
 
 
 def test_lr_schedule():
-    lr = [train.lr_at(s, 100, 20, 1e-3, 1e-5, "cosine") for s in range(100)]
+    lr = [lr_at(s, 100, 20, 1e-3, 1e-5, "cosine") for s in range(100)]
     assert lr[0] == pytest.approx(1e-3 / 20) and lr[19] == pytest.approx(1e-3) and lr[20] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(lr[20:], lr[21:])) and 1e-5 < lr[-1] < 2e-5
-    lin = [train.lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
+    lin = [lr_at(s, 10, 0, 1.0, 0.0, "linear") for s in range(10)]
     assert lin == pytest.approx([1 - s / 10 for s in range(10)])
-    assert train.lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
+    assert lr_at(50, 100, 10, 0.5, 0.0, "constant") == 0.5
 
 
 # ----- review: output folder, --overwrite, kernels, setup interrupt, resume hyperparameters -------------------------
@@ -411,17 +416,17 @@ def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_can_start(tmp_pat
     # a typo in --data: the run stops before anything of the old run is deleted
     assert train.main(TINY + ["--data", data + "x", "--out", out, "--max-steps", "1", "--overwrite"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [1]
+    assert [s for s, _ in list_checkpoints(Path(out) / "checkpoints")] == [1]
     assert train.main(TINY + ["--data", data, "--out", out, "--max-steps", "2", "--save-every", "0",
                               "--overwrite"]) == 0
-    assert [s for s, _ in train.list_checkpoints(Path(out) / "checkpoints")] == [2]
+    assert [s for s, _ in list_checkpoints(Path(out) / "checkpoints")] == [2]
 
 
 def test_fused_cross_entropy_is_off_when_lm_head_has_lora():
     """The fused loss reads lm_head.weight alone: with LoRA on lm_head its adapter would get no gradient."""
     for targets, fused in ((TARGETS, False), ("qkv_proj,o_proj", True)):
-        cfg = train.parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
-        model, _, _ = train.build_model(*typed(cfg), torch.device("cpu"), torch.float32)
+        cfg = parse_config(TINY + ["--kernels", "on", "--lora-target-modules", targets])
+        model, _, _ = build_model(*typed(cfg), torch.device("cpu"), torch.float32)
         assert model.use_kernel is fused, targets
 
 

@@ -19,8 +19,10 @@ from phi3lora.cli import train  # noqa: E402
 from phi3lora.training import checkpoints  # noqa: E402
 from phi3lora.training import checkpoints as ckpt  # noqa: E402
 from phi3lora.training import setup  # noqa: E402
+from phi3lora.training.config import defaults, parse_config  # noqa: E402
+from helpers import small_tiny_args  # noqa: E402
 
-TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
+TINY = small_tiny_args() + ["--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing",
         "--lora-target-modules", "qkv_proj,lm_head", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
         "--log-every", "1000", "--batch-size", "2", "--eval-every", "0"]
 QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."), ("2 + 2?", "4.")]
@@ -327,9 +329,9 @@ NOTE = "--model tiny: starting from the tiny preset's settings"
 
 
 def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags(capsys):
-    demo = train.parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])
+    demo = parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])
     notes = []
-    cfg = train.parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
+    cfg = parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
     assert len(notes) == 1 and NOTE in notes[0]
     assert "--lr 0.005" in notes[0] and "--no-packing" in notes[0] and "--lora-alpha 256 " in notes[0], notes
     for key in ("lr", "max_steps", "batch_size", "warmup_ratio"):
@@ -337,23 +339,26 @@ def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags
     assert cfg["lora"] == demo["lora"]
     # where the run reads and writes stays the user's
     assert cfg["training"]["data"] == "mine.jsonl" and cfg["training"]["eval_data"] == ""
-    assert cfg["training"]["out"] == train.DEFAULTS["training"]["out"]
+    assert cfg["training"]["out"] == defaults()["training"]["out"]
     # a flag wins over the preset; so does a key of the config file, and a flag over the file
-    assert train.parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
+    assert parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
     plain, notes = str(ROOT / "configs" / "phi3-mini-lora.toml"), []
-    from_file = train.parse_config(["--config", plain, "--model", "tiny"], notes)
+    from_file = parse_config(["--config", plain, "--model", "tiny"], notes)
     assert from_file["training"]["lr"] == 2e-4 and from_file["lora"]["r"] == 16 and len(notes) == 1
     assert from_file["training"]["max_steps"] == 0  # the file's 0 (epochs govern), not the preset's 100
-    assert train.parse_config(["--config", plain, "--model", "tiny", "--lr", "3e-3"])["training"]["lr"] == 3e-3
+    assert parse_config(["--config", plain, "--model", "tiny", "--lr", "3e-3"])["training"]["lr"] == 3e-3
     notes = []
-    assert train.parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
+    assert parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
     assert notes == []
 
 
 def test_the_tiny_settings_note_comes_with_the_run_not_before_an_input_error(tmp_path, capsys):
-    rc, err = run(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], capsys)
+    # the note belongs to the name "tiny" (the demo-sized model, built only by the second run)
+    rc, err = run(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+                  capsys)
     assert rc == 2 and err.startswith("error: ") and "preset's settings" not in err, err
-    rc, err = run(["--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"], capsys)
+    rc, err = run(["--model", "tiny", "--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"],
+                  capsys)
     assert rc == 0 and NOTE in err
 
 

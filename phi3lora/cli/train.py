@@ -7,8 +7,8 @@
 A run, in the order train() below does it: prepare the output folder, load the data, build the model, resume (or
 start), the loop, save the outputs. The options are the fields of training/config.py (every key of the [training]
 and [lora] sections of a TOML config is also a flag: --max-steps, --lora-r, ...); the pieces live in training/:
-setup.py (device, model), schedule.py (lr, data order), checkpoints.py, report.py (metrics.jsonl, loss.svg);
-tracking.py (sample replies, adapter norms, TensorBoard / wandb).
+setup.py (device, model), lr_schedule.py, data_order.py, checkpoints.py, metrics.py (progress line, metrics.jsonl,
+loss.svg); tracking.py (sample replies, adapter norms, TensorBoard / wandb).
 
 The loss of an optimizer step is the summed cross-entropy of all its micro-batches divided by the number of target
 tokens of the whole accumulated batch, so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same
@@ -47,28 +47,27 @@ from pathlib import Path
 import torch
 
 from phi3lora import lora
-from phi3lora.lora.adapter_io import base_fingerprint
+from phi3lora.lora.adapter_files import base_fingerprint
 from phi3lora.phi3mini import Tokenizer
 from phi3lora import atomic, console
 from phi3lora import data
 from phi3lora.data import DataError, TokenSet, collate, fingerprint
-from phi3lora.training.tracking import (Reporter, ReportError, adapter_norm_metrics, check_backend, greedy_samples,
-                                        sample_prompts)
+from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter_norm_metrics, check_backend,
+                                        greedy_samples, sample_prompts)
 from phi3lora.training import config, distributed
 from phi3lora.training.checkpoints import (CheckpointWriteError, clean_leftovers, delete_checkpoint, is_write_error,
                                            load_checkpoint, newest_complete, read_trainer_state, rng_state,
                                            save_checkpoint, step_dirs)
-from phi3lora.training.checkpoints import list_checkpoints  # noqa: F401  (train.list_checkpoints, for tests and users)
-from phi3lora.training.config import TrainingConfig, parse_config  # noqa: F401  (parse_config: train.parse_config)
+from phi3lora.training.config import TrainingConfig, parse_config
 from phi3lora.training.distributed import World
 from phi3lora.training.errors import TrainError
 from phi3lora.training.health import lora_weight_problem
-from phi3lora.training.report import MetricsLog, Progress, memory_gb, read_metrics, write_loss_svg
-from phi3lora.training.schedule import EpochPlans, lr_at, total_and_warmup
+from phi3lora.training.data_order import EpochPlans
+from phi3lora.training.lr_schedule import lr_at, total_and_warmup
+from phi3lora.training.metrics import MetricsLog, Progress, memory_gb, read_metrics, write_loss_svg
 from phi3lora.training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
                                      resolve_device_dtype)
 
-DEFAULTS = config.defaults()
 # what an earlier run leaves in --out: a new run there needs --resume or --overwrite
 EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg",
                "samples.jsonl", "tensorboard")
@@ -146,7 +145,7 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     t, _ = config.typed(cfg)
     try:  # a missing tensorboard / wandb, before minutes of loading
         check_backend(t.report_to)
-    except ReportError as e:
+    except TrackerError as e:
         raise TrainError(str(e)) from None
     device, dtype = resolve_device_dtype(t)
     device = distributed.device_for(world, device)
@@ -195,15 +194,15 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     if world.active:  # after resume: loading the adapter reads the base (its fingerprint), whole only until now
         parallelize(run)
     metrics = distributed.on_rank0(world, lambda: open_metrics(run, records))
-    reporter = None
+    tracker = None
     if world.is_main:
-        reporter = Reporter(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None,
-                            echo=console.info)
+        tracker = ExperimentTracker(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None,
+                                    echo=console.info)
     try:
-        status = loop(run, pos, metrics, reporter)
+        status = loop(run, pos, metrics, tracker)
     finally:
         if metrics is not None:
-            close_metrics(run, metrics, reporter)
+            close_metrics(run, metrics, tracker)
     if status == 0:
         distributed.on_rank0(world, lambda: save_outputs(run, pos.last_saved))
     return status
@@ -236,9 +235,9 @@ def open_metrics(run: Run, records: list[dict]) -> MetricsLog:
     return MetricsLog(out / "metrics.jsonl", records)
 
 
-def close_metrics(run: Run, metrics: MetricsLog, reporter: Reporter) -> None:
+def close_metrics(run: Run, metrics: MetricsLog, tracker: ExperimentTracker) -> None:
     metrics.close()
-    reporter.close()
+    tracker.close()
     try:
         write_loss_svg(metrics.records, run.out / "loss.svg", f"Loss per step: {run.out.name}")
     except OSError as e:  # never hides why the loop ended
@@ -246,9 +245,9 @@ def close_metrics(run: Run, metrics: MetricsLog, reporter: Reporter) -> None:
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------------
-def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter | None) -> int:
+def loop(run: Run, pos: Position, metrics: MetricsLog | None, tracker: ExperimentTracker | None) -> int:
     """Optimizer steps from pos to the end of the run, with evaluation, metrics and checkpoints on their schedule
-    (metrics and reporter: None on the ranks other than 0, which write nothing). Returns 0, or 130 after Ctrl-C
+    (metrics and tracker: None on the ranks other than 0, which write nothing). Returns 0, or 130 after Ctrl-C
     and 143 after SIGTERM (the last completed step saved when that is safe)."""
     t, world = run.t, run.world
     progress = Progress(run.total_steps, t.log_every)
@@ -260,10 +259,10 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
             if run.eval_set and pos.step == 0:
                 loss = evaluate_loss(run)
                 rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-                report_eval(run, rec, reporter)
+                report_eval(run, rec, tracker)
                 if metrics is not None:  # rank 0
                     metrics.write(rec)
-                    reporter.log(rec)
+                    tracker.log(rec)
                 console.info(f"eval loss before training {loss:.4f}")
             while pos.step < run.total_steps:
                 if distributed.any_rank(world, stop.requested, run.device):
@@ -273,10 +272,10 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, reporter: Reporter
                 if run.eval_set and (due(t.eval_every, pos.step) or pos.step == run.total_steps):
                     rec["eval_loss"] = evaluate_loss(run)
                     rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
-                    report_eval(run, rec, reporter)
+                    report_eval(run, rec, tracker)
                 if metrics is not None:
                     metrics.write(rec)
-                    reporter.log(rec)
+                    tracker.log(rec)
                     progress.update(pos.step, rec, pos.step - start_step)
                 if due(t.save_every, pos.step) or pos.step == run.total_steps:
                     pos.last_saved = save(run, pos)
@@ -407,19 +406,19 @@ def evaluate_loss(run: Run) -> float:
                     autocast(run.device, run.dtype), run.world, lockstep=run.sharded)
 
 
-def report_eval(run: Run, rec: dict, reporter: Reporter | None) -> None:
+def report_eval(run: Run, rec: dict, tracker: ExperimentTracker | None) -> None:
     """At an evaluation: the adapter's norm per module into the record, greedy replies to the sample prompts into
-    samples.jsonl and the console (rank 0; reporter None elsewhere). Greedy decoding draws no random numbers: a
+    samples.jsonl and the console (rank 0; tracker None elsewhere). Greedy decoding draws no random numbers: a
     resumed run stays the same. With a sharded base every rank decodes with rank 0 (lockstep)."""
     samples = None
-    if run.sample_prompts and (reporter is not None or run.sharded):
+    if run.sample_prompts and (tracker is not None or run.sharded):
         with autocast(run.device, run.dtype):
             samples = greedy_samples(run.model, run.tokenizer, run.sample_prompts, lockstep=run.sharded)
-    if reporter is None:
+    if tracker is None:
         return
     rec["adapter_norms"] = adapter_norm_metrics(run.model)
     if samples is not None:
-        reporter.log_samples(rec["step"], samples)
+        tracker.log_samples(rec["step"], samples)
 
 
 def due(every: int, step: int) -> bool:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_io import CONFIG_NAME, AdapterError, install, read_json, read_tensors, save_tensors, write_adapter_dir
+from .adapter_files import CONFIG_NAME, AdapterError, install, read_json, read_tensors, save_tensors, write_adapter_dir
 from .inject import LayerSpec, LoraConfig, adaptable_modules, leaf_name, lora_layers, qkv_slice_sizes
 from .layers import ConvLoRA, Embedding, Linear, MergedLinear
 from .utils import lora_state_dict

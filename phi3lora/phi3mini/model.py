@@ -94,10 +94,6 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
-# q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, R); only the first R dims of each head rotate
-apply_rope = apply_rope_reference
-
-
 class KVCache:
     """Preallocated keys and values for every layer: (B, Hkv, max_len, D) each; `length` slots are filled."""
 
@@ -142,10 +138,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.use_kernel:
-            from phi3lora.kernels.rope import apply_rope as apply_rope_kernel
-            q, k = apply_rope_kernel(q, k, cos, sin)
+            from phi3lora.kernels.rope import apply_rope  # the Triton kernel (imported here: it imports Triton)
+            q, k = apply_rope(q, k, cos, sin)  # q (B, Hq, T, D), k (B, Hkv, T, D); the first R dims of a head rotate
         else:
-            q, k = apply_rope_reference(q, k, cos, sin)
+            q, k = apply_rope_reference(q, k, cos, sin)  # cos/sin (B, T, R)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
@@ -378,4 +374,4 @@ class Phi3(nn.Module):
 
 
 __all__ = ["Phi3", "Phi3Config", "KVCache", "RMSNorm", "RotaryEmbedding", "Attention", "MLP", "Block",
-           "build_attention_mask", "apply_rope", "rotate_half"]
+           "build_attention_mask", "rotate_half"]

@@ -4,20 +4,21 @@
 vocabulary size and special-token ids, so the training and chat code paths are the real ones; only the widths and
 the number of layers are small. The preset is large enough (256 wide, 4 layers) that LoRA on a frozen random base
 can memorize a few short chats to exact greedy replies in about a minute on two CPU cores, which is what the demo
-shows. Tests that need speed, not memorization, shrink it (tests/conftest.py).
+shows. Tests that need speed, not memorization, build a smaller one by keyword overrides (tests/helpers.py).
 """
 from __future__ import annotations
 
 import functools
 import json
-
+from types import MappingProxyType
 
 from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS, PHI3_CHAT_TEMPLATE
 
 # Phi3Config overrides of the `tiny` preset (everything else is Phi-3-mini-4k's: vocabulary 32064, ids, rope theta).
-TINY_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=1024, original_max_position_embeddings=1024,
-                   sliding_window=1023)
+# Read-only: another size is Phi3Config.from_name("tiny", **overrides), never an edit of the preset.
+TINY_CONFIG = MappingProxyType(dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=1024, original_max_position_embeddings=1024, sliding_window=1023))
 
 
 # ----- the built-in tiny tokenizer -------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """What a training run reports at each evaluation besides its loss: greedy sample replies for a few fixed eval
 prompts (samples.jsonl and the console), the adapter's size per module (into the metrics record), and, when
 asked, TensorBoard event files (torch.utils.tensorboard; the `[tensorboard]` extra) or a wandb run (when wandb is
-installed). metrics.jsonl and loss.svg stay the trainer's own.
+installed). metrics.jsonl and loss.svg stay the trainer's own (metrics.py).
 
-    reporter = Reporter(out, report_to="tensorboard")
+    tracker = ExperimentTracker(out, report_to="tensorboard")
     prompts = sample_prompts(eval_set, tokenizer, 3)
     ...
     record = {"step": step, "eval_loss": loss, "adapter_norms": adapter_norm_metrics(model)}
-    reporter.log(record)
-    reporter.log_samples(step, greedy_samples(model, tokenizer, prompts))
-    reporter.close()
+    tracker.log(record)
+    tracker.log_samples(step, greedy_samples(model, tokenizer, prompts))
+    tracker.close()
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from phi3lora.phi3mini.generation import default_stop_ids, generate
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
-class ReportError(ValueError):
-    """A reporting backend that cannot run (not installed, unknown name): the message says what to do."""
+class TrackerError(ValueError):
+    """A tracking backend that cannot run (not installed, unknown name): the message says what to do."""
 
 
 def sample_prompts(examples, tokenizer, n: int) -> list[dict]:
@@ -83,7 +83,7 @@ def _import_tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises this when the tensorboard package is missing
-        raise ReportError("report_to tensorboard needs the tensorboard package: pip install "
+        raise TrackerError("report_to tensorboard needs the tensorboard package: pip install "
                           "'phi3-lora[tensorboard]' (or pip install tensorboard)") from None
     return SummaryWriter
 
@@ -92,14 +92,14 @@ def _import_wandb():
     try:
         import wandb
     except ImportError:
-        raise ReportError("report_to wandb needs wandb: pip install wandb (then wandb login)") from None
+        raise TrackerError("report_to wandb needs wandb: pip install wandb (then wandb login)") from None
     return wandb
 
 
 def check_backend(report_to: str) -> None:
-    """Raise ReportError now (before a model loads) if report_to is unknown or its package is missing."""
+    """Raise TrackerError now (before a model loads) if report_to is unknown or its package is missing."""
     if report_to not in REPORT_TO:
-        raise ReportError(f"report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+        raise TrackerError(f"report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
     if report_to == "tensorboard":
         _import_tensorboard()
     elif report_to == "wandb":
@@ -117,7 +117,7 @@ def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-class Reporter:
+class ExperimentTracker:
     """Sends each metrics record and the sample replies where report_to says ("none", "tensorboard", "wandb"),
     and keeps samples.jsonl in out_dir. resume_step: keep the samples.jsonl lines up to that step (the later
     ones are about to be redone); None starts the file afresh with the first samples logged."""

@@ -1,5 +1,5 @@
-"""Adapter folders: the LoRA tensors alone (safetensors) plus a JSON description, written atomically, loaded
-strictly.
+"""Our adapter format (PEFT's is peft_io.py): the LoRA tensors alone (safetensors) plus a JSON description,
+written atomically, loaded strictly.
 
     DIR/adapter.safetensors   every tensor of lora_state_dict(model, config.bias), keys as in the model's
                               state dict (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the parameters' dtype
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter_io import (CONFIG_NAME, MODEL_KEYS, AdapterError, base_fingerprint, check_base, install, model_info,
-                         read_json, read_tensors, save_tensors, write_adapter_dir)
+from .adapter_files import (CONFIG_NAME, MODEL_KEYS, AdapterError, base_fingerprint, check_base, install, model_info,
+                            read_json, read_tensors, save_tensors, write_adapter_dir)
 from .inject import LayerSpec, LoraConfig, lora_layers
 from .peft_io import load_peft
 from .utils import lora_state_dict
@@ -34,8 +34,8 @@ WEIGHTS_NAME = "adapter.safetensors"
 # ----- public API ---------------------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None, fingerprint: dict | None = None) -> Path:
     """Write the model's LoRA tensors (lora_state_dict(model, config.bias)) and their description to dir,
-    atomically (adapter_io.write_adapter_dir). Merged or not makes no difference: A and B are saved as they are.
-    config defaults to model.lora_config (set by inject / load_adapter). fingerprint: adapter_io's
+    atomically (adapter_files.write_adapter_dir). Merged or not makes no difference: A and B are saved as they are.
+    config defaults to model.lora_config (set by inject / load_adapter). fingerprint: adapter_files's
     base_fingerprint(model), taken beforehand (a base sharded over processes by FSDP cannot be read by one alone);
     by default it is taken now."""
     config = config if config is not None else getattr(model, "lora_config", None)

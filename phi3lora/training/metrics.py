@@ -1,4 +1,4 @@
-"""What a run reports: the progress line, metrics.jsonl (one JSON object per step) and loss.svg."""
+"""What a run records itself: the progress line, metrics.jsonl (one JSON object per step) and loss.svg."""
 from __future__ import annotations
 
 import html

@@ -1,4 +1,4 @@
-"""What adapter folders of both kinds share (ours: adapter.py, PEFT's: peft_io.py): the error type, atomic writing,
+"""What adapter folders of both kinds share (ours: native_io.py, PEFT's: peft_io.py): the error type, atomic writing,
 strict reading of JSON and safetensors, the checks of an adapter against a model, and the one install step that
 puts checked LoRA tensors into a model.
 
