@@ -45,7 +45,7 @@ def bench(fn, warmup, rep) -> float:
 
 def paths(w, tensors, dtype, device):
     """{name: fn(x, A, B) -> y} for the three ways."""
-    from phi3lora.kernels.lora_linear import lora_linear
+    from phi3lora.kernels.lora_matmul import lora_linear
     from phi3lora.kernels.nf4_lora import nf4_lora_linear
 
     def ours_nf4(x, A, B):

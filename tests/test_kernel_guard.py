@@ -2,22 +2,18 @@
 reference on a small slice; a compile error or a mismatch warns once and the kernel falls back to torch for the rest
 of the process; PHI3LORA_STRICT_KERNELS=1 raises instead. On the CPU the kernels run in Triton's interpreter and
 the guard is switched on for it (CHECK_ON_CPU); failures are forced by replacing a launcher."""
-import importlib
 import warnings
 
 import pytest
 import torch
 
-from phi3lora.kernels import _triton
+from phi3lora.kernels import _triton, cross_entropy, lora_matmul, rmsnorm, rope, silu_mul
 from phi3lora.kernels.reference import (apply_rope_reference, fused_linear_cross_entropy_reference,
                                         lora_linear_reference, rms_norm_reference, swiglu_reference)
 
 pytestmark = pytest.mark.skipif(not (_triton.HAS_TRITON and (_triton.INTERPRET or torch.cuda.is_available())),
                                 reason="needs Triton's interpreter or CUDA")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the modules (the package exports same-named functions)
-rmsnorm, rope, swiglu, lora_linear, cross_entropy = (importlib.import_module(f"phi3lora.kernels.{m}") for m in (
-    "rmsnorm", "rope", "swiglu", "lora_linear", "cross_entropy"))
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +51,9 @@ def test_good_kernels_pass_the_check_silently():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grads_of(lambda a, b: rmsnorm.rms_norm(a, b, 1e-5), x, w)
-        grads_of(swiglu.swiglu, gate_up)
+        grads_of(silu_mul.swiglu, gate_up)
         grads_of(lambda a, b: torch.cat([t.flatten() for t in rope.apply_rope(a, b, cos, sin)]), q, k)
-        grads_of(lambda a: lora_linear.lora_linear(a, W, None, A, B, 2.0), torch.randn(3, 7, 20, device=DEVICE))
+        grads_of(lambda a: lora_matmul.lora_linear(a, W, None, A, B, 2.0), torch.randn(3, 7, 20, device=DEVICE))
         grads_of(lambda h: cross_entropy.fused_linear_cross_entropy(h, lm, labels), hidden)
     assert _triton.FAILED == {}
     assert {name for name, _ in _triton.CHECKED} == {
@@ -87,10 +83,10 @@ def test_compile_error_warns_once_and_falls_back(monkeypatch):
 
 
 def test_mismatch_falls_back(monkeypatch):
-    monkeypatch.setattr(swiglu, "swiglu_forward", lambda gu2: torch.zeros_like(gu2[:, : gu2.shape[1] // 2]))
+    monkeypatch.setattr(silu_mul, "swiglu_forward", lambda gu2: torch.zeros_like(gu2[:, : gu2.shape[1] // 2]))
     gate_up = torch.randn(4, 2 * 40, device=DEVICE)
     with pytest.warns(RuntimeWarning, match=r"swiglu failed .*relative error"):
-        h = swiglu.swiglu(gate_up)
+        h = silu_mul.swiglu(gate_up)
     torch.testing.assert_close(h, swiglu_reference(gate_up))
     assert "swiglu" in _triton.FAILED
 
@@ -109,18 +105,18 @@ def test_backward_failure_falls_back_to_the_reference_gradient(monkeypatch):
 
 
 def test_lora_linear_mismatch_in_backward(monkeypatch):
-    real = lora_linear.matmul_lowrank
+    real = lora_matmul.matmul_lowrank
 
     def wrong_dx(a, b, u=None, v=None, scaling=1.0, bias=None):
         out = real(a, b, u, v, scaling, bias)
         return out if b.shape[1] != 20 else out * 2  # the forward is right, dX (K = 20 columns) is not
 
-    monkeypatch.setattr(lora_linear, "matmul_lowrank", wrong_dx)
+    monkeypatch.setattr(lora_matmul, "matmul_lowrank", wrong_dx)
     W, A, B = torch.randn(33, 20, device=DEVICE), torch.randn(4, 20, device=DEVICE), torch.randn(33, 4, device=DEVICE)
     x = torch.randn(3, 7, 20, device=DEVICE)
     want, want_grads = grads_of(lambda a, b, c: lora_linear_reference(a, W, None, b, c, 2.0), x, A, B)
     with pytest.warns(RuntimeWarning, match="lora_linear failed"):
-        got, got_grads = grads_of(lambda a, b, c: lora_linear.lora_linear(a, W, None, b, c, 2.0), x, A, B)
+        got, got_grads = grads_of(lambda a, b, c: lora_matmul.lora_linear(a, W, None, b, c, 2.0), x, A, B)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, h in zip(got_grads, want_grads):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)

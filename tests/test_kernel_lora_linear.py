@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from phi3lora.kernels import lora_linear, lora_linear_reference
-from phi3lora.kernels.lora_linear import matmul_lowrank
+from phi3lora.kernels.lora_matmul import matmul_lowrank
 from phi3lora.lora.layers import expand_merged_B
 
 ROOT = Path(__file__).resolve().parents[1]

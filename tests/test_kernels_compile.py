@@ -89,7 +89,7 @@ def lora_cases(dtype, cap):
 
 
 def lora_configs(dtype):
-    mod = _module("phi3lora.kernels.lora_linear")
+    mod = _module("phi3lora.kernels.lora_matmul")
     return list(mod.CONFIGS_FP32 if dtype == "fp32" else mod.CONFIGS_16BIT)
 
 
@@ -140,7 +140,7 @@ def rope_cases(dtype, cap):
 
 def swiglu_cases(backward):
     def cases(dtype, cap):
-        dt, mod = DTYPES[dtype], _module("phi3lora.kernels.swiglu")
+        dt, mod = DTYPES[dtype], _module("phi3lora.kernels.silu_mul")
         args = (dt, dt, dt, INTER, INTER, 2 * INTER, 2 * INTER) if backward else (dt, dt, INTER, 2 * INTER, INTER)
         return {"I=8192": [(args, dict(BLOCK=mod._block(INTER), num_warps=4))]}
     return cases
@@ -212,7 +212,7 @@ def nf4_dequant_cases(dtype, cap):
 
 @dataclass
 class Kernel:
-    module: str                                   # "phi3lora.kernels.lora_linear"
+    module: str                                   # "phi3lora.kernels.lora_matmul"
     kernel: str                                   # the @triton.jit function's name in it
     cases: Callable                               # (dtype name, capability) -> {case: [(args, meta), ...]}
     configs: Callable = field(default=lambda dtype: [None])  # dtype name -> autotune configs; [None]: plain launch
@@ -226,12 +226,12 @@ class Kernel:
 
 
 CASES = [
-    Kernel("phi3lora.kernels.lora_linear", "_matmul_lowrank_kernel", lora_cases, configs=lora_configs, ci=lora_ci),
+    Kernel("phi3lora.kernels.lora_matmul", "_matmul_lowrank_kernel", lora_cases, configs=lora_configs, ci=lora_ci),
     Kernel("phi3lora.kernels.rmsnorm", "_rms_norm_fwd_kernel", rms_fwd_cases),
     Kernel("phi3lora.kernels.rmsnorm", "_rms_norm_bwd_kernel", rms_bwd_cases),
     Kernel("phi3lora.kernels.rope", "_rope_kernel", rope_cases),
-    Kernel("phi3lora.kernels.swiglu", "_swiglu_fwd_kernel", swiglu_cases(False)),
-    Kernel("phi3lora.kernels.swiglu", "_swiglu_bwd_kernel", swiglu_cases(True)),
+    Kernel("phi3lora.kernels.silu_mul", "_swiglu_fwd_kernel", swiglu_cases(False)),
+    Kernel("phi3lora.kernels.silu_mul", "_swiglu_bwd_kernel", swiglu_cases(True)),
     Kernel("phi3lora.kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
     Kernel("phi3lora.kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
     Kernel("phi3lora.kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs,

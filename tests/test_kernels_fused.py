@@ -14,7 +14,7 @@ from phi3lora.kernels.cross_entropy import (_softmax_ce_grad_torch_, _softmax_ce
                                             fused_linear_cross_entropy, fused_linear_cross_entropy_reference)
 from phi3lora.kernels.rmsnorm import rms_norm, rms_norm_reference
 from phi3lora.kernels.rope import apply_rope, apply_rope_reference
-from phi3lora.kernels.swiglu import swiglu, swiglu_reference
+from phi3lora.kernels.silu_mul import swiglu, swiglu_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

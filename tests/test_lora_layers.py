@@ -298,8 +298,7 @@ def test_lora_params_follow_input_dtype_and_buffers_follow_to():
 def test_kernel_route_matches_torch_route(monkeypatch):
     """Linear / MergedLinear through kernels.lora_linear (the CUDA route; here Triton's interpreter on the CPU)
     against the plain torch route: outputs and gradients, with dropout and fan_in_fan_out."""
-    # the module (phi3lora.kernels exports a same-named function)
-    kernel_module = importlib.import_module("phi3lora.kernels.lora_linear")
+    kernel_module = importlib.import_module("phi3lora.kernels.lora_matmul")
     if not (torch.cuda.is_available() or kernel_module.INTERPRET) or not kernel_module.HAS_TRITON:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"

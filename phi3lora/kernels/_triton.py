@@ -23,7 +23,8 @@ except ImportError:  # CPU-only installs: every op runs its torch reference
     HAS_TRITON = False
 
 # The interpreter runs kernels on the CPU, one program at a time with numpy. Read at import, as @triton.jit reads
-# it when decorating: set TRITON_INTERPRET=1 before anything imports `kernels` (tests/conftest.py does).
+# it when decorating: set TRITON_INTERPRET=1 before the first kernel module is imported, which is when a kernel is
+# first used (`import phi3lora.phi3mini` imports none; tests/conftest.py sets it before importing anything).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # PHI3LORA_NO_TRITON=1: every op runs its torch reference in this process, whatever the modules' use_kernel says.

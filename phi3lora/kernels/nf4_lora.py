@@ -2,7 +2,7 @@
 
     y = x·dequant(W4)ᵀ + s·(x_l·Aᵀ)·Bᵀ + bias
 
-The same fusion as kernels/lora_linear.py (the low-rank term in the epilogue, y and dX written once), with the
+The same fusion as kernels/lora_matmul.py (the low-rank term in the epilogue, y and dX written once), with the
 base weight's tiles decoded from 4-bit codes in registers instead of loaded in 16 bits: W is read at ~0.53 bytes
 per element (4 bits + the double-quantized scales) and never exists densely in memory. bitsandbytes (and unsloth,
 which calls it) dequantizes the whole W into a temporary bf16 matrix and then runs a cuBLAS GEMM; torchao's NF4 is
@@ -213,7 +213,7 @@ def nf4_matmul_lowrank(a, tensors, meta, transpose_w, u=None, v=None, scaling=1.
     M, KR = a.shape
     NO = N if transpose_w else K
     assert KR == (K if transpose_w else N), (a.shape, meta.shape, transpose_w)
-    interpret_bf16 = INTERPRET and a.dtype == torch.bfloat16  # see lora_linear.matmul_lowrank
+    interpret_bf16 = INTERPRET and a.dtype == torch.bfloat16  # see lora_matmul.matmul_lowrank
     c = torch.empty((M, NO), dtype=torch.float32 if interpret_bf16 else a.dtype, device=a.device)
     if M == 0 or NO == 0:
         return c.to(a.dtype)

@@ -203,7 +203,7 @@ def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
 
 
 def _is_4bit(m: nn.Module) -> bool:
-    """An NF4 layer (phi3mini.quant): duck-typed, so `import lora` does not import the kernels."""
+    """An NF4 layer (phi3mini.quant): duck-typed, so `import phi3lora.lora` imports neither quant nor Triton."""
     return hasattr(m, "nf4_tensors")
 
 

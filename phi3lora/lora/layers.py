@@ -254,7 +254,7 @@ class Linear(_LinearLoRA):
             return F.linear(x, weight, self.bias)
         lx = self.lora_dropout(x)  # the low-rank path's input; the base path always sees x
         if self.use_kernel and _use_triton(x, weight):
-            from phi3lora.kernels.lora_linear import lora_linear
+            from phi3lora.kernels.lora_matmul import lora_linear
             return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                lora_x=None if lx is x else lx)
         result = F.linear(x, weight, self.bias)  # (..., out)
@@ -341,7 +341,7 @@ class MergedLinear(_LinearLoRA):
             return F.linear(x, weight, self.bias)
         lx = self.lora_dropout(x)
         if self.use_kernel and _use_triton(x, weight):
-            from phi3lora.kernels.lora_linear import lora_linear
+            from phi3lora.kernels.lora_matmul import lora_linear
             return lora_linear(x, weight, self.bias, self.lora_A, self.full_B(), self.scaling,
                                lora_x=None if lx is x else lx)
         result = F.linear(x, weight, self.bias)  # (..., out)

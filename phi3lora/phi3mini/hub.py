@@ -88,7 +88,7 @@ def load_model(name: str, dtype: torch.dtype | None = None, device=None, seed: i
     if name == TINY:
         model = Phi3.from_name(TINY, seed=seed, dtype=dtype or torch.float32, device=device)
         if quantize:
-            from .quant import QUANTIZE_CHOICES, quantize_model  # here: it imports the kernels (Triton)
+            from .quant import QUANTIZE_CHOICES, quantize_model  # here: quant imports kernels.nf4, so Triton
             if quantize not in QUANTIZE_CHOICES:
                 raise CheckpointError(f"quantize={quantize!r}: choose one of {QUANTIZE_CHOICES}")
             quantize_model(model)

@@ -169,7 +169,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)  # (B, T, 2I)
         if self.use_kernel:
-            from phi3lora.kernels.swiglu import swiglu
+            from phi3lora.kernels.silu_mul import swiglu
             return self.down_proj(swiglu(gate_up))
         return self.down_proj(swiglu_reference(gate_up))
 

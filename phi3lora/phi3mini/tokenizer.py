@@ -41,6 +41,7 @@ from .chat_format import BASE_ROLES as ROLES
 from .chat_format import EOS_TOKEN, PHI3_ADDED_TOKENS  # noqa: F401  (their home is chat_format; named here too)
 from .chat_format import END_TOKEN, PHI3_CHAT_TEMPLATE, PHI4_CHAT_TEMPLATE, for_checkpoint
 from .download import find_folder
+from .tiny import tiny_tokenizer_config, tiny_tokenizer_json
 
 IGNORE = -100  # label of a token the loss must not see (torch's cross_entropy ignore_index); defined here only
 
@@ -204,7 +205,6 @@ class Tokenizer:
     @classmethod
     def tiny(cls) -> "Tokenizer":
         """A small Phi-3-style tokenizer built in code (no download, deterministic): see phi3mini/tiny.py."""
-        from .tiny import tiny_tokenizer_config, tiny_tokenizer_json  # imported here: only tiny users pay for it
         return cls(_Backend.from_str(tiny_tokenizer_json()), tiny_tokenizer_config(), source="tiny")
 
     def save_pretrained(self, out_dir) -> None:

@@ -230,7 +230,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize: str 
     """quantize="nf4": the decoder projections become 4-bit (phi3mini/quant.py), each quantized as soon as it is
     read, so the full-precision model never exists. A bitsandbytes 4-bit checkpoint loads 4-bit whatever quantize
     says (and is never quantized again)."""
-    from .quant import QUANTIZE_CHOICES, quantized_names, swap_in_4bit  # here: it imports the kernels (Triton)
+    from .quant import QUANTIZE_CHOICES, quantized_names, swap_in_4bit  # here: quant imports kernels.nf4, so Triton
     if quantize not in QUANTIZE_CHOICES:
         raise CheckpointError(f"quantize={quantize!r}: choose one of {QUANTIZE_CHOICES}")
     dtype = _weight_dtype(dtype)

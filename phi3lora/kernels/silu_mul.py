@@ -19,6 +19,8 @@ d(gate_up) = cat(d_gate, d_up) is a new (..., 2I) tensor (not written over gate_
 
 Layers, bottom up: the @triton.jit kernels, the launchers `swiglu_forward` / `swiglu_backward`, the
 autograd.Function and the public `swiglu`; `swiglu_reference` (kernels/reference.py) is the numerical contract.
+The module is named for what its kernels compute, silu(gate)·up, not for `swiglu`: a submodule named like a public
+function would replace that function on the package once imported (kernels/__init__.py).
 """
 from __future__ import annotations
 

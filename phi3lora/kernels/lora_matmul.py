@@ -29,6 +29,8 @@ The thin factors xa and g are rounded to the input dtype, as torch's own bf16 ma
 Layers, bottom up: the @triton.jit kernel, the launcher `matmul_lowrank`, the autograd.Function, the public
 `lora_linear`; `lora_linear_reference` (kernels/reference.py, plain torch) is the contract the tests check against.
 (lora.layers.expand_merged_B turns loralib's MergedLinear, per-slice adapters on a fused qkv, into this form.)
+The module is named for its kernel, not for `lora_linear`: a submodule named like a public function would replace
+that function on the package once imported (kernels/__init__.py).
 """
 from __future__ import annotations
 
