@@ -161,7 +161,7 @@ def task_key(task, module_file, triton_version):
     """A cache key that changes when anything that shapes the compile does."""
     h = hashlib.sha256()
     # every kernels/*.py, not only the kernel's own module: device functions and launch options live in others
-    # (nf4_lora's GEMM inlines nf4.decode_nf4 and takes nf4.EXACT_DECODE)
+    # (nf4_lora's GEMM inlines nf4_dequant.decode_nf4 and takes nf4_dequant.EXACT_DECODE)
     sources = "".join(_file_text(p) for p in sorted((ROOT / "phi3lora" / "kernels").glob("*.py")))
     for part in (_file_text(module_file), sources, task.get("builder", ""),
                  _file_text(__file__), triton_version,

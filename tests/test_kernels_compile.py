@@ -168,7 +168,7 @@ def nf4_mm_cases(dtype, cap):
     meta_of = _module("phi3lora.kernels.nf4").NF4Meta
     dt, cases, R = DTYPES[dtype], {}, 16
     meta = dict(NF4, HAS_BIAS=False, HAS_LORA=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                DOT_FP32=False, BLOCK_R=16, **_module("phi3lora.kernels.nf4").EXACT_DECODE)
+                DOT_FP32=False, BLOCK_R=16, **_module("phi3lora.kernels.nf4_dequant").EXACT_DECODE)
     ptrs = (dt, torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, dt, dt, dt)
     for K, N in (LINEARS["o"], LINEARS["gate_up"]):
         aligned = mod.nf4_aligned(meta_of(shape=(N, K), blocksize=NF4["BLOCKSIZE"]))
@@ -203,7 +203,7 @@ def nf4_mm_full(dtype, cap, case, cfg):
 def nf4_dequant_cases(dtype, cap):
     dt = DTYPES[dtype]
     args = (torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32, dt, 0.03, 9216 * 3072)
-    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("phi3lora.kernels.nf4").EXACT_DECODE))]}
+    return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("phi3lora.kernels.nf4_dequant").EXACT_DECODE))]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ CASES = [
     Kernel("phi3lora.kernels.silu_mul", "_swiglu_fwd_kernel", swiglu_cases(False)),
     Kernel("phi3lora.kernels.silu_mul", "_swiglu_bwd_kernel", swiglu_cases(True)),
     Kernel("phi3lora.kernels.cross_entropy", "_softmax_ce_grad_kernel", ce_cases),
-    Kernel("phi3lora.kernels.nf4", "_dequant_kernel", nf4_dequant_cases),
+    Kernel("phi3lora.kernels.nf4_dequant", "_dequant_kernel", nf4_dequant_cases),
     Kernel("phi3lora.kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs,
            ci=nf4_mm_ci, full=nf4_mm_full),
 ]
@@ -328,7 +328,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-# kernels that decode NF4 scales: no fused multiply-add may round the scale once (kernels/nf4.py, EXACT_DECODE)
+# kernels that decode NF4 scales: no fused multiply-add may round the scale once (kernels/nf4_dequant.py, EXACT_DECODE)
 EXACT_DECODE = ("_dequant_kernel", "_nf4_matmul_lowrank_kernel")
 
 
@@ -344,7 +344,7 @@ def problems(rows, full):
                        f"{where}; prune it")
         elif r["kernel"] in EXACT_DECODE and not r["err"] and r.get("fma_f32"):
             out.append(f"{r['fma_f32']} fma.rn.f32 in the PTX (the NF4 scale must round twice, as the reference "
-                       f"does: launch with kernels.nf4.EXACT_DECODE): {where}")
+                       f"does: launch with kernels.nf4_dequant.EXACT_DECODE): {where}")
         elif r["kernel"] in SPILL_FREE and r["cap"] == 90 and r["dtype"] != "fp32" and not r["err"] and (
                 r["spill_store"] or r["spill_load"] or r["serial"]):
             out.append(f"spills {r['spill_store']}/{r['spill_load']} B or serialized wgmma {r['serial']}: {where}")
@@ -375,7 +375,7 @@ def jit_kernels(path):
             and any("jit" in ast.unparse(d) for d in node.decorator_list)}
     called = {c.func.id for node in jits.values() for c in ast.walk(node)
               if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
-    # a device function another module imports (nf4.decode_nf4 in nf4_lora) is not a kernel either
+    # a device function another module imports (nf4_dequant.decode_nf4 in nf4_lora) is not a kernel either
     return [name for name in jits if name not in called and not _imported_elsewhere(name, path)]
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from phi3lora.kernels.nf4 import (NF4_CODE, NF4Meta, dequantize_nf4, dequantize_nf4_triton, dynamic_map, quantize_nf4,
-                                  unpack_codes)
+from phi3lora.kernels.nf4 import NF4_CODE, NF4Meta, dequantize_nf4, dynamic_map, quantize_nf4, unpack_codes
+from phi3lora.kernels.nf4_dequant import dequantize_nf4_triton
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 

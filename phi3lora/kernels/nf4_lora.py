@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, INTERPRET, device_guard, grouped_tile, tl, triton, use_triton
-from .nf4 import EXACT_DECODE, dequantize_nf4, kernel_args, nf4_quant_state
+from .nf4 import dequantize_nf4, nf4_quant_state
+from .nf4_dequant import EXACT_DECODE, kernel_args
 
 if HAS_TRITON:
-    from .nf4 import decode_nf4
+    from .nf4_dequant import decode_nf4
 
     @triton.jit
     def _decode_nf4_rows(rows, c0, K, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
