@@ -1,5 +1,5 @@
-"""Looking inside the model: capture attention and the residual stream (capture.py), the logit lens, activation
-patching, and the pictures of them (viz.py, needs the [viz] extra)."""
+"""Looking inside the model: capture attention and the residual stream, the logit lens and activation patching
+(internals.py), and the pictures of them (viz.py, needs the [viz] extra)."""
 from .internals import capture
 
 __all__ = ["capture"]
