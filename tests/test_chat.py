@@ -396,3 +396,22 @@ def test_a_reader_that_goes_away_ends_it_quietly():
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
+
+
+# ----- a reply cut by the token limit -------------------------------------------------------------------------------
+def test_a_reply_cut_by_max_new_tokens_says_so_on_stderr(monkeypatch, tok):
+    """stdout stays the reply alone (its last line is the reply); the notice goes to stderr, on its own line."""
+    fake_generate(monkeypatch, [tok.encode("one two three")[:3]])
+    code, out, err = run([*TINY, "--prompt", "hello", "--max-new-tokens", "3"])
+    assert code == 0, err
+    assert out.count("\n") == 1 and "cut" not in out
+    assert "[cut at --max-new-tokens 3]\n" in err.splitlines(keepends=True)
+
+
+def test_a_reply_that_stops_or_is_shorter_is_not_called_cut(monkeypatch, tok):
+    end = tok.end_id
+    fake_generate(monkeypatch, [tok.encode("Hi")[:1] + [end], tok.encode("Hi")[:1]])
+    for _ in range(2):  # 2 tokens, the last a stop id; then 1 token of a limit of 2
+        code, out, err = run([*TINY, "--prompt", "hello", "--max-new-tokens", "2"])
+        assert code == 0 and out.strip(), err
+        assert "cut at" not in err, err

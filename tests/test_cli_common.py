@@ -142,7 +142,8 @@ def test_report_progress_goes_through_the_console(terminal):
     progress.update(1, rec, 1)
     console.error("it broke")
     text = terminal.getvalue()
-    assert text.startswith("\r\x1b[Kstep 1/2 | loss 1.0000 | lr 1.00e-04 | 10 tok/s | mem 0.10 GB | eta "), text
+    assert text.startswith("\r\x1b[Kstep 1/2 [##########----------]  50% | loss 1.0000 | lr 1.00e-04 | "), text
+    assert " steps/s | 10 tok/s | mem 0.10 GB | eta " in text, text
     assert text.endswith("s\nerror: it broke\n") and text.count("\n") == 2, text
 
 
@@ -162,3 +163,124 @@ def test_off_a_terminal_each_progress_line_is_a_line():
     console.warn("w", file=log)
     console.progress("step 2/2", last=True, file=log)
     assert log.getvalue() == "step 1/2\nwarning: w\nstep 2/2\n"
+
+
+# ----- warnings, bars, rates ----------------------------------------------------------------------------------------
+def test_a_python_warning_ends_the_progress_line(terminal, monkeypatch):
+    """A warning raised mid-training (torch's, a library's) prints after a newline, not on the step line; the
+    hook is Python's own again once no line is open."""
+    import sys
+    import warnings
+    terminal = terminal()
+
+    def python_like(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, ""))
+
+    monkeypatch.setattr(warnings, "showwarning", python_like)  # pytest records warnings; print them, as Python does
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        console.progress("step 1/2")
+        warnings.warn("something odd", UserWarning)
+        console.progress("step 2/2", last=True)
+    text = terminal.getvalue()
+    assert text.startswith("\r\x1b[Kstep 1/2\n") and "UserWarning: something odd\n" in text, text
+    assert text.endswith("\r\x1b[Kstep 2/2\n") and warnings.showwarning is python_like
+
+
+def test_the_training_line_has_a_bar_rate_and_eta(terminal):
+    terminal = terminal()
+    now = [0.0]
+    progress = metrics.Progress(total=4, every=10, clock=lambda: now[0])
+    rec = {"loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0, "mem_gb": 0.1}
+    now[0] = 1.0
+    progress.update(2, rec, 2)  # 2 steps in 1 s: 2 steps left take 1 s
+    assert terminal.getvalue() == ("\r\x1b[Kstep 2/4 [##########----------]  50% | loss 1.0000 | lr 1.00e-04 | "
+                                   "2.00 steps/s | 10 tok/s | mem 0.10 GB | eta 1s")
+    assert console.duration(3725) == "1:02:05" and console.duration(125) == "2:05" and console.duration(-1) == "?"
+
+
+def test_a_meter_is_silent_on_short_work_then_counts_with_rate_and_eta():
+    log = io.StringIO()  # not a terminal: one line every `every` seconds
+    now = [0.0]
+    meter = console.Meter("tokenizing d.jsonl", total=1000, unit="examples", after=2.0, every=5.0, file=log,
+                          clock=lambda: now[0])
+    for t, done in ((1.0, 100), (2.0, 200), (4.0, 400), (7.5, 750)):
+        now[0] = t
+        meter.update(done)
+    meter.close()
+    assert log.getvalue().splitlines() == [
+        "tokenizing d.jsonl 200/1,000 examples [####----------------]  20% | 100 examples/s | eta 8s",
+        "tokenizing d.jsonl 750/1,000 examples [###############-----]  75% | 100 examples/s | eta 2s",
+        "tokenizing d.jsonl 750/1,000 examples [###############-----]  75% | 100 examples/s | eta 2s | 8s in all"]
+    quiet = io.StringIO()
+    short = console.Meter("x", file=quiet, after=2.0, clock=lambda: 0.0)
+    short.update(5)
+    short.close()
+    assert quiet.getvalue() == ""
+
+
+def test_tokenizing_a_large_set_shows_a_progress_line(tmp_path, monkeypatch, capsys):
+    import functools
+    import json
+
+    from phi3lora.data import load_data, store
+    from phi3lora.phi3mini import Tokenizer
+
+    ticks = iter(range(0, 10_000, 3))  # every look at the clock 3 s later: the work "takes" over 2 s
+    monkeypatch.setattr(store.console, "Meter", functools.partial(console.Meter, clock=lambda: next(ticks)))
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(20)))
+    load_data(str(tmp_path / "d.jsonl"), Tokenizer.tiny(), 64, cache="off")
+    err = capsys.readouterr().err
+    assert re.search(r"tokenizing .*d\.jsonl 20 examples \| [\d.]+ examples/s \| 20 kept, [\d,]+ tokens", err), err
+
+
+# ----- help and advice --------------------------------------------------------------------------------------------
+def test_train_help_names_every_data_form_it_reads(capsys, monkeypatch):
+    from phi3lora.data.files import DATA_SUFFIXES
+    text = help_text(train.main, capsys, monkeypatch)
+    assert "(JSONL)" not in text
+    head = text.split("options:")[0]
+    assert all(w in head for w in ("JSON lines", "Parquet", "Arrow", "CSV", "folders", "globs", "Hub", "commas"))
+    data_help = re.search(r"^\s+--data STR\s+(.*?)^\s+--eval-data", text, re.M | re.S).group(1)
+    assert all(s in data_help for s in DATA_SUFFIXES), data_help
+    assert all(w in data_help for w in ("folders", "globs", "Hub dataset", "commas")), data_help
+
+
+@pytest.mark.parametrize("main", [train.main, chat.main])
+def test_quantize_offers_none_or_nf4(main, capsys, monkeypatch):
+    assert re.search(r"^\s+--quantize \{none,nf4\}$", help_text(main, capsys, monkeypatch), re.M)
+
+
+def test_quantize_none_and_the_older_empty_spelling_mean_the_same(tmp_path):
+    assert parse_config(["--quantize", "none"])["training"]["quantize"] == "none"
+    assert parse_config(["--quantize", ""])["training"]["quantize"] == "none"
+    assert parse_config([])["training"]["quantize"] == "none"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[training]\nquantize = ""\n')
+    assert parse_config(["--config", str(cfg)])["training"]["quantize"] == "none"
+    assert chat.parse_args(["--quantize", ""]).quantize == chat.parse_args([]).quantize == "none"
+    from phi3lora.phi3mini.quant import is_quantized
+    assert not is_quantized(hub.load_model("tiny", quantize="none"))
+    from phi3lora.training.config import as_spelled_now  # a checkpoint written with quantize "" still resumes
+    assert as_spelled_now({"quantize": "", "dtype": "bf16", "lr": 1.0}) == {"quantize": "none", "dtype": "bfloat16",
+                                                                            "lr": 1.0}
+
+
+def test_offline_advice_names_today_s_hub_command_and_is_whole(monkeypatch):
+    cause = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
+             "outgoing traffic has been disabled. To enable repo look-ups and downloads online, set "
+             "'HF_HUB_OFFLINE=0' as environment variable.")
+
+    def offline(name):
+        raise OSError(cause)
+
+    monkeypatch.setattr(download, "_download", offline)
+    with pytest.raises(hub.LoadError) as e:
+        hub.load("owner/name", "cpu", "auto")
+    text = str(e.value)
+    assert "`hf download owner/name --local-dir DIR`" in text and "huggingface-cli" not in text
+    assert "set 'HF_HUB_OFFLINE=0' as environment variable)" in text, text  # the cause's hint, whole
+    assert text.endswith("or --model tiny for the built-in demo model.")
+    long = "x" * 500 + ". More."
+    assert download.first_sentences(OSError("A first one. " + long)) == "A first one. ..."

@@ -1,5 +1,6 @@
 """training.tracking: sample prompts cut where chat.py would, greedy replies equal generate's, adapter norms, and
 what lands in samples.jsonl and TensorBoard's event files (read back with tensorboard's own reader)."""
+import io
 import json
 import math
 import sys
@@ -11,8 +12,9 @@ from phi3lora import lora
 from helpers import CONV, small_tiny, small_tiny_args
 from phi3lora.phi3mini import Tokenizer, default_stop_ids, generate
 from phi3lora.data.pipeline import ChatEncoder, load_data
+from phi3lora import console
 from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter_norm_metrics, greedy_samples,
-                                       sample_prompts)
+                                       is_noise, question_of, sample_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,11 @@ def test_greedy_samples_equal_generate_and_keep_the_mode(tok):
     assert model.training
     with torch.no_grad():
         new = generate(model.eval(), prompts[0]["prompt_ids"], 5, stop_ids=default_stop_ids(model, tok))
-    assert samples == [{"prompt": tok.decode(prompts[0]["prompt_ids"]),
-                        "reply": tok.decode(new, skip_special_tokens=True), "reference": "Its rank."}]
+    noise = next((i for i, t in enumerate(new) if is_noise(tok, t)), len(new))
+    assert samples == [{"prompt": tok.decode(prompts[0]["prompt_ids"]), "question": CONV[-2]["content"],
+                        "reply": tok.decode(new[:noise], skip_special_tokens=True), "reference": "Its rank.",
+                        "cut": len(new) == 5 and new[-1] not in default_stop_ids(model, tok),
+                        "noise_cut": len(new) - noise}]
 
 
 def test_lockstep_samples_run_every_forward_and_cut_at_the_stop(tok):
@@ -165,3 +170,52 @@ def test_train_reports_to_tensorboard_and_resumes_the_samples(tmp_path, monkeypa
     assert train.main(base + ["--max-steps", "1", "--overwrite", "--out", str(tmp_path / "other")]) == 2
     assert "pip install 'phi3-lora[tensorboard]'" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+# ----- what a sample says on the console -----------------------------------------------------------------------------
+def test_a_random_model_s_noise_is_cut_with_a_note(tok):
+    """The untrained tiny model babbles <unusedN> filler pieces: the reply stops before the first, and says how
+    many tokens went; it ran into max_new_tokens, so it is marked cut."""
+    model = small_tiny()
+    prompts = sample_prompts(examples(tok), tok, 1)
+    with torch.no_grad():
+        new = generate(model, prompts[0]["prompt_ids"], 24, stop_ids=default_stop_ids(model, tok))
+    assert "<unused" in tok.decode(new, skip_special_tokens=True)  # what used to be printed
+    [s] = greedy_samples(model, tok, prompts, max_new_tokens=24)
+    assert "<unused" not in s["reply"] and s["noise_cut"] > 0
+    assert s["reply"] == tok.decode(new[:len(new) - s["noise_cut"]], skip_special_tokens=True)
+    assert s["cut"] is True and len(new) == 24
+
+
+def test_the_question_is_the_last_user_message(tok):
+    ids = tok.encode_chat(CONV[:-1], add_generation_prompt=True)
+    assert question_of(tok, ids) == CONV[-2]["content"] and CONV[-2]["role"] == "user"
+    assert question_of(tok, tok.encode("no chat here")) == ""
+
+
+def test_sample_lines_show_the_question_beside_the_reply_and_what_was_cut(tmp_path):
+    said = []
+    rep = ExperimentTracker(tmp_path, echo=said.append)
+    noisy = [{**SAMPLES[0], "question": "Hi?", "reply": "", "cut": True, "noise_cut": 48}]
+    rep.log_samples(0, noisy)
+    rep.log_samples(5, [{**SAMPLES[0], "question": "Hi?", "cut": False, "noise_cut": 0}])
+    assert said[0] == "sample 0 @ step 0: 'Hi?' -> '' (… 48 more tokens of noise cut) [cut at the token limit] " \
+                      "(data: 'Hi.')"
+    assert said[1] == "sample 0 @ step 5: 'Hi?' -> 'Hello.' (data: 'Hi.')"
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert (lines[0]["cut"], lines[0]["noise_cut"], lines[0]["question"]) == (True, 48, "Hi?")
+    assert lines[1]["cut"] is False
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_samples_end_an_open_progress_line(monkeypatch, tmp_path):
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    rep = ExperimentTracker(tmp_path)  # the default echo: the console
+    console.progress("step 1/2")
+    rep.log_samples(1, SAMPLES)
+    assert screen.getvalue().startswith("\r\x1b[Kstep 1/2\nsample 0 @ step 1: ")

@@ -11,7 +11,8 @@ Ctrl-C stops the reply being generated (at the prompt it quits). When the histor
 The prompt is rendered by `Tokenizer.encode_chat`, the renderer train.py trains on, so the prompt ids of a
 conversation are exactly the prefix the adapter saw in training. Generation is `phi3mini.generate` (prefill, then
 one token at a time against a KV cache under torch.inference_mode()); this file only wires it to a terminal.
-Replies, and nothing else, go to stdout; notices, --stats and errors go to stderr.
+Replies, and nothing else, go to stdout; notices, --stats and errors go to stderr (a reply cut short by
+--max-new-tokens is followed there by `[cut at --max-new-tokens N]`).
 """
 from __future__ import annotations
 
@@ -73,8 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
-    p.add_argument("--quantize", choices=["", "nf4"], default="",
-                   help="nf4: a 4-bit base (the decoder projections quantized while loading, as train.py --quantize)")
+    p.add_argument("--quantize", choices=hub.QUANTIZE_CHOICES, default="none", type=hub.quantize_name,
+                   help="nf4: a 4-bit base (the decoder projections quantized while loading, as train.py --quantize); "
+                        "none: as stored (default)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of prompt + reply to keep (default and maximum: the model's max_position_embeddings)")
     args = p.parse_args(argv)
@@ -231,6 +233,7 @@ class Chat:
 
     def reply(self, ids: list[int]) -> str:
         decoder, scrub, shown, times = self.tokenizer.stream_decoder(skip_special_tokens=True), Scrubber(), [], []
+        last: list[int] = []  # the newest token: a stop id, or the reply ran into --max-new-tokens
 
         def show(text: str) -> None:
             if text:
@@ -240,6 +243,7 @@ class Chat:
 
         def on_token(token: int) -> None:
             times.append(time.perf_counter())
+            last[:] = [token]
             if token not in self.stop_ids:
                 show(scrub.push(decoder.push(token)))
 
@@ -257,6 +261,9 @@ class Chat:
         self.stdout.flush()
         if interrupted:
             self.notice("interrupted")
+        elif len(times) >= a.max_new_tokens and last and last[0] not in self.stop_ids:
+            # on stderr: stdout holds the reply and nothing else (its last line is the reply's last line)
+            self.notice(f"cut at --max-new-tokens {a.max_new_tokens}")
         if a.stats and times:
             n, ttft = len(times), times[0] - start
             decode = f", decode {(n - 1) / (times[-1] - times[0]):.1f} tokens/s" if n > 1 else ""

@@ -555,6 +555,7 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     the adapter depend on has changed; returns the position and the metrics records up to it."""
     t, state = run.t, read_trainer_state(path)
     saved = state["config"]
+    saved["training"] = config.as_spelled_now(saved["training"])
     changed = [f"{k} (checkpoint {saved['training'].get(k)!r}, now {getattr(t, k)!r})"
                for k in config.resume_fixed() if k != "batch_size" and saved["training"].get(k) != getattr(t, k)]
     # the data position counts global micro-batches (batch_size x processes): any split of the same global batch

@@ -32,6 +32,10 @@ from .formats import DataError
 MAX_LINE_BYTES = 4 << 20  # a longer JSON line is refused: parsing one of 10 MB took 2.8 GB
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".jsonl.gz", ".json.gz", ".jsonl.zst",
                  ".json.zst", ".ndjson")
+# what a data spec may name, in words (train --help): from DATA_SUFFIXES, so the help and the reader never disagree
+SPEC_FORMS = (f"files ({', '.join(DATA_SUFFIXES)}; gzip/zstd recognized by content), folders of them, globs "
+              "(shards/*.parquet), Hugging Face Hub dataset ids (owner/name); several joined by commas, each with an "
+              "optional :N (its first N examples)")
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")  # train_sft-00000-of-00003
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GZIP, _ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"

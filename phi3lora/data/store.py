@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phi3lora import atomic
+from phi3lora import atomic, console
 from .encoder import ChatEncoder
 from .files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
 from .formats import DataError, record_to_messages
@@ -190,10 +190,12 @@ def raise_errors(errors: list[str], name: str) -> None:
 
 def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_line_bytes: int) -> DataStats:
     stats, errors = DataStats(source.spec), []
-    chunk, chars = [], 0
+    chunk, chars, tokens = [], 0, 0
+    # a progress line (count, rate) once tokenizing has taken 2 s: a large set takes minutes, a small one says nothing
+    meter = console.Meter(f"tokenizing {source.spec}", unit="examples", after=2.0)
 
     def flush() -> bool:  # True when the source's limit is reached
-        nonlocal chunk, chars
+        nonlocal chunk, chars, tokens
         out = encoder.encode_chunk(chunk, errors) if chunk and not errors else None
         chunk, chars = [], 0
         if out is None:
@@ -210,6 +212,8 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
             ids, mask, stats.limit = ids[:n], mask[:n], source.limit
         writer.add(ids, mask, kept)
         stats.kept += len(kept)
+        tokens += len(ids)
+        meter.update(stats.lines, f"{stats.kept:,} kept, {tokens:,} tokens")
         return bool(stats.limit)
 
     for where, messages in read_source(source, max_line_bytes, stats, errors):
@@ -219,6 +223,7 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
             break
     else:
         flush()
+    meter.close(f"{stats.kept:,} kept, {tokens:,} tokens")
     raise_errors(errors, source.spec)
     if stats.lines == 0:
         raise DataError(f"{source.spec}: the dataset is empty (no records)")

@@ -49,10 +49,26 @@ def find_folder(name, error: type[Exception] = SourceError) -> Path:
         return _download(text)
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
         raise error(
-            f"could not get {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not get {text!r} from the Hugging Face Hub ({type(e).__name__}: {first_sentences(e).rstrip('.')}). "
             f"Without network access, pass a local folder that holds config.json and the *.safetensors files "
-            f"(for instance one made elsewhere with `huggingface-cli download {text} --local-dir DIR`), "
+            f"(for instance one made elsewhere with `{download_command(text)}`), "
             f"or --model tiny for the built-in demo model.") from None
+
+
+def download_command(hub_id: str) -> str:
+    """The shell command that fetches what find_folder needs into DIR, with the `hf` command-line tool that
+    huggingface_hub installs (`huggingface-cli` is gone since huggingface_hub 1.0)."""
+    return f"hf download {hub_id} --local-dir DIR"
+
+
+def first_sentences(error: BaseException, limit: int = 400) -> str:
+    """The first line of an error's text, cut (at a sentence end where there is one) only past `limit` characters,
+    with "..." where it was cut, so a hint in it never stops in the middle of a word."""
+    text = (str(error).strip().splitlines() or [""])[0].strip()
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return (text[:end + 1] if end > 0 else text[:limit].rsplit(" ", 1)[0]) + " ..."
 
 
 @functools.lru_cache(maxsize=8)  # a failure raises, so only found folders are kept

@@ -31,6 +31,12 @@ DTYPE_HELP = "weights dtype: auto = bfloat16 on CUDA, float32 on CPU"
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # and cuda:N, checked by resolve_device (argparse cannot list it)
 DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
 DEVICE_HELP = "auto = cuda when available, else cpu; cuda:N picks one GPU"
+QUANTIZE_CHOICES = ("none", "nf4")  # --quantize; "" (the older spelling of none) is still accepted
+
+
+def quantize_name(text: str) -> str:
+    """--quantize's value in QUANTIZE_CHOICES ("" -> "none"); other text as is, for the choices check to refuse."""
+    return text or "none"
 
 
 class LoadError(ValueError):
@@ -85,6 +91,7 @@ def load_model(name: str, dtype: torch.dtype | None = None, device=None, seed: i
     from seed (0 stands for the one "pretrained" tiny model: adapters trained on it load onto it again).
     quantize="nf4": the decoder projections 4-bit (phi3mini/quant.py; a checkpoint's while it is read).
     model.name_or_path is name, as adapters record it."""
+    quantize = "" if quantize == "none" else quantize
     if name == TINY:
         model = Phi3.from_name(TINY, seed=seed, dtype=dtype or torch.float32, device=device)
         if quantize:

@@ -19,7 +19,7 @@ from phi3lora.kernels.nf4 import NF4Meta, QUANT_STATE_KEY, dequantize_nf4, quant
 
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QUANT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # buffers; weight.<key> in files
-QUANTIZE_CHOICES = ("", "nf4")
+QUANTIZE_CHOICES = ("", "none", "nf4")  # "" and "none": no quantization
 
 
 def quantization_config(compute_dtype: torch.dtype) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from phi3lora import console
+from phi3lora.data.files import SPEC_FORMS
 from phi3lora.lora import LoraConfig
 from phi3lora.phi3mini import hub
 
@@ -48,9 +49,7 @@ class TrainingConfig:
     model: str = option("microsoft/Phi-3-mini-4k-instruct",
                         "Hub id, local folder in the Hugging Face layout, or 'tiny' (built-in random model)",
                         resume_fixed=True)
-    data: str = option("data/sample_chat.jsonl", "training data: files (.jsonl/.json/.parquet/.arrow/.csv, "
-                       ".gz/.zst), folders, globs or Hub dataset ids, comma-separated, each with an optional :N "
-                       "(its first N examples)")
+    data: str = option("data/sample_chat.jsonl", f"training data (chats): {SPEC_FORMS}")
     eval_data: str = option("", "evaluation data (same forms as data); when empty, eval_split, else eval_fraction")
     eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data and eval_split "
                                   "are empty", min=0, below=1)
@@ -83,8 +82,9 @@ class TrainingConfig:
                         "float16 is refused: it needs loss scaling)", choices=hub.DTYPE_CHOICES, type=hub.dtype_name)
     device: str = option("auto", hub.DEVICE_HELP, metavar=hub.DEVICE_METAVAR)
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA", choices=("auto", "on", "off"))
-    quantize: str = option("", "4-bit base (QLoRA): nf4 quantizes the decoder projections while loading; a "
-                           "bitsandbytes 4-bit checkpoint is 4-bit anyway", choices=("", "nf4"), resume_fixed=True)
+    quantize: str = option("none", "4-bit base (QLoRA): nf4 quantizes the decoder projections while loading; none "
+                           "keeps them as stored, but a bitsandbytes 4-bit checkpoint is 4-bit anyway",
+                           choices=hub.QUANTIZE_CHOICES, type=hub.quantize_name, resume_fixed=True)
     grad_checkpointing: bool = option(True, "non-reentrant activation checkpointing")
     compile: bool = option(False, "torch.compile each block")
     fsdp: bool = option(False, "under torchrun: shard the frozen base over the processes (FSDP2, one unit per "
@@ -134,6 +134,14 @@ def flag_for(section: str, key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def as_spelled_now(training: dict) -> dict:
+    """A [training] section read back from an older checkpoint, each text value through its field's `type`, so an
+    older spelling compares equal to today's (quantize "" is "none", dtype "bf16" is "bfloat16")."""
+    by_name = {f.name: f for f in fields(TrainingConfig)}
+    return {k: by_name[k].metadata["type"](v) if k in by_name and "type" in by_name[k].metadata and isinstance(v, str)
+            else v for k, v in training.items()}
+
+
 def typed(cfg: dict) -> tuple[TrainingConfig, LoraConfig]:
     """The checked configuration dict as its dataclasses."""
     return TrainingConfig(**cfg["training"]), LoraConfig(**cfg["lora"])
@@ -171,7 +179,9 @@ def _argument(section: str, f) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune Phi-3 with LoRA on a chat dataset (JSONL).")
+    p = argparse.ArgumentParser(description="Fine-tune Phi-3 with LoRA on chat data: JSON lines (also gzip or zstd "
+                                "compressed), JSON, Parquet, Arrow or CSV files, folders of them, globs, Hugging Face "
+                                "Hub datasets, several joined by commas (see --data).")
     p.add_argument("--config", metavar="FILE", help="TOML file with [training] and [lora] sections")
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")

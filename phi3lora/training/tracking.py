@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from phi3lora import console
 from phi3lora.atomic import write_file
 from phi3lora.phi3mini.generation import default_stop_ids, generate
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+# a vocabulary entry no text maps to: Phi-3's <|placeholderN|> and the other added tokens, the tiny tokenizer's
+# <unusedN> filler. A random or barely trained model emits walls of them; they say nothing about what it learned.
+NOISE_PIECE = re.compile(r"<unused\d+>|<\|[^|<>]*\|>|<unk>|<s>|</s>")
+QUESTION_CHARS = 100  # of the question, on the console (samples.jsonl keeps it whole)
 
 
 class TrackerError(ValueError):
@@ -57,7 +62,10 @@ def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 
     mode afterwards). lockstep (a base sharded by FSDP, whose every forward is a collective of all ranks): every
     prompt runs exactly max_new_tokens forwards whatever the tokens, and the reply is cut at its first stop id
     afterwards, so no rank can stop sooner than another on a token its rounding chose differently.
-    Returns [{"prompt": text, "reply": text, "reference": text}]."""
+    The reply ends before its first noise token (NOISE_PIECE: what an untrained model babbles), "noise_cut" saying
+    how many tokens went; "cut" is True when the reply ran into max_new_tokens without a stop.
+    Returns [{"prompt": text, "question": the last user message, "reply": text, "reference": text, "cut": bool,
+    "noise_cut": int}]."""
     stop_ids = default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids  # as chat.py stops
     out = []
     for p in prompts:
@@ -65,9 +73,42 @@ def greedy_samples(model, tokenizer, prompts: list[dict], max_new_tokens: int = 
                        stop_ids=[] if lockstep else stop_ids)
         if lockstep:
             new = new[:next((i + 1 for i, t in enumerate(new) if t in stop_ids), len(new))]
-        reply = tokenizer.decode(new, skip_special_tokens=True)
-        out.append({"prompt": tokenizer.decode(p["prompt_ids"]), "reply": reply, "reference": p["reference"]})
+        cut = len(new) >= max_new_tokens and not (new and new[-1] in stop_ids)
+        noise = next((i for i, t in enumerate(new) if is_noise(tokenizer, t) and t not in stop_ids), len(new))
+        reply = tokenizer.decode(new[:noise], skip_special_tokens=True)
+        out.append({"prompt": tokenizer.decode(p["prompt_ids"]), "question": question_of(tokenizer, p["prompt_ids"]),
+                    "reply": reply, "reference": p["reference"], "cut": cut, "noise_cut": len(new) - noise})
     return out
+
+
+def is_noise(tokenizer, token_id: int) -> bool:
+    piece = tokenizer.id_to_token(int(token_id))
+    return piece is None or NOISE_PIECE.fullmatch(piece) is not None
+
+
+def question_of(tokenizer, prompt_ids: list[int]) -> str:
+    """The text of the prompt's last user message (between its <|user|> and the next <|end|>); "" without one."""
+    user, end = tokenizer.role_ids.get("user"), tokenizer.end_id
+    starts = [i for i, t in enumerate(prompt_ids) if t == user]
+    if user is None or not starts:
+        return ""
+    body = list(prompt_ids[starts[-1] + 1:])
+    body = body[:body.index(end)] if end in body else body
+    return tokenizer.decode(body, skip_special_tokens=True).strip()
+
+
+def sample_line(index: int, step: int, s: dict) -> str:
+    """The console's line for one sample: `sample 0 @ step 50: 'question' -> 'reply' (data: 'reference')`, with
+    what was cut from the reply said after it."""
+    question = s.get("question", "")
+    if len(question) > QUESTION_CHARS:
+        question = question[:QUESTION_CHARS - 1] + "…"
+    marks = ""
+    if s.get("noise_cut"):
+        marks += f" (… {s['noise_cut']} more tokens of noise cut)"
+    if s.get("cut"):
+        marks += " [cut at the token limit]"
+    return f"sample {index} @ step {step}: {question!r} -> {s['reply']!r}{marks} (data: {s['reference']!r})"
 
 
 def adapter_norm_metrics(model) -> dict[str, float]:
@@ -126,7 +167,7 @@ class ExperimentTracker:
                  resume_step: int | None = None, echo: Callable[[str], None] | None = None):
         check_backend(report_to)
         self.out_dir = Path(out_dir)
-        self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.echo = echo or console.info  # ends an open progress line first
         self.tb = self.wandb = None
         if report_to == "tensorboard":
             self.tb = self._tensorboard()
@@ -170,7 +211,7 @@ class ExperimentTracker:
                 f.write(json.dumps({"step": step, "index": i, **s}, ensure_ascii=False) + "\n")
         self.samples_mode = "a"
         for i, s in enumerate(samples):
-            self.echo(f"sample {i} @ step {step}: {s['reply']!r} (data: {s['reference']!r})")
+            self.echo(sample_line(i, step, s))
         text = "\n\n".join(f"**{i}** `{s['prompt'][-200:]}`\n\n→ {s['reply']}" for i, s in enumerate(samples))
         if self.tb is not None:
             self.tb.add_text("samples", text, step)
