@@ -1,5 +1,5 @@
 """How the programs talk to the person running them: notes, warnings and errors, one line each on stderr, and a
-progress line that a terminal redraws in place.
+progress line that a terminal redraws in place; and the programs' argument parser, which explains a mistyped flag.
 
 A progress line still open on a terminal is ended before any other line is printed, so a warning never lands in
 the middle of it: the console's own lines end it, and so do Python warnings (warnings.showwarning is wrapped while
@@ -9,6 +9,8 @@ phi3lora: every layer may use it.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import sys
 import time
 import warnings
@@ -166,3 +168,27 @@ class Meter:
         if self.shown:
             progress(self.line(extra) + f" | {duration(self.clock() - self.start)} in all", last=True, file=self.file)
             self.shown = False
+
+
+# ----- command lines ----------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without its prefix guessing (--ep is refused, not taken for --epochs: a flag added later would
+    silently change what an abbreviation means), and an unknown flag answered with the nearest known one."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, allow_abbrev=False, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # before argparse's own checks, so that a mistyped --out is named as such, not as a missing --out
+        args = sys.argv[1:] if args is None else list(args)
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for word in args:
+            if word == "--":  # what follows is not flags
+                break
+            if word.startswith("--") and " " not in word and word.split("=", 1)[0] not in known:  # argparse
+                # takes a word with a space for a value: --prompt "--why not"
+                stem = word.split("=", 1)[0]
+                # what an abbreviation would have meant first (--ep: --epochs), else the nearest spelling
+                close = [k for k in known if k.startswith(stem)][:3] or difflib.get_close_matches(stem, known, n=1)
+                self.error(f"unknown flag {word}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        return super().parse_known_args(args, namespace)

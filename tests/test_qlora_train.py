@@ -26,6 +26,6 @@ def test_train_quantize_nf4_merge_and_chat(tmp_path, capsys):
     model, _ = chat.load(chat.parse_args(["--model", small_tiny_dir(), "--quantize", "nf4",
                                           "--adapter", str(out / "adapter"), "--prompt", "hi"]))
     assert any(isinstance(m, Linear4bit) or hasattr(m, "nf4_tensors") for m in model.modules())
-    # --quantize cannot change on --resume (the adapter was trained against dequant(W4))
-    assert train.main(TINY + ["--data", data, "--out", str(out), "--max-steps", "4", "--resume"]) == 2
+    # --quantize cannot change on --resume (the adapter was trained against dequant(W4)); left out, it is the run's
+    assert train.main(TINY + ["--data", data, "--out", str(out), "--max-steps", "4", "--resume", "--quantize", ""]) == 2
     assert "quantize" in capsys.readouterr().err

@@ -325,7 +325,7 @@ def test_bad_values_in_a_config_file_too(tmp_path, capsys):
 
 
 # ----- --model tiny takes the tiny preset's settings, under the config file and the flags ----------------------------
-NOTE = "--model tiny: starting from the tiny preset's settings"
+NOTE = "settings (flags > the tiny preset > defaults):"
 
 
 def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags(capsys):
@@ -349,17 +349,18 @@ def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags
     assert parse_config(["--config", plain, "--model", "tiny", "--lr", "3e-3"])["training"]["lr"] == 3e-3
     notes = []
     assert parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4
-    assert notes == []
+    assert notes == ["settings (flags > defaults):\n  flags  --model other"]  # no preset for another model
 
 
 def test_the_tiny_settings_note_comes_with_the_run_not_before_an_input_error(tmp_path, capsys):
-    # the note belongs to the name "tiny" (the demo-sized model, built only by the second run)
+    # the settings summary belongs to the run (the demo-sized model, built only by the second run); TINY gives
+    # the preset's settings as flags, so the summary names no preset here
     rc, err = run(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
                   capsys)
-    assert rc == 2 and err.startswith("error: ") and "preset's settings" not in err, err
+    assert rc == 2 and err.startswith("error: ") and "settings (" not in err, err
     rc, err = run(["--model", "tiny", "--data", write_data(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"],
                   capsys)
-    assert rc == 0 and NOTE in err
+    assert rc == 0 and "settings (flags > defaults):" in err and "--model tiny" in err, err
 
 
 # ----- 10.5 loss.svg ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from phi3lora import console
 from phi3lora.cli.options import add_model_flags
+from phi3lora.console import ArgumentParser
 from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate, hub
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -59,7 +60,7 @@ def refuse_non_finite_logits(model: Phi3) -> None:
 
 # ----- command line ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Chat with Phi-3-mini, with or without a LoRA adapter.",
+    p = ArgumentParser(description="Chat with Phi-3-mini, with or without a LoRA adapter.",
                                 epilog=f"In a chat, {HELP}. Ctrl-C stops a reply; Ctrl-D quits.")
     add_model_flags(p, default=DEFAULT_MODEL)
     p.add_argument("--adapter", help="LoRA adapter folder (ours, from train.py, or a PEFT one)")

@@ -24,6 +24,7 @@ import torch
 
 from phi3lora import console
 from phi3lora.cli.options import add_model_flags
+from phi3lora.console import ArgumentParser
 from phi3lora.lora import footprint
 from phi3lora.phi3mini import Phi3, Tokenizer, hub
 from phi3lora.interp import viz
@@ -35,7 +36,7 @@ class ProbeError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write pictures of attention, the logit lens and a LoRA adapter's "
+    p = ArgumentParser(description="Write pictures of attention, the logit lens and a LoRA adapter's "
                                             "footprint for one prompt (index.html + PNGs).")
     add_model_flags(p)
     p.add_argument("--adapter", help="LoRA adapter folder (ours or PEFT): adds its norms and base-vs-adapted pictures")

@@ -2,7 +2,7 @@
 
     python train.py --config configs/tiny.toml                       # the CPU demo: tiny model, sample data
     python train.py --config configs/phi3-mini-lora.toml --data chats.jsonl --out out/mine
-    python train.py --config configs/phi3-mini-lora.toml --data chats.jsonl --out out/mine --resume
+    python train.py --resume out/mine      # continue out/mine with its own settings (its config.toml)
 
 A run, in the order train() below does it: prepare the output folder, load the data, build the model, resume (or
 start), the loop, save the outputs. The options are the fields of training/config.py (every key of the [training]
@@ -286,7 +286,8 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, tracker: Experimen
         elif pos.step > start_step or pos.last_saved is None:
             # a signal mid-step under torchrun: the other ranks may be anywhere, so rank 0 saves on its own
             pos.last_saved = save(run, pos, alone=world.active and not together)
-        console.info(f"interrupted at step {pos.step}; continue with --resume (checkpoint {pos.last_saved})")
+        console.info(f"interrupted at step {pos.step}; continue with --resume {run.out} (checkpoint "
+                     f"{pos.last_saved})")
         return stop.exit_code
     if pos.zero_grad_steps:
         console.warn(f"{pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "

@@ -13,11 +13,15 @@ metadata its help line and constraints:
     resume_fixed  changing it between a run and its --resume would change the data order or the adapter
 From these fields come the command-line flags (--max-steps, --lora-r, ...; booleans as --flag / --no-flag), the TOML
 reader and writer, and the checks of every value, run before any model loads. Adding an option is adding a field.
-Precedence: a flag wins over the --config file, the file over the defaults.
+Precedence: a flag wins over the --config file, the file over the tiny preset (model "tiny"), the preset over the
+defaults; resolve_config records where each setting came from, for the start-up summary. --resume RUN starts from
+RUN/config.toml instead (the run's own settings, already resolved) and lets a flag change only what does not change
+what was trained.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import tomllib
@@ -28,6 +32,7 @@ import torch
 
 from phi3lora import console
 from phi3lora.data.files import SPEC_FORMS
+from phi3lora.console import ArgumentParser
 from phi3lora.lora import LoraConfig
 from phi3lora.phi3mini import hub
 
@@ -94,7 +99,9 @@ class TrainingConfig:
     eval_every: int = option(100, "evaluate every N steps (and at the end); 0: only at the end", min=0)
     save_every: int = option(100, "checkpoint every N steps (and at the end); 0: only at the end", min=0)
     keep_last: int = option(2, "checkpoints kept", above=0)
-    resume: bool = option(False, "continue from the newest complete checkpoint in out")
+    resume: bool = option(False, "continue the run in folder RUN (no RUN: in --out) from its newest complete "
+                          "checkpoint, with the settings of its config.toml; flags may change only what does not "
+                          "change what was trained")
     overwrite: bool = option(False, "start afresh in an out folder that holds an earlier run")
     export_peft: bool = option(False, "also write the adapter in PEFT's format (out/adapter-peft)")
     merge: bool = option(False, "also write base + adapter merged, Hugging Face layout (out/merged)")
@@ -165,7 +172,9 @@ def _argument(section: str, f) -> dict:
     shown = ",".join(map(str, default)) if k is list else default
     kw = dict(dest=f"{section}.{f.name}", default=None,
               help=f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%"))
-    if k is bool:
+    if f.name == "resume":  # --resume, or --resume RUN: the folder of the run to continue
+        kw.update(nargs="?", const=True, metavar="RUN")
+    elif k is bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif k is list:
         kw.update(type=_list_arg(type(default[0]) if default else str), metavar="A,B,...")
@@ -179,9 +188,9 @@ def _argument(section: str, f) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune Phi-3 with LoRA on chat data: JSON lines (also gzip or zstd "
-                                "compressed), JSON, Parquet, Arrow or CSV files, folders of them, globs, Hugging Face "
-                                "Hub datasets, several joined by commas (see --data).")
+    p = ArgumentParser(description="Fine-tune Phi-3 with LoRA on chat data: JSON lines (also gzip or zstd "
+                       "compressed), JSON, Parquet, Arrow or CSV files, folders of them, globs, Hugging Face "
+                       "Hub datasets, several joined by commas (see --data).")
     p.add_argument("--config", metavar="FILE", help="TOML file with [training] and [lora] sections")
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")
@@ -190,29 +199,167 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv=None, notes: list | None = None) -> dict:
+# Where a setting came from, lowest precedence first: each level overrides the ones before it. "run" is the
+# config.toml of the run --resume continues (that run's defaults, preset, file and flags, already resolved).
+LEVELS = ("default", "preset", "run", "file", "flag")
+# (a, b): a > 0 sets b aside. Where both are set, the one set at the higher level governs (a flag's --epochs over
+# the preset's max_steps); at the same level, a.
+CONFLICTS = (("max_steps", "epochs"), ("warmup_steps", "warmup_ratio"))
+
+
+@dataclass
+class Resolved:
+    """The configuration ({"training": {...}, "lora": {...}}, what the rest of the program reads) and where each
+    setting came from."""
+    cfg: dict
+    origin: dict = field(default_factory=dict)  # {(section, key): level in LEVELS}; absent: the default
+    where: dict = field(default_factory=lambda: {"flag": "flags", "preset": "the tiny preset"})  # level -> name
+    notes: list = field(default_factory=list)  # lines for the user: which setting governs, what --resume changed
+    replaced: set = field(default_factory=set)  # (section, key) whose value a higher level changed
+
+    def level(self, section: str, key: str) -> str:
+        return self.origin.get((section, key), "default")
+
+    def set_all(self, level: str, values: dict) -> None:
+        for section, items in values.items():
+            for key, value in items.items():
+                if self.cfg[section][key] != value:
+                    self.replaced.add((section, key))
+                self.cfg[section][key] = value
+                self.origin[section, key] = level
+
+    def described(self, section: str, key: str) -> str:
+        """ "--max-steps 100 (the tiny preset)" """
+        level = self.level(section, key)
+        return f"{as_flag(section, key, self.cfg[section][key])} ({self.where.get(level, level)})"
+
+    def summary(self) -> str | None:
+        """The settings not at their default, every flag given and every value that replaced a lower level's,
+        grouped by where they came from, highest precedence first: what the run uses, as flags."""
+        base, groups = defaults(), {}
+        for section, values in self.cfg.items():
+            for key, value in values.items():
+                level = self.level(section, key)
+                if level != "default" and (level == "flag" or value != base[section][key]
+                                           or (section, key) in self.replaced):
+                    groups.setdefault(level, []).append(as_flag(section, key, value))
+        if not groups:
+            return None
+        order = [level for level in reversed(LEVELS) if level in groups]
+        width = max(len(self.where[level]) for level in order)
+        chain = " > ".join([self.where[level] for level in order] + ["defaults"])
+        return "\n".join([f"settings ({chain}):"]
+                         + [f"  {self.where[level]:<{width}}  {' '.join(groups[level])}" for level in order])
+
+
+def resolve_config(argv=None) -> Resolved:
     """Defaults, then the tiny preset's settings (model "tiny"), then the --config TOML file, then command-line
-    flags -> {"training": {...}, "lora": {...}},
-    every value checked (TrainError otherwise). Notes for the user (which settings were taken from where) go to
-    `notes` when given, else to stderr."""
+    flags; with --resume, the run's config.toml, then the file and the flags where they change nothing that was
+    trained. Every value checked (TrainError otherwise)."""
     args = vars(build_parser().parse_args(argv))
-    cfg = defaults()
-    from_file = read_toml(Path(args["config"])) if args["config"] else {}
-    model = args["training.model"] or from_file.get("training", {}).get("model") or cfg["training"]["model"]
-    if model == "tiny":  # the preset's settings, under the file's and the flags'
-        note = use_tiny_settings(cfg)
-        if note and notes is not None:
-            notes.append(note)
-        elif note:
-            console.info(note)
-    for section, values in from_file.items():
-        cfg[section].update(values)
+    config_file = args.pop("config")
+    flags = {}
     for dest, value in args.items():
-        if dest != "config" and value is not None:
+        if value is not None:
             section, key = dest.split(".")
-            cfg[section][key] = value
-    check(cfg)
-    return cfg
+            flags.setdefault(section, {})[key] = value
+    from_file = read_toml(Path(config_file)) if config_file else {}
+    r = Resolved(defaults())
+    r.where["file"] = config_file
+    resume = flags.get("training", {}).get("resume", from_file.get("training", {}).get("resume", False))
+    if resume:
+        continue_run(r, resume, flags, from_file)
+    else:
+        model = flags.get("training", {}).get("model") or from_file.get("training", {}).get("model")
+        if model == "tiny":  # the preset's settings, under the file's and the flags'
+            r.set_all("preset", {section: {k: v for k, v in values.items() if v != r.cfg[section][k]}
+                                 for section, values in TINY_SETTINGS.items()})
+        r.set_all("file", from_file)
+        r.set_all("flag", flags)
+    settle_conflicts(r)
+    check(r.cfg)
+    return r
+
+
+def parse_config(argv=None, notes: list | None = None) -> dict:
+    """resolve_config's configuration -> {"training": {...}, "lora": {...}}. The lines for the user (the settings
+    and where they came from, which of two conflicting settings governs) go to `notes` when given, else to
+    stderr."""
+    r = resolve_config(argv)
+    lines = [line for line in [r.summary(), *r.notes] if line]
+    if notes is not None:
+        notes.extend(lines)
+    else:
+        for line in lines:
+            console.info(line)
+    return r.cfg
+
+
+def settle_conflicts(r: Resolved) -> None:
+    """For each pair of CONFLICTS both set: the one set at the higher level governs (the other is put back to its
+    default when it is the overriding one), the same level: the overriding one; one line says which."""
+    t = r.cfg["training"]
+    for first, second in CONFLICTS:
+        a, b = LEVELS.index(r.level("training", first)), LEVELS.index(r.level("training", second))
+        if t[first] <= 0 or b == 0:
+            continue
+        if b > a:
+            r.notes.append(f"{r.described('training', second)} governs, not {r.described('training', first)}: the "
+                           "one given at the higher level wins")
+            t[first] = default_of(next(f for f in fields(TrainingConfig) if f.name == first))
+            del r.origin["training", first]
+        elif b == a:
+            r.notes.append(f"{r.described('training', first)} governs, not {as_flag('training', second, t[second])}"
+                           f": both given there, and {flag_for('training', first)} > 0 overrides "
+                           f"{flag_for('training', second)}")
+        else:
+            r.notes.append(f"{r.described('training', first)} governs, not {r.described('training', second)}: the "
+                           "one given at the higher level wins")
+
+
+def resume_unchangeable() -> set[str]:
+    """[training] keys that --resume refuses to change: they change the data order, the training data or the
+    adapter (every [lora] key too). batch_size may change with the number of processes (train.resume checks the
+    global batch)."""
+    return (set(resume_fixed()) - {"batch_size"}) | {"data", "data_split", "max_examples"}
+
+
+def continue_run(r: Resolved, resume, flags: dict, from_file: dict) -> None:
+    """--resume [RUN]: the settings of RUN/config.toml (RUN: --out when not given), then the config file's and the
+    flags' where they differ; a change to what was trained is refused, any other said in one line."""
+    given_out = flags.get("training", {}).get("out") or from_file.get("training", {}).get("out")
+    if isinstance(resume, str):
+        if given_out and Path(given_out) != Path(resume):
+            raise TrainError(f"--resume {resume} and --out {given_out} name two folders: give the run's folder once")
+        folder = resume
+    else:
+        folder = given_out or r.cfg["training"]["out"]
+    saved_path = Path(folder) / "config.toml"
+    if not saved_path.is_file():
+        raise TrainError(f"--resume: no run to continue in {folder} (no config.toml, which every run writes when "
+                         "it starts)")
+    r.where["run"] = str(saved_path)
+    base = defaults()
+    r.set_all("run", {section: {k: v for k, v in values.items() if v != base[section][k]}  # as if given there
+                      for section, values in read_toml(saved_path).items()})
+    run = {section: dict(values) for section, values in r.cfg.items()}
+    r.set_all("file", from_file)
+    r.set_all("flag", flags)
+    r.cfg["training"].update(out=str(folder), resume=True, overwrite=False)
+    refused, fixed = [], resume_unchangeable()
+    for section, values in r.cfg.items():
+        for key, value in values.items():
+            if key in ("out", "resume", "overwrite") or value == run[section][key]:
+                continue
+            if section == "lora" or key in fixed:
+                refused.append(f"{r.described(section, key)}: the run has {as_flag(section, key, run[section][key])}")
+            else:
+                r.notes.append(f"--resume: {r.described(section, key)} in place of the run's "
+                               f"{as_flag(section, key, run[section][key])}")
+    if refused:
+        raise TrainError(f"--resume {folder}: cannot change what the run trained ({'; '.join(refused)}); leave "
+                         f"{'it' if len(refused) == 1 else 'them'} out to continue the run, or start a new run "
+                         "in another --out")
 
 
 # The tiny preset's training settings: the defaults are Phi-3-mini's, and on the random tiny model they barely move
@@ -238,20 +385,6 @@ TINY_SETTINGS = {
 }
 
 
-def use_tiny_settings(cfg: dict) -> str | None:
-    """Put the tiny preset's training settings in place of the defaults; returns the line that says so."""
-    changed = []
-    for section, values in TINY_SETTINGS.items():
-        for key, value in values.items():
-            if cfg[section][key] != value:
-                cfg[section][key] = value
-                changed.append(as_flag(section, key, value))
-    if not changed:
-        return None
-    return (f"--model tiny: starting from the tiny preset's settings ({' '.join(changed)}); the config file and "
-            "flags win")
-
-
 def as_flag(section: str, key: str, value) -> str:
     """The command-line spelling of a setting: --lr 0.005, --no-packing, --lora-target-modules a,b."""
     flag = flag_for(section, key)
@@ -259,6 +392,8 @@ def as_flag(section: str, key: str, value) -> str:
         return flag if value else "--no-" + flag[2:]
     if isinstance(value, list):
         return f"{flag} {','.join(map(str, value))}"
+    if value == "":
+        return f'{flag} ""'
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
@@ -297,14 +432,38 @@ def read_toml(path: Path) -> dict:
         raise TrainError(f"{path}: not valid TOML ({e})") from None
     out = {}
     for section, values in data.items():
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise TrainError(f"{path}: unknown section [{section}] (expected [training] and [lora])")
+        if not isinstance(values, dict):  # a key above the first [section] line
+            home = section_of(section)
+            raise TrainError(f"key {section!r} is at the top of {path}, outside any section: "
+                             + (f"put it under [{home}]" if home else f"no section has it{did_you_mean(section)}"))
+        if section not in SECTIONS:
+            raise TrainError(f"{path}: unknown section [{section}] (expected [training] and [lora])"
+                             + did_you_mean(section, SECTIONS, "[{}]"))
         by_name = {f.name: f for f in fields(SECTIONS[section])}
         for key, value in values.items():
             if key not in by_name:
-                raise TrainError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(by_name)}")
+                home = section_of(key)
+                if home:
+                    raise TrainError(f"{path}: key {key!r} is in [{section}], but it belongs under [{home}]")
+                raise TrainError(f"{path}: unknown key {key!r} in [{section}]"
+                                 + (did_you_mean(key, by_name) or f"; known: {', '.join(by_name)}"))
             out.setdefault(section, {})[key] = coerce(by_name[key], value, str(path), section)
     return out
+
+
+def section_of(key: str) -> str | None:
+    """The section whose field this key is, if any."""
+    return next((section for section, cls in SECTIONS.items() if key in {f.name for f in fields(cls)}), None)
+
+
+def did_you_mean(word: str, known=None, form: str = "{}") -> str:
+    """ "; did you mean [training]?" for the nearest known name (every field's when not given), else ""."""
+    if known is None:
+        known = {f"{f.name} (under [{section}])": f.name for section, cls in SECTIONS.items() for f in fields(cls)}
+        close = difflib.get_close_matches(word, list(known.values()), n=1)
+        return f"; did you mean {next(k for k, v in known.items() if v == close[0])}?" if close else ""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f"; did you mean {form.format(close[0])}?" if close else ""
 
 
 def to_toml(cfg: dict) -> str:
