@@ -15,7 +15,8 @@ token store built by `load_data` holds it.
 What is stopped and what is skipped:
 - malformed JSON, an unknown role, empty or non-string content, text not in Phi-3's format, special-token text
   ("<|end|>", "<|endoftext|>", ...) inside a message, text that is not valid Unicode, a line over max_line_bytes,
-  JSON nested too deeply: DataError naming file:line (every bad line is collected first, so one run lists them all);
+  JSON nested too deeply: DataError naming file:line. Every bad line of every source is collected first, so one
+  run lists them all (the first 20, then how many more);
 - a conversation without an assistant turn, or one that leaves no trained token: skipped and counted;
 - longer than max_seq_len: cut after the last complete assistant reply (its <|end|> included) that fits, and
   counted as truncated; when not even the first reply fits, skipped and counted as too long. A reply is never
