@@ -33,7 +33,7 @@ import numpy as np
 
 from phi3lora import atomic
 from .encoder import ChatEncoder
-from .files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
+from .files import MAX_LINE_BYTES, BadRecord, Source, is_text, iter_records, iter_text, open_file
 from .formats import DataError, record_to_messages
 
 STORE_VERSION = 1
@@ -166,6 +166,8 @@ def read_source(source: Source, max_line_bytes: int, stats: DataStats):
     """(where, messages) of a source's records with an assistant turn, in file order; a bad record gives
     (where, "where: what is wrong") instead; no-assistant records are counted in stats and not yielded."""
     for path in source.files:
+        if is_text(path):  # plain text: _text_examples
+            continue
         for where, rec in iter_records(path, max_line_bytes):
             stats.lines += 1
             if isinstance(rec, BadRecord):
@@ -260,6 +262,15 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
             break
     else:
         flush()
+    for path in [f for f in source.files if is_text(f)]:
+        for ids, where in ([] if stats.limit else _text_examples(path, encoder, bad, source.spec)):
+            stats.lines += 1
+            if not bad.count:
+                writer.add(ids, np.ones(len(ids), dtype=np.uint8), [(len(ids), len(ids) - 1, where)])
+            stats.kept += 1
+            if source.limit and stats.kept >= source.limit:
+                stats.limit = source.limit
+                break
     if bad.count:
         return stats
     if stats.lines == 0:
@@ -268,6 +279,52 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
         hint = f" at max_seq_len {encoder.max_seq_len}" if stats.too_long else ""
         raise DataError(f"no usable examples in {stats.summary()}{hint}")
     return stats
+
+
+def _text_examples(path: Path, encoder: ChatEncoder, bad: BadLines, spec: str):
+    """(ids int32 (n,), "file:line") of one plain-text file for continued pre-training: the file's tokens, then the
+    eos token (where the document ends), cut into pieces of max_seq_len tokens (the last one shorter), every token
+    a target. Special-token text in it is a bad line, as in a chat's content. The text is tokenized in pieces of
+    about TEXT_PIECE_BYTES cut at line ends: a tokenizer that marks word starts (Phi-3's '▁') sees one more at each
+    cut, about one token in 250,000."""
+    size = encoder.max_seq_len or (1 << 62)
+    # the encoder's own backend (its word cache is off: a text piece is one "word" to Phi-3's BPE), through
+    # encode_batch, not encode_batch_fast: the offsets (which name each piece's line) are needed here
+    backend = encoder.encode_batch.__self__
+    carry, carry_where = np.zeros(0, dtype=np.int32), ""  # the tokens of a piece not yet full, where it starts
+    last = f"{path}:1"  # the line the text read so far ends on
+    for where, text in iter_text(path):
+        if isinstance(text, BadRecord):
+            bad.add(f"{where}: {text.reason}", spec)
+            return
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
+        ids, offsets = np.asarray(enc.ids, dtype=np.int32), enc.offsets
+        first = int(where.rsplit(":", 1)[1])
+        newlines = np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)  # char positions
+
+        def where_of(k: int) -> str:  # the line of token k of this piece
+            return f"{path}:{first + int(np.searchsorted(newlines, offsets[k][0]))}"
+
+        reported = set()
+        for k in np.flatnonzero(encoder.special_lut[ids]):
+            at = where_of(int(k))
+            if at not in reported:
+                reported.add(at)
+                bad.add(f"{at}: the special token {encoder.special_text.get(int(ids[k]), '?')!r} in plain text: it "
+                        "would be read as that token, not as text; remove or rewrite it", spec)
+        stream = np.concatenate([carry, ids])
+        full = len(stream) // size
+        # where piece i of the stream starts: in the carry (only piece 0 can) or at a token of this text
+        starts = [carry_where if i == 0 and len(carry) else where_of(i * size - len(carry))
+                  for i in range(full + (full * size < len(stream)))]
+        for i in range(full):
+            yield stream[i * size:(i + 1) * size], starts[i]
+        carry, carry_where = stream[full * size:], starts[full] if full * size < len(stream) else ""
+        last = f"{path}:{first + len(newlines)}"
+    stream = np.concatenate([carry, encoder.tail])  # the eos closes the document
+    for i in range(0, len(stream), size):
+        if len(stream[i:i + size]) >= 2:  # one token alone has no target (position 0 is never predicted)
+            yield stream[i:i + size], carry_where if i == 0 and carry_where else last
 
 
 def _order_of(line: str, order: dict[str, int]) -> int:
