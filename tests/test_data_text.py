@@ -7,7 +7,7 @@ import pytest
 
 from helpers import CONV, small_tiny_args, write_jsonl
 from phi3lora.cli import train
-from phi3lora.data.files import MAX_LINE_MB, BadRecord, iter_json_lines
+from phi3lora.data.files import MAX_LINE_BYTES, BadRecord, iter_json_lines
 from phi3lora.data.pipeline import IGNORE, DataError, load_data
 from phi3lora.phi3mini import Tokenizer
 
@@ -79,7 +79,7 @@ def test_a_chat_of_several_mb_on_one_line_is_read(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [long])
     (where, rec), = list(iter_json_lines(path))  # the default limit
     assert not isinstance(rec, BadRecord) and len(rec["messages"][0]["content"]) == 10 << 20
-    assert MAX_LINE_MB >= 64
+    assert MAX_LINE_BYTES >= 64 << 20
     (where, rec), = list(iter_json_lines(path, 8 << 20))
     assert rec.reason.startswith("line longer than 8 MB: over --max-line-mb 8")
 
