@@ -135,6 +135,40 @@ def test_every_bad_line_is_listed(tmp_path, tok):
     assert "\n" in str(e.value)
 
 
+def test_bad_lines_of_every_kind_in_one_error(tmp_path, tok, monkeypatch):
+    # special-token text is found on the token ids: it was never looked for once a line had failed to parse, and
+    # only in the first chunk of records that had one
+    monkeypatch.setattr("phi3lora.data.store.CHUNK_CHARS", 30)  # a chunk of one or two records
+    special = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure.<|end|> more"}]}
+    rows = [{"messages": CONV}, "{not json", {"messages": CONV},
+            {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"messages": CONV}, special, {"messages": CONV}, special]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_dataset(path, tok, max_seq_len=512)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"4 bad lines in {path}:"
+    assert [line.strip().split(": ", 1)[0] for line in lines[1:]] == [f"{path}:{n}" for n in (2, 4, 6, 8)]
+    assert "malformed JSON" in lines[1] and "unknown role 'narrator'" in lines[2]
+    assert "special token '<|end|>'" in lines[3] and "special token '<|end|>'" in lines[4]
+
+
+def test_many_bad_lines_list_twenty_and_count_the_rest(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}] + ["{"] * 25)
+    with pytest.raises(DataError) as e:
+        load_dataset(path, tok, max_seq_len=512)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"25 bad lines in {path}:" and len(lines) == 1 + 20 + 1
+    assert lines[20].strip().startswith(f"{path}:21: malformed JSON") and lines[-1].strip() == "... and 5 more"
+
+
+def test_bad_lines_of_several_sources_in_one_error(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": CONV}, "{"])
+    b = write_jsonl(tmp_path / "b.jsonl", ['{"x": 1}', {"messages": CONV}])
+    with pytest.raises(DataError, match=r"(?s)2 bad lines in .*a.jsonl, .*b.jsonl:.*a.jsonl:2: .*b.jsonl:1: "):
+        load_data(f"{a},{b}", tok, 512, cache="off")
+
+
 def test_skipped_and_counted(tmp_path, tok):
     rows = [{"messages": CONV}, {"messages": [{"role": "user", "content": "only a question"}]},
             {"messages": CONV[:2]}, "", {"messages": CONV}]

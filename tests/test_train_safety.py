@@ -377,3 +377,29 @@ def test_loss_svg_has_title_axes_both_curves_and_a_legend(tmp_path, capsys):
     assert len(lines) == 2
     assert len(lines[0].get("points").split()) == 4  # train: steps 1-4
     assert len(lines[1].get("points").split()) == 3  # eval: before training, steps 2 and 4
+
+
+@pytest.mark.parametrize("shape", ["rising", "falling", "flat"])
+def test_loss_svg_legend_covers_no_data(tmp_path, shape):
+    # the legend sat inside the plot's top-right corner, where a rising (or flat, or eval) curve runs
+    from phi3lora.training.metrics import write_loss_svg
+    loss = {"rising": lambda s: 1.0 + s / 10, "falling": lambda s: 5.0 - s / 10, "flat": lambda s: 2.0}[shape]
+    records = [{"step": s, "loss": loss(s)} for s in range(1, 41)]
+    records += [{"step": s, "eval_loss": loss(s) + 0.1} for s in (1, 20, 40)]
+    write_loss_svg(records, tmp_path / "loss.svg")
+    svg = ET.parse(tmp_path / "loss.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    box = next(r for r in svg.iter(ns + "rect") if r.get("class") == "legend")
+    lx, ly = float(box.get("x")), float(box.get("y"))
+    lx1, ly1 = lx + float(box.get("width")), ly + float(box.get("height"))
+    grid = [ln for ln in svg.iter(ns + "line") if ln.get("stroke") == "#e5e5e5"]  # y grid lines span the plot area
+    px0, px1 = min(float(g.get("x1")) for g in grid), max(float(g.get("x2")) for g in grid)
+    py0, py1 = min(float(g.get("y1")) for g in grid), max(float(g.get("y1")) for g in grid)
+    assert lx >= px1 or lx1 <= px0 or ly >= py1 or ly1 <= py0, "the legend overlaps the plot area"
+    points = [tuple(map(float, p.split(","))) for line in svg.iter(ns + "polyline") for p in line.get("points").split()]
+    points += [(float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(ns + "circle") if c.get("r") == "3.5"
+               and float(c.get("cx")) < px1 + 1]  # eval markers (the legend's own marker is inside its box)
+    assert len(points) == 40 + 3 + 3
+    r = 4.0  # a marker's radius and the line width around each point
+    hits = [(x, y) for x, y in points if x + r > lx and x - r < lx1 and y + r > ly and y - r < ly1]
+    assert not hits, f"data under the legend: {hits}"

@@ -9,7 +9,10 @@ Writes into --out (created if needed; files of the same names are replaced, othe
   logit_lens.png           each layer's top next token through the final norm + lm_head
   adapter_norms.png        (--adapter) ‖s·B·A‖ per adapted module, Frobenius and spectral
   adapter_effect.png       (--adapter) adapted − base log-probability of each token, and KL per position
-  index.html               all of them with the token list and top-k tables
+  index.html               all of them, each with a few lines on how to read it, the token list and the top-k tables
+The top-k table is at the end of the prompt (the last prompt token; with --chat, the <|assistant|> token that
+starts the reply, also with --reply) or at --position. With --reply the conversation ends at the reply's <|end|>:
+no <|endoftext|> is appended (a training example's closing token, of no interest here).
 The numbers come from phi3lora.interp.internals (one forward pass with the attention recorded, one without the adapter);
 the pictures need matplotlib (pip install 'phi3-lora[viz]').
 """
@@ -48,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", default="auto",
                    help="comma-separated heads, 'all', or 'auto' (all up to 8 heads, else the first 8)")
     p.add_argument("--top-k", type=int, default=5, help="tokens per position in the logit-lens table")
+    p.add_argument("--position", type=int,
+                   help="token number (as the page lists them; negative: from the end) for the top-k table "
+                        "(default: the end of the prompt)")
     p.add_argument("--max-tokens", type=int, default=64, help="keep the last this many tokens of the input")
     args = p.parse_args(argv)
     if not args.prompt.strip():
@@ -84,20 +90,36 @@ def load(args) -> tuple[Phi3, Tokenizer]:
     return model.eval(), tokenizer
 
 
-def input_ids(args, tokenizer: Tokenizer) -> tuple[list[int], int]:
-    """The token ids to run (the last --max-tokens) and how many were cut from the front."""
+def input_ids(args, tokenizer: Tokenizer) -> tuple[list[int], int, int]:
+    """The token ids to run (the last --max-tokens), how many were cut from the front, and the position of the
+    top-k table in the ids kept: --position, else the prompt's last token."""
     try:
         if args.chat:
             messages = [{"role": "user", "content": args.prompt}]
+            prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)  # ends with <|assistant|>
+            ids = list(prompt)
             if args.reply:
-                messages.append({"role": "assistant", "content": args.reply})
-            ids = tokenizer.encode_chat(messages, add_generation_prompt=not args.reply)
+                # encode_chat without a generation prompt closes the conversation with the eos token, as a
+                # training example ends: the table would be read there. Up to the reply's <|end|> only.
+                ids = tokenizer.encode_chat(messages + [{"role": "assistant", "content": args.reply}])
+                eos = tokenizer.encode(tokenizer.eos_token)
+                ids = ids[:-len(eos)] if ids[-len(eos):] == eos else ids
         else:
-            ids = tokenizer.encode(args.prompt)
+            ids = prompt = tokenizer.encode(args.prompt)
     except ValueError as e:
         raise ProbeError(str(e)) from None
     cut = max(0, len(ids) - args.max_tokens)
-    return list(ids)[cut:], cut
+    if args.position is None:
+        at = len(prompt) - 1 - cut
+        if at < 0:
+            raise ProbeError(f"--max-tokens {args.max_tokens} cuts off the whole prompt ({len(ids)} tokens with the "
+                             "reply): raise it, or choose a --position")
+    else:
+        n = len(ids) - cut
+        at = args.position + n if args.position < 0 else args.position
+        if not 0 <= at < n:
+            raise ProbeError(f"--position {args.position}: choose from 0..{n - 1} (or -{n}..-1)")
+    return list(ids)[cut:], cut, at
 
 
 def choose(args, model: Phi3) -> tuple[list[int], list[int]]:
@@ -123,26 +145,41 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def attention_section(model, ids, labels, layers, heads, out: Path) -> list[str]:
     with torch.no_grad(), capture(model, attention=True, layers=layers) as cap:
         model(ids)
-    parts = ["<h2>Attention</h2><p>Softmax probabilities per head: row = query token, column = key token.</p>"]
+    parts = ["<h2>Attention</h2>", how(
+        "One map per head. Row: the token that reads (query); column: the token it reads from (key). A row sums to "
+        "1: a bright cell is where that token's head takes its information from. Only the lower triangle has colour "
+        "(a token sees itself and the tokens before it); a bright first column is a head with nothing to do "
+        "(it parks its attention on the first token).")]
     for layer in layers:
         name = f"attention_layer{layer}.png"
         viz.attention_figure(cap.attentions[layer][0, heads], labels, layer, heads, out / name)
-        parts.append(f'<img src="{name}" alt="attention, layer {layer}">')
+        # shown at full size (scrolling sideways when wider than the page): shrunk, the token labels are unreadable
+        parts.append(f'<div class="wide"><img src="{name}" alt="attention, layer {layer}"></div>')
     return parts
 
 
-def lens_section(model, tokenizer, ids, labels, top_k: int, out: Path) -> list[str]:
+def how(text: str) -> str:
+    """A few lines under a heading saying how to read the picture or table."""
+    return f'<p class="how">{html.escape(text)}</p>'
+
+
+def lens_section(model, tokenizer, ids, labels, top_k: int, at: int, out: Path) -> list[str]:
     lens = logit_lens(model, ids, k=top_k)
     top_labels = [viz.token_labels(tokenizer, row[:, 0].tolist()) for row in lens.top_ids[:, 0]]  # [L][T]
     viz.logit_lens_figure(lens.layers, lens.top_probs[:, 0, :, 0], top_labels, labels, lens.final_probs[:, 0],
                           out / "logit_lens.png")
-    last = lens.top_ids.shape[2] - 1
     rows = [[f"layer {layer}"] + [f"{tok} {p:.2f}" for tok, p in
-                                  zip(viz.token_labels(tokenizer, lens.top_ids[li, 0, last].tolist()),
-                                      lens.top_probs[li, 0, last].tolist())]
+                                  zip(viz.token_labels(tokenizer, lens.top_ids[li, 0, at].tolist()),
+                                      lens.top_probs[li, 0, at].tolist())]
             for li, layer in enumerate(lens.layers)]
-    return ["<h2>Logit lens</h2>", '<img src="logit_lens.png" alt="logit lens">',
-            f"<p>Top {top_k} next tokens after the last input token, per layer:</p>",
+    return ["<h2>Logit lens</h2>", how(
+                "Rows: layers; columns: input tokens. Each cell names the token that layer would predict next if the "
+                "model stopped there (its residual stream read through the final norm and lm_head). The colour is "
+                "the probability that layer gives the model's final prediction: the row where it turns bright is "
+                "where the answer forms."),
+            '<img src="logit_lens.png" alt="logit lens">',
+            f"<p id=\"top-k\">Top {top_k} next tokens after token {at} <code>{html.escape(labels[at])}</code>, per "
+            "layer, with their probabilities (the last layer's row is the model's own prediction):</p>",
             table(["layer"] + [f"#{i + 1}" for i in range(top_k)], rows)]
 
 
@@ -154,16 +191,23 @@ def adapter_section(model, tokenizer, ids, labels, out: Path) -> list[str]:
     changed = [[str(t), labels[t], *viz.token_labels(tokenizer, [effect.base_top[0, t], effect.adapted_top[0, t]]),
                 f"{float(effect.kl[0, t]):.4f}"]
                for t in range(ids.shape[1]) if effect.base_top[0, t] != effect.adapted_top[0, t]]
-    return ["<h2>What the adapter changed</h2>", '<img src="adapter_norms.png" alt="adapter norms">',
+    return ["<h2>What the adapter changed</h2>", how(
+                "Norms: ‖s·B·A‖, the size of the change the adapter adds to each weight matrix (Frobenius: all of it; "
+                "spectral: its largest direction), per block and module. Tall bars are where the adapter acts."),
+            '<img src="adapter_norms.png" alt="adapter norms">',
             table(["module", "rank", "Frobenius", "spectral"],
                   [[n.name, n.rank, f"{n.frobenius:.4g}", f"{n.spectral:.4g}"] for n in norms]),
+            how("Effect, top: for each token, its log-probability given the tokens before it, with the adapter "
+                "minus without; green bars are tokens the adapter made likelier. Bottom: KL divergence between the "
+                "next-token distributions with and without the adapter at each position: how much it changes the "
+                "prediction there."),
             '<img src="adapter_effect.png" alt="adapter effect">',
             f"<p>Positions where the top next token differs ({len(changed)} of {ids.shape[1]}):</p>",
             table(["position", "token", "base top", "adapted top", "KL"], changed)]
 
 
 def write_report(args, model: Phi3, tokenizer: Tokenizer, out: Path) -> Path:
-    ids_list, cut = input_ids(args, tokenizer)
+    ids_list, cut, at = input_ids(args, tokenizer)
     device = next(model.parameters()).device
     ids = torch.tensor([ids_list], device=device)  # (1, T)
     labels = viz.token_labels(tokenizer, ids_list)
@@ -171,13 +215,15 @@ def write_report(args, model: Phi3, tokenizer: Tokenizer, out: Path) -> Path:
     parts = [f"<h1>phi3-lora probe</h1><p>model <code>{html.escape(args.model)}</code>"
              + (f", adapter <code>{html.escape(args.adapter)}</code>" if args.adapter else "")
              + f"; {len(ids_list)} tokens" + (f" (the first {cut} cut off by --max-tokens)" if cut else "")
-             + "</p>", "<p>Tokens: " + " ".join(f"<code>{html.escape(t)}</code>" for t in labels) + "</p>"]
+             + "</p>", "<p>Tokens (numbered from 0): "
+             + " ".join(f"<sub>{i}</sub><code>{html.escape(t)}</code>" for i, t in enumerate(labels)) + "</p>"]
     parts += attention_section(model, ids, labels, layers, heads, out)
-    parts += lens_section(model, tokenizer, ids, labels, args.top_k, out)
+    parts += lens_section(model, tokenizer, ids, labels, args.top_k, at, out)
     if args.adapter:
         parts += adapter_section(model, tokenizer, ids, labels, out)
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}img{max-width:100%;display:block;"
-             "margin:1em 0}table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}")
+             "margin:1em 0}.wide{overflow-x:auto}.wide img{max-width:none}.how{color:#444;max-width:60em}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>probe: {html.escape(args.model)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     return write_file(out / "index.html", page)

@@ -529,7 +529,8 @@ def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[TokenSet, TokenS
     try:
         sets = data.load_data(t.data, tokenizer, t.max_seq_len, t.train_on, split=t.data_split,
                               eval_data=t.eval_data, eval_split=t.eval_split, eval_fraction=t.eval_fraction,
-                              seed=t.seed, max_examples=t.max_examples, cache=t.data_cache)
+                              seed=t.seed, max_examples=t.max_examples, cache=t.data_cache,
+                              max_line_bytes=t.max_line_mb << 20)
     except DataError as e:
         raise TrainError(str(e)) from None
     for line in sets.report:

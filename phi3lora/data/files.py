@@ -6,17 +6,23 @@ examples):  "chats.jsonl", "a.jsonl,b.parquet:5000", "shards/*.jsonl.zst", "Hugg
 Files: .jsonl (also gzip- or zstd-compressed, recognized by their first bytes whatever their name), .json (a list
 of records, or JSON lines), .parquet, .arrow (IPC file or stream, as `datasets` writes it) and .csv. The table
 formats need pyarrow (pip install 'phi3-lora[data]'), zstd needs zstandard (the same extra).
+Plain text for continued pre-training: .txt and .md files (recognized by that extension), read whole, not as
+records; see `iter_text`.
 A folder: every data file under it; when its files are named by split the way Hub dataset repos are
-(data/train_sft-00000-of-00003.parquet, test.jsonl, train/part-0.parquet), only the requested split's files.
+(data/train_sft-00000-of-00003.parquet, test.jsonl, train/part-0.parquet), only the requested split's files. Its
+.txt/.md files count only in a folder without record files (a folder of shards keeps its README.md out of the
+training data).
 A Hub dataset id ("owner/name", not an existing path): the split's files are fetched with
 huggingface_hub.snapshot_download (its cache and HF_HUB_OFFLINE are honoured).
 
 `iter_records(path)` yields (where, record) with where "file:line" (JSON lines, 1-based) or "file:row N"
 (tables, 0-based); a line that cannot be a record yields (where, BadRecord(reason)) so that every bad line of a
-file can be listed at once.
+file can be listed at once. A JSON line longer than max_line_bytes (the --max-line-mb setting) is such a line:
+parsing a line of N MB holds several times N in memory.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -29,11 +35,16 @@ from typing import Iterator
 
 from .formats import DataError
 
-MAX_LINE_BYTES = 4 << 20  # a longer JSON line is refused: parsing one of 10 MB took 2.8 GB
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".jsonl.gz", ".json.gz", ".jsonl.zst",
-                 ".json.zst", ".ndjson")
-# what a data spec may name, in words (train --help): from DATA_SUFFIXES, so the help and the reader never disagree
-SPEC_FORMS = (f"files ({', '.join(DATA_SUFFIXES)}; gzip/zstd recognized by content), folders of them, globs "
+MAX_LINE_MB = 64  # the default of --max-line-mb: a longer JSON line is refused (see max_line_reason)
+MAX_LINE_BYTES = MAX_LINE_MB << 20
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".jsonl.gz", ".json.gz", ".jsonl.zst",
+                   ".json.zst", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".md")  # plain text: continued pre-training, loss on every token
+DATA_SUFFIXES = RECORD_SUFFIXES + TEXT_SUFFIXES
+TEXT_PIECE_BYTES = 1 << 20  # plain text is read and tokenized in pieces of about this size, cut at line ends
+# what a data spec may name, in words (train --help): from the suffixes, so the help and the reader never disagree
+SPEC_FORMS = (f"chat files ({', '.join(RECORD_SUFFIXES)}; gzip/zstd recognized by content), plain text for "
+              f"continued pre-training ({', '.join(TEXT_SUFFIXES)}: loss on every token), folders of them, globs "
               "(shards/*.parquet), Hugging Face Hub dataset ids (owner/name); several joined by commas, each with an "
               "optional :N (its first N examples)")
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")  # train_sft-00000-of-00003
@@ -94,9 +105,16 @@ def split_of(rel: Path) -> str:
     return stem
 
 
+def is_text(path: Path) -> bool:
+    """A plain-text file (.txt, .md): read whole for continued pre-training, not as chat records."""
+    return _suffix(path) in TEXT_SUFFIXES
+
+
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _suffix(p) in DATA_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _suffix(p) in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    records = [p for p in files if not is_text(p)]
+    return records or files  # text files count only where there are no record files
 
 
 def files_of_split(folder: Path, split: str, what: str) -> tuple[list[Path], bool]:
@@ -149,7 +167,7 @@ def _hub_splits(repo_id: str) -> list[str]:
         files = HfApi().list_repo_files(repo_id, repo_type="dataset")
     except Exception:  # offline: nothing more to say than "not this split"
         return []
-    return sorted({split_of(Path(f)) for f in files if _suffix(Path(f)) in DATA_SUFFIXES})
+    return sorted({split_of(Path(f)) for f in files if _suffix(Path(f)) in RECORD_SUFFIXES})
 
 
 def resolve(spec: str, split: str = "train") -> list[Source]:
@@ -228,6 +246,13 @@ def _skip_rest_of_line(f) -> None:
             return
 
 
+def max_line_reason(max_line_bytes: int) -> str:
+    """Why a line over the limit is refused, naming the setting that raises it."""
+    mb = max_line_bytes / (1 << 20)
+    size = f"{mb:g} MB" if max_line_bytes % (1 << 20) == 0 else f"{max_line_bytes:,} bytes"
+    return f"line longer than {size}: over --max-line-mb {mb:g} (raise it to read this line)"
+
+
 def iter_json_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, object]]:
     """(where, record | BadRecord) for each non-blank line, streamed: the file is never held whole."""
     with _open_binary(path) as f:
@@ -241,7 +266,7 @@ def iter_json_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterato
                     line = line[3:]
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
                     _skip_rest_of_line(f)
-                    yield where, BadRecord(f"line longer than {max_line_bytes:,} bytes (the limit is max_line_bytes)")
+                    yield where, BadRecord(max_line_reason(max_line_bytes))
                     continue
                 rec = _parse_line(line, where)
                 if rec is not None:
@@ -307,6 +332,37 @@ def iter_table_rows(path: Path, suffix: str) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: not a readable {suffix} file ({type(e).__name__}: {e})") from None
 
 
+def iter_text(path: Path, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[tuple[str, str | BadRecord]]:
+    """(where, text) pieces of a plain-text file (gzip or zstd too), about piece_bytes each and cut at line ends (in
+    the middle of a longer line only); where is "file:line" of the piece's first line. Text that is not UTF-8 gives
+    (where of its line, BadRecord) and ends the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with _open_binary(path) as f:
+        try:
+            head = True
+            while True:
+                raw = f.read(piece_bytes)
+                if raw and not raw.endswith(b"\n"):
+                    raw += f.readline(piece_bytes)  # on to the end of the line
+                if head and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: not text
+                    raw = raw[3:]
+                head = False
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    at = line + raw[:max(e.start, 0)].count(b"\n")
+                    yield f"{path}:{at}", BadRecord(f"not UTF-8 ({e.reason}); plain-text data must be UTF-8")
+                    return
+                if not raw:
+                    return
+                if text:
+                    yield f"{path}:{line}", text
+                line += raw.count(b"\n")
+        except (OSError, EOFError) as e:  # a truncated or corrupt gzip/zstd stream
+            raise DataError(f"{path}: cannot decompress it ({e})") from None
+
+
 def iter_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, object]]:
     """(where, record | BadRecord) for every record of one file."""
     suffix = _suffix(path)
@@ -317,5 +373,5 @@ def iter_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[t
     return iter_json_lines(path, max_line_bytes)
 
 
-__all__ = ["BadRecord", "Source", "MAX_LINE_BYTES", "open_file", "parse_spec", "resolve", "split_of", "files_of_split",
-           "iter_records", "iter_json_lines"]
+__all__ = ["BadRecord", "Source", "MAX_LINE_BYTES", "MAX_LINE_MB", "open_file", "parse_spec", "resolve", "split_of",
+           "files_of_split", "iter_records", "iter_json_lines", "iter_text", "is_text"]

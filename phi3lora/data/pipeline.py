@@ -1,4 +1,5 @@
-"""Chat datasets for fine-tuning: read, validate, encode with label masks, batch (optionally packed).
+"""Chat datasets for fine-tuning, and plain text for continued pre-training: read, validate, encode with label
+masks, batch (optionally packed).
 
 `load_data(...)` is the entry point train.py uses: data sources (files in the forms and formats of
 data_formats.py / data_files.py, folders and globs of shards, Hub datasets; several at once, comma-separated) ->
@@ -15,11 +16,16 @@ token store built by `load_data` holds it.
 What is stopped and what is skipped:
 - malformed JSON, an unknown role, empty or non-string content, text not in Phi-3's format, special-token text
   ("<|end|>", "<|endoftext|>", ...) inside a message, text that is not valid Unicode, a line over max_line_bytes,
-  JSON nested too deeply: DataError naming file:line (every bad line is collected first, so one run lists them all);
+  JSON nested too deeply: DataError naming file:line. Every bad line of every source is collected first, so one
+  run lists them all (the first 20, then how many more);
 - a conversation without an assistant turn, or one that leaves no trained token: skipped and counted;
 - longer than max_seq_len: cut after the last complete assistant reply (its <|end|> included) that fits, and
   counted as truncated; when not even the first reply fits, skipped and counted as too long. A reply is never
   cut in the middle and never loses its <|end|>, so the model always learns where replies stop.
+
+Plain text (.txt and .md files, or a folder of them: files.py): each file's tokens and the eos token, cut into
+pieces of max_seq_len tokens (the last one of a file shorter), every token a target whatever train_on says;
+special-token text in it is a bad line as in a chat. With packing, a file's short last piece shares a row.
 
 Batches: right-padded with the pad id, labels -100 on padding. With packing, several examples share a row; each
 keeps its own position ids (restarting at 0) and a document id, so attention stays inside the example, and the
@@ -140,7 +146,8 @@ class DataSets:
 
 
 def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str, max_examples: int, cache: str,
-               report: list[str], split_only: bool = False) -> tuple[TokenSet, bool]:
+               report: list[str], split_only: bool = False, max_line_bytes: int = MAX_LINE_BYTES
+               ) -> tuple[TokenSet, bool]:
     sources = resolve(spec, split)
     if split_only:  # --eval-split of the training sources: the files named by split, not the plain files again
         sources = [s for s in sources if s.by_split]
@@ -149,7 +156,7 @@ def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str
                             "folder of split-named files); use --eval-data or --eval-fraction")
     for s in sources:
         s.limit = s.limit or max_examples
-    store, cached = load_or_build(sources, tokenizer, max_seq_len, train_on, cache)
+    store, cached = load_or_build(sources, tokenizer, max_seq_len, train_on, cache, max_line_bytes)
     for stats in store.stats:
         report.append(stats.summary())
         report += [f"  skipped {line}" for line in stats.examples[:3]]
@@ -158,17 +165,20 @@ def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str
 
 def load_data(data: str, tokenizer, max_seq_len: int, train_on: str = "assistant", *, split: str = "train",
               eval_data: str = "", eval_split: str = "", eval_fraction: float = 0.0, seed: int = 0,
-              max_examples: int = 0, cache: str = "auto") -> DataSets:
+              max_examples: int = 0, cache: str = "auto", max_line_bytes: int = MAX_LINE_BYTES) -> DataSets:
     """Training and evaluation sets from data specs (see data_files.py: "a.jsonl,b.parquet:500", a folder, a glob,
     a Hub dataset id). Evaluation: eval_data if given (read with eval_split, or split), else eval_split of the
     training sources when given, else a seeded eval_fraction of the training examples held out. max_examples caps
-    each source without its own ":N". cache: "auto" (~/.cache/phi3-lora/data), "off", or a folder.
+    each source without its own ":N". cache: "auto" (~/.cache/phi3-lora/data), "off", or a folder. A JSON line
+    longer than max_line_bytes is a bad line (--max-line-mb).
     DataError (naming the file and line) for anything unusable."""
     report: list[str] = []
-    train, cached = _load_sets(data, split, tokenizer, max_seq_len, train_on, max_examples, cache, report)
+    train, cached = _load_sets(data, split, tokenizer, max_seq_len, train_on, max_examples, cache, report,
+                               max_line_bytes=max_line_bytes)
     if eval_data or eval_split:
         eval_set, _ = _load_sets(eval_data or data, eval_split or split, tokenizer, max_seq_len, train_on,
-                                 0 if eval_data else max_examples, cache, report, split_only=not eval_data)
+                                 0 if eval_data else max_examples, cache, report, split_only=not eval_data,
+                                 max_line_bytes=max_line_bytes)
     else:
         train, eval_set = split_eval(train, eval_fraction, seed)
         if len(eval_set):

@@ -33,10 +33,11 @@ import numpy as np
 
 from phi3lora import atomic, console
 from .encoder import ChatEncoder
-from .files import MAX_LINE_BYTES, BadRecord, Source, iter_records, open_file
+from .files import MAX_LINE_BYTES, BadRecord, Source, is_text, iter_records, iter_text, open_file
 from .formats import DataError, record_to_messages
 
 STORE_VERSION = 1
+MAX_SHOWN = 20  # bad lines listed in one DataError; the rest are counted
 CHUNK_CHARS = 1 << 20  # text per tokenizer batch (~250k tokens): enough for the Rust threads, small next to the arrays
 _WHERE = re.compile(r"^(.*?)(\d+)$")
 
@@ -161,18 +162,21 @@ class _Writer:
         (self.folder / "meta.json").write_text(json.dumps(meta))
 
 
-def read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: list[str]):
-    """(where, messages) of a source's usable records; bad records go to errors, no-assistant ones to stats."""
+def read_source(source: Source, max_line_bytes: int, stats: DataStats):
+    """(where, messages) of a source's records with an assistant turn, in file order; a bad record gives
+    (where, "where: what is wrong") instead; no-assistant records are counted in stats and not yielded."""
     for path in source.files:
+        if is_text(path):  # plain text: _text_examples
+            continue
         for where, rec in iter_records(path, max_line_bytes):
             stats.lines += 1
             if isinstance(rec, BadRecord):
-                errors.append(f"{where}: {rec.reason}")
+                yield where, f"{where}: {rec.reason}"
                 continue
             try:
                 messages = record_to_messages(rec)
             except ValueError as e:
-                errors.append(f"{where}: {e}")
+                yield where, f"{where}: {e}"
                 continue
             if not any(m["role"] == "assistant" for m in messages):
                 stats.skip("no_assistant", where)
@@ -180,23 +184,57 @@ def read_source(source: Source, max_line_bytes: int, stats: DataStats, errors: l
             yield where, messages
 
 
-def raise_errors(errors: list[str], name: str) -> None:
-    if len(errors) == 1:
+class BadLines:
+    """The bad records of a build, in file order: the first `shown` lines kept, the rest only counted."""
+
+    def __init__(self, shown: int = MAX_SHOWN):
+        self.lines: list[str] = []
+        self.count, self.shown = 0, shown
+        self.sources: list[str] = []  # the specs with bad records, for the heading
+
+    def add(self, line: str, source: str) -> None:
+        self.count += 1
+        if len(self.lines) < self.shown:
+            self.lines.append(line)
+        if source not in self.sources:
+            self.sources.append(source)
+
+    def raise_if_any(self) -> None:
+        raise_errors(self.lines, ", ".join(self.sources), self.count)
+
+
+def raise_errors(errors: list[str], name: str, total: int | None = None) -> None:
+    """DataError listing the bad lines: one alone, or "N bad lines in name:" and each on its own line (the
+    first MAX_SHOWN, then how many more)."""
+    total = len(errors) if total is None else total
+    if total == 1:
         raise DataError(errors[0])
-    if errors:
-        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise DataError(f"{len(errors)} bad lines in {name}:\n  " + "\n  ".join(errors[:5]) + more)
+    if total:
+        shown = errors[:MAX_SHOWN]
+        more = f"\n  ... and {total - len(shown)} more" if total > len(shown) else ""
+        raise DataError(f"{total} bad lines in {name}:\n  " + "\n  ".join(shown) + more)
 
 
-def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_line_bytes: int) -> DataStats:
-    stats, errors = DataStats(source.spec), []
+def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_line_bytes: int,
+                  bad: BadLines) -> DataStats:
+    """Encode one source into writer. Bad records go to `bad`, all of them: every chunk is encoded even after one
+    (the special-token and chat-format checks run on the token ids), and nothing more is written once one is seen."""
+    stats = DataStats(source.spec)
     chunk, chars, tokens = [], 0, 0
+    pending: list[tuple[int, str]] = []  # (order read, line) of the bad records since the last flush
+    order: dict[str, int] = {}  # where -> order read, for the records of the chunk
     # a progress line (count, rate) once tokenizing has taken 2 s: a large set takes minutes, a small one says nothing
     meter = console.Meter(f"tokenizing {source.spec}", unit="examples", after=2.0)
 
     def flush() -> bool:  # True when the source's limit is reached
         nonlocal chunk, chars, tokens
-        out = encoder.encode_chunk(chunk, errors) if chunk and not errors else None
+        found: list[str] = []
+        out = encoder.encode_chunk(chunk, found) if chunk else None
+        pending.extend((_order_of(line, order), line) for line in found)
+        for _, line in sorted(pending):  # the encoder's finds go back among the reader's, in file order
+            bad.add(line, source.spec)
+        pending.clear()
+        order.clear()
         chunk, chars = [], 0
         if out is None:
             return False
@@ -210,21 +248,38 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
             kept = kept[: source.limit - stats.kept]
             n = sum(k[0] for k in kept)
             ids, mask, stats.limit = ids[:n], mask[:n], source.limit
-        writer.add(ids, mask, kept)
+        if not bad.count:  # a build with bad records is never used: only looked through for more
+            writer.add(ids, mask, kept)
         stats.kept += len(kept)
         tokens += len(ids)
         meter.update(stats.lines, f"{stats.kept:,} kept, {tokens:,} tokens")
         return bool(stats.limit)
 
-    for where, messages in read_source(source, max_line_bytes, stats, errors):
-        chunk.append((where, messages))
-        chars += sum(len(m["content"]) for m in messages)
+    for n, (where, item) in enumerate(read_source(source, max_line_bytes, stats)):
+        if isinstance(item, str):
+            pending.append((n, item))
+            continue
+        chunk.append((where, item))
+        order[where] = n
+        chars += sum(len(m["content"]) for m in item)
         if chars >= CHUNK_CHARS and flush():
             break
     else:
         flush()
+    for path in [f for f in source.files if is_text(f)]:
+        for ids, where in ([] if stats.limit else _text_examples(path, encoder, bad, source.spec)):
+            stats.lines += 1
+            if not bad.count:
+                writer.add(ids, np.ones(len(ids), dtype=np.uint8), [(len(ids), len(ids) - 1, where)])
+            stats.kept += 1
+            tokens += len(ids)
+            meter.update(stats.lines, f"{stats.kept:,} kept, {tokens:,} tokens")
+            if source.limit and stats.kept >= source.limit:
+                stats.limit = source.limit
+                break
     meter.close(f"{stats.kept:,} kept, {tokens:,} tokens")
-    raise_errors(errors, source.spec)
+    if bad.count:
+        return stats
     if stats.lines == 0:
         raise DataError(f"{source.spec}: the dataset is empty (no records)")
     if stats.kept == 0:
@@ -233,16 +288,73 @@ def _build_source(source: Source, encoder: ChatEncoder, writer: _Writer, max_lin
     return stats
 
 
+def _text_examples(path: Path, encoder: ChatEncoder, bad: BadLines, spec: str):
+    """(ids int32 (n,), "file:line") of one plain-text file for continued pre-training: the file's tokens, then the
+    eos token (where the document ends), cut into pieces of max_seq_len tokens (the last one shorter), every token
+    a target. Special-token text in it is a bad line, as in a chat's content. The text is tokenized in pieces of
+    about TEXT_PIECE_BYTES cut at line ends: a tokenizer that marks word starts (Phi-3's '▁') sees one more at each
+    cut, about one token in 250,000."""
+    size = encoder.max_seq_len or (1 << 62)
+    # the encoder's own backend (its word cache is off: a text piece is one "word" to Phi-3's BPE), through
+    # encode_batch, not encode_batch_fast: the offsets (which name each piece's line) are needed here
+    backend = encoder.encode_batch.__self__
+    carry, carry_where = np.zeros(0, dtype=np.int32), ""  # the tokens of a piece not yet full, where it starts
+    last = f"{path}:1"  # the line the text read so far ends on
+    for where, text in iter_text(path):
+        if isinstance(text, BadRecord):
+            bad.add(f"{where}: {text.reason}", spec)
+            return
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
+        ids, offsets = np.asarray(enc.ids, dtype=np.int32), enc.offsets
+        first = int(where.rsplit(":", 1)[1])
+        newlines = np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)  # char positions
+
+        def where_of(k: int) -> str:  # the line of token k of this piece
+            return f"{path}:{first + int(np.searchsorted(newlines, offsets[k][0]))}"
+
+        reported = set()
+        for k in np.flatnonzero(encoder.special_lut[ids]):
+            at = where_of(int(k))
+            if at not in reported:
+                reported.add(at)
+                bad.add(f"{at}: the special token {encoder.special_text.get(int(ids[k]), '?')!r} in plain text: it "
+                        "would be read as that token, not as text; remove or rewrite it", spec)
+        stream = np.concatenate([carry, ids])
+        full = len(stream) // size
+        # where piece i of the stream starts: in the carry (only piece 0 can) or at a token of this text
+        starts = [carry_where if i == 0 and len(carry) else where_of(i * size - len(carry))
+                  for i in range(full + (full * size < len(stream)))]
+        for i in range(full):
+            yield stream[i * size:(i + 1) * size], starts[i]
+        carry, carry_where = stream[full * size:], starts[full] if full * size < len(stream) else ""
+        last = f"{path}:{first + len(newlines)}"
+    stream = np.concatenate([carry, encoder.tail])  # the eos closes the document
+    for i in range(0, len(stream), size):
+        if len(stream[i:i + size]) >= 2:  # one token alone has no target (position 0 is never predicted)
+            yield stream[i:i + size], carry_where if i == 0 and carry_where else last
+
+
+def _order_of(line: str, order: dict[str, int]) -> int:
+    """The read order of the record an encoder line ("where: why") is about; where may itself hold ": "."""
+    at = line.find(": ")
+    while at != -1:
+        if line[:at] in order:
+            return order[line[:at]]
+        at = line.find(": ", at + 1)
+    return len(order)
+
+
 def build_store(sources: list[Source], tokenizer, max_seq_len: int, train_on: str, folder: Path,
                 keys: tuple[str, str], max_line_bytes: int = MAX_LINE_BYTES) -> list[DataStats]:
     """Tokenize every source into `folder` (which must exist and be empty). DataError lists the bad records."""
     encoder = ChatEncoder(tokenizer, max_seq_len, train_on)
-    writer = _Writer(folder)
+    writer, bad = _Writer(folder), BadLines()
     try:
-        stats = [_build_source(s, encoder, writer, max_line_bytes) for s in sources]
+        stats = [_build_source(s, encoder, writer, max_line_bytes, bad) for s in sources]
     finally:
         writer.ids_f.close()
         writer.mask_f.close()
+    bad.raise_if_any()  # every source's bad records in one error
     writer.finish(*keys, stats)
     return stats
 
@@ -319,5 +431,5 @@ def load_or_build(sources: list[Source], tokenizer, max_seq_len: int, train_on: 
 
 
 __all__ = ["DataStats", "TokenStore", "build_store", "open_store", "load_or_build", "store_keys", "cache_root",
-           "read_source", "raise_errors",
+           "read_source", "raise_errors", "BadLines",
            "tokenizer_hash"]

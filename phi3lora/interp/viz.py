@@ -49,37 +49,48 @@ def _save(fig, plt, path) -> Path:
         plt.close(fig)
 
 
-def _tick_step(n: int, max_ticks: int = 48) -> int:
-    return max(1, -(-n // max_ticks))
+PAGE_INCHES = 12.0  # a figure wider than this is shown shrunk on a page (index.html: 1200 px at the PNGs' 110 dpi)
+TOKEN_INCHES = 0.2  # per token on an attention map's axes: room for an 8 pt label (about 0.15 in tall) and a gap
+LABEL_PT = 8  # token labels on the attention maps
+MAX_LABELLED = 64  # tokens labelled along an axis: a longer axis labels every k-th token (a figure stays < 2^16 px)
 
 
-def attention_figure(probs: torch.Tensor, labels: list[str], layer: int, heads: list[int], path) -> Path:
-    """probs (H, T, S) for one sequence and the listed heads (H = len(heads)); one map per head, queries down,
-    keys across, labelled with the tokens (key labels: the last S of `labels`)."""
+def attention_plot(probs: torch.Tensor, labels: list[str], layer: int, heads: list[int]):
+    """The figure attention_figure saves (for tests and notebooks): maps of TOKEN_INCHES per labelled token, so a
+    label never runs into its neighbour whatever T is, as many maps side by side as fit in PAGE_INCHES (one for a
+    long prompt), the rest below."""
     plt = _pyplot()
     H, T, S = probs.shape
-    cols = min(H, 4)
+    side = max(2.6, TOKEN_INCHES * min(max(T, S), MAX_LABELLED))
+    step_q, step_k = -(-T // MAX_LABELLED), -(-S // MAX_LABELLED)
+    label_room = 0.09 * MAX_LABEL + 0.5  # inches: the longest label at LABEL_PT, and the axis title
+    cols = max(1, min(H, 4, int((PAGE_INCHES - label_room - 1.2) // (side + 0.4))))  # 1.2: the colour bar
     rows = -(-H // cols)
-    cell = max(2.6, min(0.16 * S + 1.0, 7.0))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=((side + 0.4) * cols + label_room + 1.2, (side + 0.5) * rows
+                                                  + label_room), squeeze=False)
     q_labels, k_labels = labels[-T:], labels[-S:]
-    step_q, step_k = _tick_step(T), _tick_step(S)
     for n, ax in enumerate(axes.flat):
         if n >= H:
             ax.axis("off")
             continue
         im = ax.imshow(probs[n].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
                        interpolation="nearest")
-        ax.set_title(f"layer {layer}, head {heads[n]}", fontsize=9)
-        ax.set_xticks(range(0, S, step_k), [k_labels[i] for i in range(0, S, step_k)], rotation=90, fontsize=6)
-        ax.set_yticks(range(0, T, step_q), [q_labels[i] for i in range(0, T, step_q)] if n % cols == 0 else [],
-                      fontsize=6)  # query labels on the first column only: they would run into the left map
-        if n % cols == 0:
-            ax.set_ylabel("query (attends from)", fontsize=7)
-        if n // cols == rows - 1:
-            ax.set_xlabel("key (attends to)", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability")
-    return _save(fig, plt, path)
+        ax.set_title(f"layer {layer}, head {heads[n]}", fontsize=10)
+        ax.set_xticks(range(0, S, step_k), k_labels[::step_k], rotation=90, fontsize=LABEL_PT)
+        ax.set_yticks(range(0, T, step_q), q_labels[::step_q] if n % cols == 0 else [], fontsize=LABEL_PT)
+        if n % cols == 0:  # query labels on the first column only: they would run into the map on their left
+            ax.set_ylabel("query (attends from)", fontsize=9)
+        if n // cols == rows - 1 or n + cols >= H:
+            ax.set_xlabel("key (attends to)", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=min(0.6, 4.0 / rows), label="attention probability")
+    return fig
+
+
+def attention_figure(probs: torch.Tensor, labels: list[str], layer: int, heads: list[int], path) -> Path:
+    """probs (H, T, S) for one sequence and the listed heads (H = len(heads)); one map per head, queries down,
+    keys across, labelled with the tokens (key labels: the last S of `labels`)."""
+    plt = _pyplot()
+    return _save(attention_plot(probs, labels, layer, heads), plt, path)
 
 
 def logit_lens_figure(layers: list[int], top_probs: torch.Tensor, top_labels: list[list[str]], labels: list[str],

@@ -63,6 +63,8 @@ class TrainingConfig:
     max_examples: int = option(0, "at most this many examples of each data source without its own :N (0: all)",
                                min=0)
     data_cache: str = option("auto", "tokenized-data cache: auto (~/.cache/phi3-lora/data), off, or a folder")
+    max_line_mb: int = option(64, "longest JSON line read, in MB (a longer one is a bad line): parsing a line "
+                              "holds several times its size in memory", above=0)
     out: str = option("out/phi3-lora", "output folder")
     epochs: int = option(1, "passes over the data (when max_steps is 0)", above=0)
     max_steps: int = option(0, "optimizer steps; > 0 overrides epochs", min=0)

@@ -95,14 +95,16 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step") -> None:
-    """Training loss per step and eval loss as a self-contained SVG line chart: title, axis labels, grid, legend.
-    Written by hand (no plotting library at run time); written whole, then renamed."""
+    """Training loss per step and eval loss as a self-contained SVG line chart: title, axis labels, grid, and the
+    legend to the right of the plot area, where no curve can run under it. Written by hand (no plotting library at
+    run time); written whole, then renamed."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     points = [(s, v) for s, v in train + evals if math.isfinite(v)]
     if not points:
         return
-    W, H, L, R, T, B = 720, 420, 70, 20, 50, 55  # size and margins (room for the title and the axis labels)
+    # size and margins: room for the title, the axis labels and (right) the legend
+    W, H, L, R, T, B = 860, 420, 70, LEGEND_WIDTH + 28, 50, 55
     x0, x1 = min(s for s, _ in points), max(s for s, _ in points)
     y0, y1 = min(0.0, min(v for _, v in points)), max(v for _, v in points)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1.0)
@@ -135,12 +137,13 @@ def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step"
         parts += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="{EVAL_COLOR}"/>'
                   for s, v in evals if math.isfinite(v)]
         legend.append(("eval loss", EVAL_COLOR, True))
-    parts += _legend(legend, W - R - 130, T + 8)
+    parts += _legend(legend, W - R + 14, T)
     parts.append("</svg>\n")
     atomic.write_file(path, "\n".join(parts))
 
 
 TRAIN_COLOR, EVAL_COLOR = "#1f77b4", "#ff7f0e"
+LEGEND_WIDTH = 122
 
 
 def nice_ticks(lo: float, hi: float, about: int = 6) -> list[float]:
@@ -157,8 +160,8 @@ def _legend(entries: list[tuple[str, str, bool]], x: float, y: float) -> list[st
     """A framed legend at (x, y): a line sample (with a marker for point series) and the label per entry."""
     if not entries:
         return []
-    parts = [f'<rect x="{x}" y="{y}" width="122" height="{8 + 18 * len(entries)}" fill="white" '
-             f'stroke="#999"/>']
+    parts = [f'<rect class="legend" x="{x}" y="{y}" width="{LEGEND_WIDTH}" height="{8 + 18 * len(entries)}" '
+             f'fill="white" stroke="#999"/>']
     for i, (label, color, marker) in enumerate(entries):
         cy = y + 13 + 18 * i
         parts.append(f'<line x1="{x + 8}" y1="{cy}" x2="{x + 34}" y2="{cy}" stroke="{color}" stroke-width="2"/>')
