@@ -202,3 +202,26 @@ def test_plans_keep_generation_and_short_rows_on_their_paths():
     assert make_plan("auto", 9, 0, W, None, None, 2, "cpu").name == "segments"  # past the window
     with pytest.raises(ValueError, match="backend"):
         make_plan("fast", 9, 0, W, None, None, 2, "cpu")
+
+
+def test_bench_counts_skipped_tiles_and_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from packed_attention import pack, tiles_skipped
+
+    # two 128-token documents: of the 2×2 tiles only the diagonal is computed (half the square, 2 of 3 causal)
+    assert tiles_skipped([128, 128], None) == {"of_square": 0.5, "of_causal": round(1 - 2 / 3, 4)}
+    assert sum(pack([19, 148, 57], 1000)) == 1000
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/packed_attention.py", "--seq", "256", "--steps", "1",
+                           "--json-out", str(tmp_path / "p.json")], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["path"] for r in result["rows"]} == {"dense", "segments"}
+    assert all(r["step_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
+    assert json.loads((tmp_path / "p.json").read_text())["tiles_skipped"]["256"]["of_square"] > 0.5
