@@ -225,3 +225,30 @@ def test_bench_counts_skipped_tiles_and_runs(tmp_path):
     assert {r["path"] for r in result["rows"]} == {"dense", "segments"}
     assert all(r["step_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
     assert json.loads((tmp_path / "p.json").read_text())["tiles_skipped"]["256"]["of_square"] > 0.5
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_flex_plan_masks_like_the_dense_path(monkeypatch, window):
+    """The CUDA plan's mask_mods (document, causal, window; padded slots, GQA), checked on the CPU with eager
+    FlexAttention: the same output as per-document SDPA and as the dense mask."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    import phi3lora.phi3mini.attention as attention
+    monkeypatch.setattr(attention, "_FLEX", flex.flex_attention)
+    T = 300  # padded to 384 inside: three 128-token tiles a side
+    doc = torch.repeat_interleave(torch.tensor([1, 2, 3, 0]), torch.tensor([100, 120, 70, 10]))[None].repeat(2, 1)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 16, generator=g)
+    k, v = torch.randn(2, 2, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g)  # GQA: 2 kv heads
+    # tiles of 128 over 384 padded slots: documents [0, 100) [100, 220) [220, 290), padding [290, 384). Computed:
+    # the 3 diagonal tiles, (1, 0) (document 2 crosses it) and (2, 1) (document 3); without documents, causal
+    # computes all 6 lower tiles, and a 40-key window empties (2, 0)
+    skipped = {(True, None): 4 / 9, (True, 40): 4 / 9, (False, None): 3 / 9, (False, 40): 4 / 9}
+    for d in (doc, None):
+        args = (T, T, 0, window, None, d, "cpu")
+        plan = attention.FlexPlan(args, 2, T, d, window, "cpu")
+        assert plan.Tp == 384
+        assert plan.skipped_fraction() == pytest.approx(skipped[d is not None, window])
+        got = plan.attend(q, k, v)
+        torch.testing.assert_close(got, attention.DensePlan(args).attend(q, k, v), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, attention.SegmentPlan(args, 2, T, d, window, "cpu").attend(q, k, v),
+                                   atol=1e-5, rtol=0)

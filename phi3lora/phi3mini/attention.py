@@ -208,8 +208,10 @@ class FlexPlan(CausalPlan):
                 keep = keep & (doc[b, q_idx] == doc[b, kv_idx])
             return keep
 
+        # compiled, the mask is evaluated tile by tile (never a (B, Tp, Tp) tensor); uncompiled on the CPU, where
+        # only tests build it (a C++ compile per shape would cost minutes there)
         self.block_mask = create_block_mask(mask_mod, B if doc is not None else None, None, self.Tp, self.Tp,
-                                            device=device, _compile=True)
+                                            device=device, _compile=torch.device(device).type == "cuda")
 
     def attend(self, q, k, v):  # q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)
         pad = self.Tp - self.T
