@@ -224,7 +224,8 @@ def test_bench_counts_skipped_tiles_and_runs(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["path"] for r in result["rows"]} == {"dense", "segments"}
     assert all(r["step_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
-    assert json.loads((tmp_path / "p.json").read_text())["tiles_skipped"]["256"]["of_square"] > 0.5
+    # two tiles a side: at least the one above the diagonal is skipped
+    assert json.loads((tmp_path / "p.json").read_text())["tiles_skipped"]["256"]["of_square"] >= 0.25
 
 
 @pytest.mark.parametrize("window", [None, 40])
@@ -252,3 +253,17 @@ def test_flex_plan_masks_like_the_dense_path(monkeypatch, window):
         torch.testing.assert_close(got, attention.DensePlan(args).attend(q, k, v), atol=1e-5, rtol=0)
         torch.testing.assert_close(got, attention.SegmentPlan(args, 2, T, d, window, "cpu").attend(q, k, v),
                                    atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_same_packed_plan():
+    model = with_lora(tiny_model(sliding_window=32, num_key_value_heads=2)).train()
+    _, ids, pos, doc, labels = packed_batch([50, 20, 70], pad=3)
+    grads = []
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=labels, position_ids=pos, document_ids=doc).backward()
+        grads.append(lora_grads(model))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-6, msg=n)

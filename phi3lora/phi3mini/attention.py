@@ -171,6 +171,9 @@ class SegmentPlan(CausalPlan):
         self.inverse = torch.argsort(torch.cat(order)).to(device)  # (B*T,)
         self.B, self.T = B, T
 
+    # under torch.compile (training's compile option compiles each block) this runs eagerly: its loop follows the
+    # batch's documents, which would otherwise be a new graph for every batch
+    @torch.compiler.disable
     def attend(self, q, k, v):  # q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)
         B, H, T, D = q.shape
         flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # (B*T, H or Hkv, D)
