@@ -160,11 +160,13 @@ def main(argv=None) -> dict:
         # its share and then some, but always half a share kept for each part after it; never past the budget
         keep = 0.5 * sum(plan.get(n, 0) for n in names[i + 1:])
         timeout = min(left - 1.0, max(plan[name] * 1.5, left - keep))  # 1 s for killing it and writing up
-        if left < plan[name] * 0.5:  # not even half its share left: do not start what cannot finish
+        # not even half its share left (or under half a second once the write-up second is kept): do not start
+        # what cannot finish, nor give it a limit that runs past the budget
+        if left < plan[name] * 0.5 or timeout < 0.5:
             parts[name] = {"status": f"skipped: {left:.0f} s left of the budget, its share is {plan[name]:.0f} s "
                                      "(an estimate)"}
             continue
-        parts[name] = run_part(name, cmds[name], timeout=max(1.0, timeout), out=out)
+        parts[name] = run_part(name, cmds[name], timeout=timeout, out=out)
         print(f"{name}: {parts[name]['status']} in {parts[name]['seconds']} s", flush=True)
     report = {"environment": env, "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 1),
               "plan_estimate_s": {k: round(v) for k, v in plan.items()}, "cpu_smoke": args.cpu, "parts": parts}
