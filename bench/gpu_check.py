@@ -13,6 +13,9 @@ torch fallback):
                (target: NF4 >= 0.9x bf16)
   4. train     bench/train_step.py: one training step, ours vs transformers + peft, seq 2048, the largest batch
                theirs fits, activation checkpointing off and on
+  5. packed    bench/packed_attention.py --gpu: a LoRA step over packed rows of T 2k, 4k, 8k (sample-data lengths),
+               8 layers of Phi-3-mini's shape: dense (B, 1, T, T) mask vs FlexAttention block mask vs unpacked and
+               padded; tokens/s, peak memory, and the fraction of attention tiles the block mask skips
 A part starts only if the time left covers its planned share; what does not fit is listed as skipped, with the
 reason. The planned shares are estimates (no GPU run has timed them yet) and are labelled so in the output.
 Writes gpu_check.json (the parts' own JSON results included) and gpu_check.md (their tables) to the output folder.
@@ -32,8 +35,8 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170}
-PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -50,6 +53,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                       "--json-out", str(out / "qlora.json")],
             "train": [py, "bench/train_step.py", "--seq", "32", "--steps", "1", "--warmup", "1", "--batch", "1",
                       "--checkpointing", "on", "--no-longest", "--json-out", str(out / "train.json")],
+            "packed": [py, "bench/packed_attention.py", "--seq", "256", "--steps", "1",
+                       "--json-out", str(out / "packed.json")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
@@ -60,6 +65,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                   "--json-out", str(out / "qlora.json")],
         "train": [py, "bench/train_step.py", "--seq", "2048", "--checkpointing", "both", "--no-longest",
                   "--budget-s", str(int(budget["train"] * 0.7)), "--json-out", str(out / "train.json")],
+        "packed": [py, "bench/packed_attention.py", "--gpu", "--layers", "8", "--steps", "3",
+                   "--budget-s", str(int(budget["packed"] * 0.6)), "--json-out", str(out / "packed.json")],
     }
 
 
@@ -126,7 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,qlora,train", help="comma list of tests, matmul, qlora, train")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed",
+                    help="comma list of tests, matmul, qlora, train, packed")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():
@@ -152,11 +160,13 @@ def main(argv=None) -> dict:
         # its share and then some, but always half a share kept for each part after it; never past the budget
         keep = 0.5 * sum(plan.get(n, 0) for n in names[i + 1:])
         timeout = min(left - 1.0, max(plan[name] * 1.5, left - keep))  # 1 s for killing it and writing up
-        if left < plan[name] * 0.5:  # not even half its share left: do not start what cannot finish
+        # not even half its share left (or under half a second once the write-up second is kept): do not start
+        # what cannot finish, nor give it a limit that runs past the budget
+        if left < plan[name] * 0.5 or timeout < 0.5:
             parts[name] = {"status": f"skipped: {left:.0f} s left of the budget, its share is {plan[name]:.0f} s "
                                      "(an estimate)"}
             continue
-        parts[name] = run_part(name, cmds[name], timeout=max(1.0, timeout), out=out)
+        parts[name] = run_part(name, cmds[name], timeout=timeout, out=out)
         print(f"{name}: {parts[name]['status']} in {parts[name]['seconds']} s", flush=True)
     report = {"environment": env, "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 1),
               "plan_estimate_s": {k: round(v) for k, v in plan.items()}, "cpu_smoke": args.cpu, "parts": parts}

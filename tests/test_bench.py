@@ -107,7 +107,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     out, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "280")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
-                                                                     "train": "ok"}
+                                                                     "train": "ok", "packed": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}

@@ -4,7 +4,9 @@ gate_up_proj, pre-norm blocks, KV cache.
 Module and parameter names are the checkpoint's own (model.layers.N.self_attn.qkv_proj, ...), so Hugging Face
 weights load by identity. The math follows transformers' modeling_phi3.py (RMSNorm in fp32, half-rotation RoPE,
 fp32 softmax) with these deliberate differences:
-- attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU);
+- attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); packed rows
+  and rows longer than the sliding window never build a (B, 1, T, T) mask: attention.py's plans run each document
+  (and each window) on its own, or FlexAttention with a block mask on CUDA;
 - the sliding window keeps keys with q_idx - k_idx < sliding_window, counted in cache slots like transformers;
 - LongRoPE picks the short or long factors from the largest position in the call (transformers does the same);
 - with `labels`, the loss can be computed chunk by chunk without ever holding the (B, T, vocab) fp32 logits.
@@ -15,13 +17,13 @@ runs it when its `use_kernel` is true. The plain path runs the same ops' torch r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from phi3lora.kernels.reference import (apply_rope_reference, cross_entropy_reference, rms_norm_reference,
                                         rotate_half, swiglu_reference)
 
+from .attention import BACKENDS, build_attention_mask, make_plan, repeat_kv
 from .config import Phi3Config
 from .tokenizer import IGNORE
 
@@ -130,7 +132,8 @@ class Attention(nn.Module):
         # probabilities (eager attention); None keeps the SDPA path
         self.probe = None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, plan, cache: KVCache | None):
+        # plan: attention.py's plan for this call (causal, dense mask, per-document segments or a flex block mask)
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -144,15 +147,11 @@ class Attention(nn.Module):
             q, k = apply_rope_reference(q, k, cos, sin)  # cos/sin (B, T, R)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        if self.n_kv != self.n_head:  # GQA: each kv head serves n_head / n_kv query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        if self.probe is not None:
-            y = self.probe(self.layer_idx, q, k, v, mask)  # (B, Hq, T, D)
-        elif mask is None:  # plain causal over a fresh sequence: lets SDPA pick the flash kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.probe is not None:  # eager attention over the dense mask: the probe records the (T, S) probabilities
+            k, v = repeat_kv(k, v, self.n_head)  # GQA: each kv head serves n_head / n_kv query heads
+            y = self.probe(self.layer_idx, q, k, v, plan.dense_mask())  # (B, Hq, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = plan.attend(q, k, v)  # (B, Hq, T, D)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, Hq*D)
         return self.o_proj(y)
 
@@ -182,8 +181,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, plan, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -199,31 +198,6 @@ class Phi3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def build_attention_mask(q_len: int, kv_len: int, cache_start: int, sliding_window: int | None,
-                         attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, device):
-    """Boolean mask (B or 1, 1, q_len, kv_len), True where a query may attend, or None for plain causal.
-
-    Indices are cache slots: query i sits in slot cache_start + i. attention_mask (B, kv_len) is 1 on real tokens
-    (0 on padding); document_ids (B, q_len) separate packed examples (only without a cache).
-    """
-    window_cuts = sliding_window is not None and kv_len > sliding_window
-    if attention_mask is None and document_ids is None and not window_cuts and cache_start == 0 and q_len == kv_len:
-        return None
-    q_idx = torch.arange(cache_start, cache_start + q_len, device=device)[:, None]  # (Tq, 1)
-    k_idx = torch.arange(kv_len, device=device)[None, :]  # (1, Tk)
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed = allowed & (q_idx - k_idx < sliding_window)
-    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
-    if document_ids is not None:
-        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    # a query that may see nothing (a left-pad slot) would make softmax NaN: let it see everything; its output
-    # is never used (no label, no later token attends to it)
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
 class Phi3(nn.Module):
     kernel = "fused_ce"  # the loss: lm_head + cross-entropy in row chunks, never holding all fp32 logits
 
@@ -236,6 +210,9 @@ class Phi3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # how packed rows and rows past the sliding window attend (attention.py): "auto" (FlexAttention on CUDA
+        # when it works, else per-document SDPA), "flex", "segments", or "dense" (the (B, 1, T, T) mask)
+        self.attention_backend = "auto"
         self.use_kernel = False  # the fused loss (see `kernel`); the blocks' modules have their own
         self.generation_config: dict = {}
         self.name_or_path: str | None = None  # the Hub id, folder or preset it came from (adapters record it)
@@ -286,14 +263,16 @@ class Phi3(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         long = self.rotary.uses_long(max_position)
         cos, sin = self.rotary(position_ids, long, x.dtype)  # (B, T, rotary_dim)
-        mask = build_attention_mask(T, start + T, start, self.config.sliding_window, attention_mask,
-                                    document_ids, x.device)
+        c = self.config
+        # built once per call, shared by every layer (and by the recomputation under gradient checkpointing)
+        plan = make_plan(self.attention_backend, T, start, c.sliding_window, attention_mask, document_ids, B,
+                         x.device, x.dtype, (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: a frozen base still passes gradients through to the LoRA weights
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, plan, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, plan, cache)
         if cache is not None:
             cache.length += T
             cache.long_rope = long
@@ -374,4 +353,4 @@ class Phi3(nn.Module):
 
 
 __all__ = ["Phi3", "Phi3Config", "KVCache", "RMSNorm", "RotaryEmbedding", "Attention", "MLP", "Block",
-           "build_attention_mask", "rotate_half"]
+           "build_attention_mask", "rotate_half", "BACKENDS"]
