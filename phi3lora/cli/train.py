@@ -49,6 +49,7 @@ import torch
 from phi3lora import lora
 from phi3lora.lora.adapter_files import base_fingerprint
 from phi3lora.phi3mini import Tokenizer
+from phi3lora.phi3mini.attention import attention_backend_and_why
 from phi3lora import atomic, console
 from phi3lora import data
 from phi3lora.data import DataError, TokenSet, collate, fingerprint
@@ -177,6 +178,12 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     n_train, n_all = sum(p.numel() for p in params), model.num_parameters()  # a 4-bit weight counts its values
     console.info(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
                  f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
+    c = model.config
+    window = c.sliding_window is not None and t.max_seq_len > c.sliding_window
+    if t.packing or window:  # packed rows (and rows past the window) attend per document: say how, once
+        backend, why = attention_backend_and_why(device, dtype, c.num_attention_heads, c.num_key_value_heads,
+                                                 c.head_dim)
+        console.info(f"attention for {'packed rows' if t.packing else 'rows past the sliding window'}: {why}")
     if world.active:
         distributed.broadcast_params(world, params)
         torch.manual_seed(t.seed + world.rank)  # each rank its own dropout masks (rank 0: as one process)

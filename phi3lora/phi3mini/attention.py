@@ -34,7 +34,7 @@ import torch.nn.functional as F
 log = logging.getLogger("phi3lora.attention")
 
 BACKENDS = ("auto", "flex", "segments", "dense")
-_CHOSEN: dict[str, str] = {}  # device type -> backend picked by "auto" (once per process)
+_CHOSEN: dict[str, tuple[str, str]] = {}  # device type -> (backend picked by "auto", why), once per process
 _FLEX = None  # the compiled flex_attention (compiled once; it specializes per length bucket)
 
 
@@ -282,6 +282,12 @@ def attention_backend(device, dtype=torch.float32, n_head: int = 4, n_kv: int = 
     """The structured-attention backend "auto" means on this device, decided once per process: "flex" on CUDA when
     FlexAttention runs and agrees with SDPA on a small packed problem, else "segments" (also on the CPU, where
     FlexAttention's eager path would build the full score matrix)."""
+    return attention_backend_and_why(device, dtype, n_head, n_kv, head_dim)[0]
+
+
+def attention_backend_and_why(device, dtype=torch.float32, n_head: int = 4, n_kv: int = 4,
+                              head_dim: int = 16) -> tuple[str, str]:
+    """attention_backend's choice and its reason in words, for a program to say at start."""
     device = torch.device(device)
     if device.type in _CHOSEN:
         return _CHOSEN[device.type]
@@ -295,9 +301,9 @@ def attention_backend(device, dtype=torch.float32, n_head: int = 4, n_kv: int = 
                 raise RuntimeError(f"FlexAttention failed its self-check: {problem} (PHI3LORA_STRICT_KERNELS=1)")
             why = f"per-document SDPA, because FlexAttention failed its self-check: {problem}"
             warnings.warn(f"packed attention: {why}", RuntimeWarning, stacklevel=2)
-    _CHOSEN[device.type] = choice
+    _CHOSEN[device.type] = choice, why
     log.info("packed attention on %s: %s", device.type, why)
-    return choice
+    return choice, why
 
 
 def make_plan(backend: str, T: int, start: int, sliding_window: int | None, attention_mask, document_ids,
@@ -326,5 +332,5 @@ def build_attention_mask_is_causal(dense_args: tuple) -> bool:
     return attention_mask is None and document_ids is None and not window_cuts and cache_start == 0 and q_len == kv_len
 
 
-__all__ = ["BACKENDS", "build_attention_mask", "make_plan", "attention_backend", "CausalPlan", "DensePlan",
-           "SegmentPlan", "FlexPlan", "windowed_attention", "length_bucket", "flex_bucket"]
+__all__ = ["BACKENDS", "build_attention_mask", "make_plan", "attention_backend", "attention_backend_and_why",
+           "CausalPlan", "DensePlan", "SegmentPlan", "FlexPlan", "windowed_attention", "length_bucket", "flex_bucket"]
