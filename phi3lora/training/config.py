@@ -52,8 +52,8 @@ class TrainingConfig:
                        ".gz/.zst), folders, globs or Hub dataset ids, comma-separated, each with an optional :N "
                        "(its first N examples)")
     eval_data: str = option("", "evaluation data (same forms as data); when empty, eval_split, else eval_fraction")
-    eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data and eval_split "
-                                  "are empty", min=0, below=1)
+    eval_fraction: float = option(0.05, "fraction of data held out for evaluation when eval_data and eval_split "
+                                  "are empty (rounded, at most 200 examples; 0: no evaluation)", min=0, below=1)
     data_split: str = option("train", "split read from Hub datasets and split-named folders in data")
     eval_split: str = option("", "evaluation split of data's Hub datasets and split-named folders")
     max_examples: int = option(0, "at most this many examples of each data source without its own :N (0: all)",
