@@ -74,6 +74,8 @@ class TrainingConfig:
     schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = option(0.2, "warmup steps as a fraction of all steps", min=0, below=1)
     warmup_steps: int = option(0, "warmup steps; > 0 overrides warmup_ratio", min=0)
+    min_steps: int = option(0, "when the run is counted in epochs (max_steps 0): at least this many steps, more "
+                            "epochs over a small data set", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     adam_beta1: float = option(0.9, "AdamW beta1", min=0, below=1)
     adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
@@ -211,9 +213,11 @@ def parse_config(argv=None, notes: list | None = None) -> dict:
 # CPU in about a minute with them.
 TINY_SETTINGS = {
     "training": dict(
-        # 100 steps of the whole set (batch 6): Adam moves each LoRA weight about lr per step, so the number of
-        # steps (not the tokens per step) is what lets the adapter's outputs grow to the logit range it needs.
-        max_steps=100, batch_size=6, max_seq_len=256, packing=False, lr=5e-3, warmup_ratio=0.1,
+        # Epochs over the data, and at least 100 steps: Adam moves each LoRA weight about lr per step, so the number
+        # of steps (not the tokens per step) is what lets the adapter's outputs grow to the logit range it needs. The
+        # demo's 6 chats (one batch) get 100 steps; 200 short chats (34 batches) get 20 epochs, about 700 steps:
+        # fewer leave each reply seen too rarely, and every reply comes out as the most frequent one.
+        epochs=20, min_steps=100, batch_size=6, max_seq_len=256, packing=False, lr=5e-3, warmup_ratio=0.1,
         grad_checkpointing=False, log_every=10, eval_every=50, save_every=50),
     "lora": dict(
         # scale alpha/r = 16 (not 2): the random, frozen lm_head caps its logits near +-1.3 and the frozen
