@@ -10,7 +10,8 @@ import pytest
 
 from helpers import CONV, chat_encoder, small_tiny_args, small_tiny_dir, write_jsonl
 from phi3lora.phi3mini import Tokenizer
-from phi3lora.data.pipeline import ChatEncoder, DataError, load_data, load_dataset
+from phi3lora.data.pipeline import ChatEncoder, DataError, load_data, load_dataset, split_eval
+from phi3lora.training.config import parse_config
 from phi3lora.data.files import split_of
 
 pa = pytest.importorskip("pyarrow")
@@ -266,3 +267,29 @@ def test_train_tiny_on_every_form_and_source(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err and len(errors) == 1 and "bad.jsonl:2: message 1 (assistant) contains" in errors[0]
     assert f"model {small_tiny_dir()} on" not in err  # refused before the model was built
+
+
+def test_a_slice_is_held_out_for_evaluation_by_default(tmp_path, tok):
+    """Without --eval-data every run evaluates: 5% of the examples (rounded, at most 200) held out, seeded, and a
+    line that says how many and how to choose or turn it off; too few examples to spare one is said too."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(100)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    sets = load_data(str(path), tok, 512, cache="off")
+    assert (len(sets.train), len(sets.eval)) == (95, 5)
+    assert sets.report[-1] == ("holding out 5 of 100 examples for evaluation (--eval-fraction 0.05); --eval-data "
+                               "FILE to choose them, --eval-fraction 0 for none")
+    held = {tuple(ids_labels(sets.eval[i])[0]) for i in range(5)}
+    assert not held & {tuple(ids_labels(sets.train[i])[0]) for i in range(95)}
+    again = load_data(str(path), tok, 512, cache="off")
+    assert held == {tuple(ids_labels(again.eval[i])[0]) for i in range(5)} and again.fingerprint == sets.fingerprint
+    assert load_data(str(path), tok, 512, seed=1, cache="off").fingerprint != sets.fingerprint
+    off = load_data(str(path), tok, 512, eval_fraction=0.0, cache="off")
+    assert (len(off.train), len(off.eval)) == (100, 0) and not any("evaluation" in line for line in off.report)
+    small = load_data(str(write_jsonl(tmp_path / "six.jsonl", rows[:6])), tok, 512, cache="off")
+    assert (len(small.train), len(small.eval)) == (6, 0)
+    assert small.report[-1].startswith("no evaluation: 0.05 of 6 examples rounds to none held out")
+    from phi3lora.data.pipeline import n_held_out
+    assert [n_held_out(n, 0.05) for n in (1, 6, 9, 10, 29, 30, 1000, 4000, 10**6)] == [0, 0, 0, 1, 1, 2, 50, 200, 200]
+    assert len(split_eval(list(range(10**5)), 0.05, seed=0)[1]) == 200
+    assert parse_config([])["training"]["eval_fraction"] == 0.05

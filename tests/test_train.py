@@ -16,7 +16,8 @@ from phi3lora import lora  # noqa: E402
 from phi3lora.cli import train  # noqa: E402
 from phi3lora.training.checkpoints import list_checkpoints, load_checkpoint  # noqa: E402
 from phi3lora.training.config import defaults, parse_config  # noqa: E402
-from phi3lora.training.lr_schedule import lr_at  # noqa: E402
+from phi3lora.training.data_order import EpochPlans  # noqa: E402
+from phi3lora.training.lr_schedule import lr_at, total_and_warmup  # noqa: E402
 from phi3lora.training.setup import autocast, build_model  # noqa: E402
 from phi3lora.phi3mini import Phi3, Tokenizer, generate  # noqa: E402
 from phi3lora.data.pipeline import ChatEncoder, collate  # noqa: E402
@@ -384,6 +385,19 @@ def test_config_precedence_and_files(tmp_path):
     cfg = parse_config(["--config", str(ROOT / "configs" / "phi3-mini-lora.toml")])
     assert cfg == parse_config(["--eval-fraction", "0.05", "--out", "out/phi3-mini-lora", "--log-every", "20"])
     assert parse_config(["--config", str(ROOT / "configs" / "tiny.toml")])["training"]["model"] == "tiny"
+
+
+def test_tiny_preset_steps_follow_the_data_size():
+    """--model tiny counts its run in epochs with a floor of steps: the 6-chat demo (one batch an epoch) keeps its
+    100 steps, 200 chats their 3 epochs (102 steps), 2000 chats their 3 epochs (1002 steps), not 100 steps."""
+    def steps(n_examples, *flags):
+        t, _ = typed(parse_config(["--model", "tiny", *flags]))
+        return total_and_warmup(t, EpochPlans(list(range(n_examples)), t))
+    assert steps(6) == (100, 10)
+    assert steps(200) == (102, 11) and steps(2000) == (1002, 101)
+    assert steps(200, "--epochs", "5") == (170, 17) and steps(6, "--epochs", "5") == (100, 10)
+    assert steps(200, "--max-steps", "50") == (50, 5)
+    assert steps(200, "--min-steps", "0", "--epochs", "1") == (34, 4)
 
 
 def test_lr_schedule():

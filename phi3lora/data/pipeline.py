@@ -49,6 +49,11 @@ from .store import DataStats, TokenStore, load_or_build
 from phi3lora.phi3mini.tokenizer import IGNORE, ROLES
 
 
+# The default hold-out (eval_fraction 0.05) stops growing here: a few hundred examples measure the loss well enough,
+# and every evaluation runs over all of them.
+MAX_EVAL_EXAMPLES = 200
+
+
 class TokenSet:
     """Examples of a TokenStore (all of them, or a selection `rows`), indexable like a list of Example:
     ex = tokens[i] has numpy input_ids (int32) and labels (int64, -100 where no loss)."""
@@ -106,14 +111,20 @@ def load_dataset(path, tokenizer, max_seq_len: int, train_on: str = "assistant",
     return TokenSet(store).to_examples(), store.stats[0]
 
 
+def n_held_out(n: int, fraction: float) -> int:
+    """How many of n examples split_eval holds out: fraction x n rounded to the nearest whole (none when that is
+    under a half, as 5% of fewer than 10 examples is), at most MAX_EVAL_EXAMPLES."""
+    return min(MAX_EVAL_EXAMPLES, math.floor(fraction * n + 0.5))
+
+
 def split_eval(examples, fraction: float, seed: int):
-    """Hold out a seeded random fraction (at least one example) for evaluation -> (train, eval). Works on a list
+    """Hold out a seeded random fraction (n_held_out of them) for evaluation -> (train, eval). Works on a list
     (-> lists) and on a TokenSet (-> TokenSets); both keep the original order."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"eval_fraction must be in [0, 1), got {fraction}")
-    if fraction == 0.0:
+    n_eval = n_held_out(len(examples), fraction)
+    if n_eval == 0:
         return examples, examples[:0] if isinstance(examples, list) else examples.subset([])
-    n_eval = max(1, math.ceil(fraction * len(examples)))
     if n_eval >= len(examples):
         raise DataError(f"eval_fraction {fraction} of {len(examples)} examples leaves nothing to train on")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).numpy()
@@ -164,13 +175,14 @@ def _load_sets(spec: str, split: str, tokenizer, max_seq_len: int, train_on: str
 
 
 def load_data(data: str, tokenizer, max_seq_len: int, train_on: str = "assistant", *, split: str = "train",
-              eval_data: str = "", eval_split: str = "", eval_fraction: float = 0.0, seed: int = 0,
+              eval_data: str = "", eval_split: str = "", eval_fraction: float = 0.05, seed: int = 0,
               max_examples: int = 0, cache: str = "auto", max_line_bytes: int = MAX_LINE_BYTES) -> DataSets:
     """Training and evaluation sets from data specs (see data_files.py: "a.jsonl,b.parquet:500", a folder, a glob,
     a Hub dataset id). Evaluation: eval_data if given (read with eval_split, or split), else eval_split of the
-    training sources when given, else a seeded eval_fraction of the training examples held out. max_examples caps
-    each source without its own ":N". cache: "auto" (~/.cache/phi3-lora/data), "off", or a folder. A JSON line
-    longer than max_line_bytes is a bad line (--max-line-mb).
+    training sources when given, else a seeded eval_fraction of the training examples held out (n_held_out: at
+    most MAX_EVAL_EXAMPLES; 0: no evaluation). max_examples caps each source without its own ":N". cache: "auto"
+    (~/.cache/phi3-lora/data), "off", or a folder. A JSON line longer than max_line_bytes is a bad line
+    (--max-line-mb).
     DataError (naming the file and line) for anything unusable."""
     report: list[str] = []
     train, cached = _load_sets(data, split, tokenizer, max_seq_len, train_on, max_examples, cache, report,
@@ -181,8 +193,13 @@ def load_data(data: str, tokenizer, max_seq_len: int, train_on: str = "assistant
                                  max_line_bytes=max_line_bytes)
     else:
         train, eval_set = split_eval(train, eval_fraction, seed)
+        n = len(train) + len(eval_set)
         if len(eval_set):
-            report.append(f"holding out {len(eval_set)} of {len(train) + len(eval_set)} examples for evaluation")
+            report.append(f"holding out {len(eval_set)} of {n} examples for evaluation (--eval-fraction "
+                          f"{eval_fraction:g}); --eval-data FILE to choose them, --eval-fraction 0 for none")
+        elif eval_fraction > 0:  # too few examples to spare one: said, not an evaluation silently missing
+            report.append(f"no evaluation: {eval_fraction:g} of {n} examples rounds to none held out "
+                          "(--eval-fraction); --eval-data FILE to evaluate on chosen examples")
     return DataSets(train, eval_set, fingerprint(train), report, cached)
 
 
@@ -270,4 +287,4 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed:
 
 __all__ = ["DataError", "DataStats", "DataSets", "ChatEncoder", "Example", "TokenSet", "Batch", "ROLES", "IGNORE",
            "parse_phi3_text", "record_to_messages", "load_data", "load_dataset", "split_eval", "fingerprint",
-           "epoch_order", "pack_rows", "epoch_plan", "collate"]
+           "n_held_out", "epoch_order", "pack_rows", "epoch_plan", "collate"]

@@ -56,8 +56,8 @@ class TrainingConfig:
                         resume_fixed=True)
     data: str = option("data/sample_chat.jsonl", f"training data (chats): {SPEC_FORMS}")
     eval_data: str = option("", "evaluation data (same forms as data); when empty, eval_split, else eval_fraction")
-    eval_fraction: float = option(0.0, "fraction of data held out for evaluation when eval_data and eval_split "
-                                  "are empty", min=0, below=1)
+    eval_fraction: float = option(0.05, "fraction of data held out for evaluation when eval_data and eval_split "
+                                  "are empty (rounded, at most 200 examples; 0: no evaluation)", min=0, below=1)
     data_split: str = option("train", "split read from Hub datasets and split-named folders in data")
     eval_split: str = option("", "evaluation split of data's Hub datasets and split-named folders")
     max_examples: int = option(0, "at most this many examples of each data source without its own :N (0: all)",
@@ -80,6 +80,8 @@ class TrainingConfig:
     schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = option(0.2, "warmup steps as a fraction of all steps", min=0, below=1)
     warmup_steps: int = option(0, "warmup steps; > 0 overrides warmup_ratio", min=0)
+    min_steps: int = option(0, "when the run is counted in epochs (max_steps 0): at least this many steps, more "
+                            "epochs over a small data set", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     adam_beta1: float = option(0.9, "AdamW beta1", min=0, below=1)
     adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
@@ -370,9 +372,11 @@ def continue_run(r: Resolved, resume, flags: dict, from_file: dict) -> None:
 # CPU in about a minute with them.
 TINY_SETTINGS = {
     "training": dict(
-        # 100 steps of the whole set (batch 6): Adam moves each LoRA weight about lr per step, so the number of
-        # steps (not the tokens per step) is what lets the adapter's outputs grow to the logit range it needs.
-        max_steps=100, batch_size=6, max_seq_len=256, packing=False, lr=5e-3, warmup_ratio=0.1,
+        # Epochs over the data, and at least 100 steps: Adam moves each LoRA weight about lr per step, so the number
+        # of steps (not the tokens per step) is what lets the adapter's outputs grow to the logit range it needs. The
+        # demo's 6 chats (one batch an epoch) get 100 steps; 200 short chats (34 batches) 3 epochs, 102 steps; a
+        # large set its 3 epochs.
+        epochs=3, min_steps=100, batch_size=6, max_seq_len=256, packing=False, lr=5e-3, warmup_ratio=0.1,
         grad_checkpointing=False, log_every=10, eval_every=50, save_every=50),
     "lora": dict(
         # scale alpha/r = 16 (not 2): the random, frozen lm_head caps its logits near +-1.3 and the frozen

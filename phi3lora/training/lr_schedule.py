@@ -23,10 +23,13 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, schedule
 
 
 def total_and_warmup(t: TrainingConfig, plans: EpochPlans) -> tuple[int, int]:
-    """(optimizer steps of the run, warmup steps). A step never spans two epochs."""
+    """(optimizer steps of the run, warmup steps). A step never spans two epochs. max_steps > 0 is the count;
+    else epochs over the data, and at least min_steps: the tiny preset's 6-chat demo (one step an epoch) needs 100
+    steps, while 200 chats need their epochs, not 100 steps that see each example three times."""
     if t.max_steps > 0:
         total = t.max_steps
     else:
         total = sum(math.ceil(len(plans(e)) / t.grad_accum) for e in range(t.epochs))
+        total = max(total, t.min_steps)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total)
     return total, warmup
