@@ -171,10 +171,10 @@ class SegmentPlan(CausalPlan):
         self.inverse = torch.argsort(torch.cat(order)).to(device)  # (B*T,)
         self.B, self.T = B, T
 
-    # under torch.compile (training's compile option compiles each block) this runs eagerly: its loop follows the
-    # batch's documents, which would otherwise be a new graph for every batch
-    @torch.compiler.disable
     def attend(self, q, k, v):  # q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)
+        return _eager(SegmentPlan._attend)(self, q, k, v)
+
+    def _attend(self, q, k, v):
         B, H, T, D = q.shape
         flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # (B*T, H or Hkv, D)
         outs = []
@@ -186,6 +186,19 @@ class SegmentPlan(CausalPlan):
             outs.append(y.transpose(1, 2).reshape(-1, H, D)[kept])  # (kept tokens, H, D)
         y = torch.cat(outs)[self.inverse]  # (B*T, H, D), row-major
         return y.view(B, T, H, D).transpose(1, 2)
+
+
+_EAGER: dict = {}
+
+
+def _eager(fn):
+    """fn under torch.compiler.disable: under torch.compile (training's compile option compiles each block) the
+    per-document loop runs eagerly, since it follows the batch's documents and would be a new graph for every batch.
+    Wrapped at first use: the decorator imports torch._dynamo (seconds, and Triton), which `import phi3lora.phi3mini`
+    must not."""
+    if fn not in _EAGER:
+        _EAGER[fn] = torch.compiler.disable(fn)
+    return _EAGER[fn]
 
 
 class FlexPlan(CausalPlan):
