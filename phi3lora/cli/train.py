@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -53,9 +54,10 @@ from phi3lora.phi3mini.attention import attention_backend_and_why
 from phi3lora import atomic, console
 from phi3lora import data
 from phi3lora.data import DataError, TokenSet, collate, fingerprint
+from phi3lora.data.preference import PreferenceSet, collate_pairs, load_preferences
 from phi3lora.training.tracking import (ExperimentTracker, TrackerError, adapter_norm_metrics, check_backend,
                                         greedy_samples, sample_prompts)
-from phi3lora.training import config, distributed
+from phi3lora.training import config, distributed, preference
 from phi3lora.training.checkpoints import (CheckpointWriteError, clean_leftovers, delete_checkpoint, is_write_error,
                                            load_checkpoint, newest_complete, read_trainer_state, rng_state,
                                            save_checkpoint, step_dirs)
@@ -73,7 +75,8 @@ from phi3lora.training.setup import (autocast, build_model, keep_freed_cpu_memor
 EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.jsonl", "config.toml", "loss.svg",
                "samples.jsonl", "tensorboard")
 # --overwrite deletes these at the start
-REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg", "samples.jsonl", "tensorboard")
+REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg", "samples.jsonl", "tensorboard",
+                         "reference_logps.pt")
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
@@ -101,6 +104,7 @@ class Run:
     engine: torch.nn.Module | None = None  # what the training forward runs: DDP(model) under torchrun, else model
     sharded: bool = False  # --fsdp under torchrun: the base is sharded (FSDP2), every forward a collective
     fingerprint: dict | None = None  # the base's, for the adapters written (taken before sharding it)
+    objective: preference.Objective | None = None  # --objective dpo / orpo: train_set and eval_set hold pairs
 
     def __post_init__(self):
         self.engine = self.engine or self.model
@@ -144,6 +148,9 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     the run, and is left on every way out (an error on one rank: torchrun then stops the others)."""
     world = distributed.from_env()
     t, _ = config.typed(cfg)
+    if t.objective != "sft" and t.packing:  # both sides of a pair share a batch, one sequence per row
+        cfg["training"]["packing"] = False
+        notes = [*notes, f"--objective {t.objective} implies --no-packing"]
     try:  # a missing tensorboard / wandb, before minutes of loading
         check_backend(t.report_to)
     except TrackerError as e:
@@ -168,13 +175,15 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     out = Path(t.out)
     resume_from = distributed.on_rank0(world, lambda: prepare_out(out, t), share=True)
     tokenizer = load_tokenizer(t.model)
-    train_set, eval_set = distributed.first_on_rank0(world, lambda: load_data(t, tokenizer))
+    read = load_pairs if t.objective != "sft" else load_data
+    train_set, eval_set = distributed.first_on_rank0(world, lambda: read(t, tokenizer))
     for note in notes:
         console.info(note)
 
     torch.manual_seed(t.seed)  # the adapter's initial A, then dropout
     random.seed(t.seed)
     model, lora_config, params = build_model(t, lc, device, dtype)
+    params, start = load_init_adapter(t, model, params) if t.init_adapter else (params, None)
     n_train, n_all = sum(p.numel() for p in params), model.num_parameters()  # a 4-bit weight counts its values
     console.info(f"model {t.model} on {device} ({str(dtype).removeprefix('torch.')}): trainable {n_train:,} of "
                  f"{n_all:,} parameters ({100 * n_train / n_all:.3f}%)")
@@ -192,12 +201,20 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     # every rank plans the global micro-batches (batch_size x world) and takes its share of each
     plans = EpochPlans(train_set, dataclasses.replace(t, batch_size=t.batch_size * world.size))
     total_steps, warmup = total_and_warmup(t, plans)
-    run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set, fingerprint(train_set), model,
-              lora_config, params, make_optimizer(t, params, device), plans, total_steps, warmup,
-              sample_prompts(eval_set, tokenizer, t.eval_samples), world)
+    pairs = isinstance(train_set, PreferenceSet)
+    run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set,
+              train_set.fingerprint() if pairs else fingerprint(train_set), model, lora_config, params,
+              make_optimizer(t, params, device), plans, total_steps, warmup,
+              sample_prompts([p.chosen for p in eval_set] if pairs else eval_set, tokenizer, t.eval_samples), world)
+    if pairs:
+        run.objective = preference.Objective(t.objective, t.beta, t.label_smoothing)
+        if t.objective == "dpo":
+            run.objective.reference = preference.Reference(model, params, start)
     describe_schedule(run)
 
     pos, records = resume(run, resume_from) if resume_from else start_afresh(run)
+    if run.objective is not None and run.objective.reference is not None and t.ref_logps == "precompute":
+        run.objective.cached = precomputed_reference(run)
     if world.active:  # after resume: loading the adapter reads the base (its fingerprint), whole only until now
         parallelize(run)
     metrics = distributed.on_rank0(world, lambda: open_metrics(run, records))
@@ -264,21 +281,19 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, tracker: Experimen
     try:
         with stop:
             if run.eval_set and pos.step == 0:
-                loss = evaluate_loss(run)
-                rec = {"step": 0, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+                rec = {"step": 0, **eval_metrics(run)}
                 report_eval(run, rec, tracker)
                 if metrics is not None:  # rank 0
                     metrics.write(rec)
                     tracker.log(rec)
-                console.info(f"eval loss before training {loss:.4f}")
+                console.info(f"eval loss before training {rec['eval_loss']:.4f}" + preference_note(rec, "eval_"))
             while pos.step < run.total_steps:
                 if distributed.any_rank(world, stop.requested, run.device):
                     together = True
                     raise KeyboardInterrupt
                 rec = train_step(run, pos)
                 if run.eval_set and (due(t.eval_every, pos.step) or pos.step == run.total_steps):
-                    rec["eval_loss"] = evaluate_loss(run)
-                    rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
+                    rec.update(eval_metrics(run))
                     report_eval(run, rec, tracker)
                 if metrics is not None:
                     metrics.write(rec)
@@ -296,6 +311,10 @@ def loop(run: Run, pos: Position, metrics: MetricsLog | None, tracker: Experimen
         console.info(f"interrupted at step {pos.step}; continue with --resume {run.out} (checkpoint "
                      f"{pos.last_saved})")
         return stop.exit_code
+    if run.objective is not None and metrics is not None and metrics.records:
+        last = metrics.records[-1]
+        console.info(f"{run.t.objective} at step {last['step']}" + preference_note(last, "")
+                     + preference_note(last, "eval_"))
     if pos.zero_grad_steps:
         console.warn(f"{pos.zero_grad_steps} of {pos.step - start_step} steps had gradient norm 0: the adapter "
                      f"learned nothing in them")
@@ -312,11 +331,18 @@ def train_step(run: Run, pos: Position) -> dict:
         epoch, index = epoch + 1, 0
     micro = run.plans(epoch)[index:index + t.grad_accum]
     examples = [run.train_set[i] for rows in micro for row in rows for i in row]
-    n_target, n_tokens = sum(e.n_target for e in examples), sum(len(e) for e in examples)  # of every rank
     lr = lr_at(pos.step, run.total_steps, run.warmup, t.lr, t.min_lr, t.schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss = distributed.reduce_sum(run.world, [accumulate(run, micro, n_target)], run.device)[0] / n_target
+    extra = {}
+    if run.objective is not None:  # examples are pairs: the loss is a mean over pairs (and chosen tokens: ORPO)
+        n_target = sum(p.chosen.n_target for p in examples)
+        n_tokens = sum(len(p.chosen) + len(p.rejected) for p in examples)
+        loss, sums = accumulate_pairs(run, micro, len(examples), n_target)
+        extra = preference.summarize(sums, len(examples), n_target, run.objective.kind)
+    else:
+        n_target, n_tokens = sum(e.n_target for e in examples), sum(len(e) for e in examples)  # of every rank
+        loss = distributed.reduce_sum(run.world, [accumulate(run, micro, n_target)], run.device)[0] / n_target
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or math.inf))  # 0: no clipping
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
@@ -332,7 +358,8 @@ def train_step(run: Run, pos: Position) -> dict:
     check_progress(run, pos, loss, grad_norm)
     return {"step": pos.step, "epoch": round(epoch + pos.index / len(run.plans(epoch)), 4), "loss": loss,
             "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_target,
-            "tokens_per_s": n_tokens / (time.perf_counter() - t0), "mem_gb": round(memory_gb(run.device), 3)}
+            "tokens_per_s": n_tokens / (time.perf_counter() - t0), "mem_gb": round(memory_gb(run.device), 3),
+            **extra}
 
 
 def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> None:
@@ -374,6 +401,51 @@ def accumulate(run: Run, micro: list, n_target: int) -> float:
     return total
 
 
+def accumulate_pairs(run: Run, micro: list, n_pairs: int, n_chosen: int) -> tuple[float, dict]:
+    """accumulate for preference pairs (--objective dpo / orpo): each rank's share of each micro-batch, both sides
+    of a pair in one forward. Returns the step's loss (per-pair terms / n_pairs, plus for ORPO the chosen
+    responses' token loss / n_chosen) and the statistics summed over every rank."""
+    amp, world, pad = autocast(run.device, run.dtype), run.world, run.tokenizer.pad_id
+    total = dict.fromkeys(preference.STATS, 0.0)
+    for k, rows in enumerate(micro):
+        last = k == len(micro) - 1
+        mine = distributed.share(rows, world)
+        if not mine and not last:
+            continue
+        quiet = run.engine.no_sync() if world.active and not run.sharded and not last else contextlib.nullcontext()
+        with quiet:
+            if mine:
+                batch = collate_pairs(run.train_set, mine, pad).to(run.device)
+                stats = pair_micro_step(run, batch, mine, n_pairs / world.size, n_chosen / world.size, amp)
+                for key, v in stats.items():
+                    total[key] += v
+            else:  # nothing left for this rank: zero gradients, still reduced
+                batch = collate_pairs(run.train_set, rows[:1], pad).to(run.device)
+                pair_micro_step(run, batch, rows[:1], math.inf, math.inf, amp)
+    if run.sharded:
+        distributed.average_gradients(world, run.params)
+    sums = dict(zip(preference.STATS, distributed.reduce_sum(world, [total[k] for k in preference.STATS],
+                                                             run.device)))
+    loss = sums["loss"] / n_pairs + (sums["nll"] / n_chosen if run.objective.kind == "orpo" else 0.0)
+    return loss, sums
+
+
+def pair_micro_step(run: Run, batch, rows: list, pairs_total: float, chosen_total: float, amp) -> dict:
+    """Forward and backward of one batch of pairs (chosen rows, then rejected rows); returns its summed
+    statistics. For DPO the reference log-probs come first: from the cache, or a no_grad forward of the same
+    model with the adapter off (or the start adapter in)."""
+    obj, ref = run.objective, None
+    if obj.kind == "dpo":
+        if obj.cached is not None:
+            c = obj.cached[torch.tensor([r[0] for r in rows])].to(run.device)  # (n, 2)
+            ref = torch.cat([c[:, 0], c[:, 1]])
+        else:
+            ref = obj.reference.logps(batch, amp)
+    losses, nll_sum, stats = preference.pair_terms(run.engine, batch, obj, amp, ref)
+    (losses.sum() / pairs_total + nll_sum / chosen_total).backward()
+    return {"loss": float(losses.detach().sum()), **{k: float(v) for k, v in stats.items()}}
+
+
 def micro_step(model, batch, n_target_total: float, amp) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its summed loss. Dividing by the target tokens of the whole
     accumulated batch (not this micro-batch's) weights every target token equally, whatever the lengths."""
@@ -407,6 +479,52 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device, amp, world: 
     model.train(was_training)
     total, n = distributed.reduce_sum(world, [float(total), n], device)
     return total / n
+
+
+@torch.no_grad()
+def evaluate_pairs(run: Run) -> dict:
+    """The preference metrics over the eval pairs ("eval_loss", "eval_rewards/accuracies", ...), the reference
+    always computed (the cache holds the training pairs only). Ranks take batches in turn as in evaluate (lockstep
+    with a sharded base)."""
+    model, world, obj, bs = run.model, run.world, run.objective, run.t.batch_size
+    amp = autocast(run.device, run.dtype)
+    was_training = model.training
+    model.eval()
+    total = dict.fromkeys(preference.STATS, 0.0)
+    n_chosen, stride = 0, bs * world.size
+    n = len(run.eval_set)
+    rounds = -(-n // stride) if run.sharded else None
+    for i in range(world.rank * bs, rounds * stride if run.sharded else n, stride):
+        rows = [[j] for j in range(i, min(i + bs, n))]
+        batch = collate_pairs(run.eval_set, rows or [[0]], run.tokenizer.pad_id).to(run.device)
+        ref = obj.reference.logps(batch, amp) if obj.kind == "dpo" else None
+        losses, _, stats = preference.pair_terms(model, batch, obj, amp, ref)
+        if rows:
+            total["loss"] += float(losses.sum())
+            for k, v in stats.items():
+                total[k] += float(v)
+            n_chosen += preference.chosen_targets(batch)
+    model.train(was_training)
+    values = distributed.reduce_sum(world, [total[k] for k in preference.STATS] + [n_chosen], run.device)
+    sums, n_chosen = dict(zip(preference.STATS, values[:-1])), values[-1]
+    loss = sums["loss"] / n + (sums["nll"] / n_chosen if obj.kind == "orpo" else 0.0)
+    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in preference.summarize(sums, n, n_chosen,
+                                                                                   obj.kind).items()}}
+
+
+def eval_metrics(run: Run) -> dict:
+    if run.objective is not None:
+        return evaluate_pairs(run)
+    loss = evaluate_loss(run)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def preference_note(rec: dict, prefix: str) -> str:
+    """ " | eval accuracy 0.95, margin 1.234" for a record with preference metrics, else "". """
+    acc, margin = rec.get(f"{prefix}rewards/accuracies"), rec.get(f"{prefix}rewards/margins")
+    if acc is None:
+        return ""
+    return f" | {prefix.replace('_', ' ')}reward accuracy {acc:.2f}, margin {margin:.3f}"
 
 
 def evaluate_loss(run: Run) -> float:
@@ -545,6 +663,61 @@ def load_data(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[TokenSet, TokenS
     n = sets.train.n_tokens + sets.eval.n_tokens
     console.info(f"{n:,} tokens {'read from the data cache' if sets.from_cache else 'tokenized'}")
     return sets.train, sets.eval
+
+
+def load_pairs(t: TrainingConfig, tokenizer: Tokenizer) -> tuple[PreferenceSet, PreferenceSet]:
+    """(training pairs, eval pairs) for --objective dpo / orpo (data/preference.py)."""
+    if t.eval_split:
+        raise TrainError(f"--eval-split is not read with --objective {t.objective}; use --eval-data or "
+                         "--eval-fraction")
+    try:
+        train, eval_set, report = load_preferences(t.data, tokenizer, t.max_seq_len, split=t.data_split,
+                                                   eval_data=t.eval_data, eval_fraction=t.eval_fraction, seed=t.seed,
+                                                   max_examples=t.max_examples, max_line_bytes=t.max_line_mb << 20)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    for line in report:
+        console.info(line)
+    return train, eval_set
+
+
+def load_init_adapter(t: TrainingConfig, model, params: list) -> tuple[list, list]:
+    """--init-adapter: the adapter loaded into the model (its LoRA settings must be the run's) -> the trainable
+    parameters and a copy of their starting values (DPO's reference policy)."""
+    try:
+        lora.load_adapter(model, t.init_adapter)
+    except (lora.AdapterError, ValueError, KeyError, RuntimeError) as e:
+        raise TrainError(f"--init-adapter {t.init_adapter}: {e}") from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    console.info(f"starting from the adapter in {t.init_adapter}")
+    return params, [p.detach().clone() for p in params]
+
+
+def precomputed_reference(run: Run) -> torch.Tensor:
+    """--ref-logps precompute: the reference log-probs (pairs, 2: chosen, rejected) of every training pair,
+    computed once and kept in out/reference_logps.pt (read back on resume when the data and model match)."""
+    path, t = run.out / "reference_logps.pt", run.t
+    key = {"data": run.data_hash, "model": t.model, "init_adapter": t.init_adapter, "dtype": str(run.dtype)}
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            console.info(f"reference log-probs read from {path}")
+            return saved["logps"]
+    t0, n, amp = time.perf_counter(), len(run.train_set), autocast(run.device, run.dtype)
+    logps = torch.empty(n, 2)
+    for i in range(0, n, t.batch_size):
+        rows = [[j] for j in range(i, min(i + t.batch_size, n))]
+        ref = run.objective.reference.logps(collate_pairs(run.train_set, rows, run.tokenizer.pad_id)
+                                            .to(run.device), amp).cpu()
+        logps[i:i + len(rows)] = ref.view(2, -1).T
+    if run.world.is_main:
+        buf = io.BytesIO()
+        torch.save({"key": key, "logps": logps}, buf)
+        atomic.write_file(path, buf.getvalue())
+    console.info(f"reference log-probs of {n} pairs computed in {time.perf_counter() - t0:.1f}s, kept in {path}")
+    return logps
 
 
 def describe_schedule(run: Run) -> None:

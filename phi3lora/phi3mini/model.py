@@ -244,7 +244,7 @@ class Phi3(nn.Module):
         batch needs no mask (causality already hides the trailing pads from real tokens).
         position_ids (B, T): default cached + arange(T); pass them for left-padded or packed batches.
         labels (B, T): aligned with input_ids and shifted inside (token t predicts labels[t+1]), -100 ignored;
-        returns the mean ("mean") or summed ("sum") cross-entropy over target tokens.
+        returns the mean ("mean") or summed ("sum") cross-entropy over target tokens, or ("row") each row's sum (B,).
         document_ids (B, T): packed examples attend only within their own document.
         logits_to_keep: if > 0, only the last that many positions go through lm_head (generation).
         """
@@ -285,8 +285,10 @@ class Phi3(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy from the final hidden states (B, T, H) and unshifted labels (B, T)."""
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ("mean", "sum", "row"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'row', got {reduction!r}")
+        if reduction == "row":  # (B,) each sequence's summed loss: -log p(targets), what preference losses need
+            return torch.stack([self.loss(hidden[b:b + 1], labels[b:b + 1], "sum") for b in range(hidden.shape[0])])
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
         y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
         # the fused kernel multiplies by lm_head.weight itself: only for a plain nn.Linear head (an adapter on

@@ -113,6 +113,18 @@ class TrainingConfig:
                             choices=("none", "tensorboard", "wandb"))
     eval_samples: int = option(3, "at each evaluation, greedy replies to the first N eval prompts (samples.jsonl)",
                                min=0)
+    objective: str = option("sft", "sft: chats, cross-entropy on the replies; dpo / orpo: preference pairs (chosen, "
+                            "rejected) in data, always unpacked (training/preference.py)",
+                            choices=("sft", "dpo", "orpo"), resume_fixed=True)
+    beta: float = option(0.1, "dpo: strength of the tie to the reference; orpo: weight of the odds-ratio term",
+                         above=0, resume_fixed=True)
+    label_smoothing: float = option(0.0, "dpo: assumed fraction of pairs with chosen and rejected swapped", min=0,
+                                    below=0.5, resume_fixed=True)
+    ref_logps: str = option("step", "dpo: reference log-probs computed in each step (no_grad, adapter off) or once "
+                            "before training (precompute: kept in out/reference_logps.pt)",
+                            choices=("step", "precompute"))
+    init_adapter: str = option("", "start from this adapter folder (e.g. an SFT run's out/adapter); for dpo it is "
+                               "also the reference policy", resume_fixed=True)
 
 
 SECTIONS = {"training": TrainingConfig, "lora": LoraConfig}

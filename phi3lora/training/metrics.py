@@ -43,6 +43,8 @@ class Progress:
         line = (f"step {step}/{self.total} {console.bar(step, self.total)} | loss {rec['loss']:.4f} | "
                 f"lr {rec['lr']:.2e} | {console.per_second(rate, 'steps')} | {rec['tokens_per_s']:.0f} tok/s | "
                 f"mem {rec['mem_gb']:.2f} GB | eta {eta}")
+        if "rewards/accuracies" in rec:  # --objective dpo / orpo: the step's pairs
+            line += f" | acc {rec['rewards/accuracies']:.2f} | margin {rec['rewards/margins']:.3f}"
         if "eval_loss" in rec:
             line += f" | eval {rec['eval_loss']:.4f}"
         return line
@@ -100,7 +102,8 @@ def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step"
     run time); written whole, then renamed."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    points = [(s, v) for s, v in train + evals if math.isfinite(v)]
+    margins = [(r["step"], r["rewards/margins"]) for r in records if "rewards/margins" in r]  # dpo / orpo
+    points = [(s, v) for s, v in train + evals + margins if math.isfinite(v)]
     if not points:
         return
     # size and margins: room for the title, the axis labels and (right) the legend
@@ -137,12 +140,15 @@ def write_loss_svg(records: list[dict], path: Path, title: str = "Loss per step"
         parts += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="{EVAL_COLOR}"/>'
                   for s, v in evals if math.isfinite(v)]
         legend.append(("eval loss", EVAL_COLOR, True))
+    if margins:
+        parts.append(f'<polyline fill="none" stroke="{MARGIN_COLOR}" stroke-width="1.5" points="{poly(margins)}"/>')
+        legend.append(("reward margin", MARGIN_COLOR, False))
     parts += _legend(legend, W - R + 14, T)
     parts.append("</svg>\n")
     atomic.write_file(path, "\n".join(parts))
 
 
-TRAIN_COLOR, EVAL_COLOR = "#1f77b4", "#ff7f0e"
+TRAIN_COLOR, EVAL_COLOR, MARGIN_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c"
 LEGEND_WIDTH = 122
 
 
