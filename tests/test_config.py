@@ -29,13 +29,19 @@ def steps(out) -> list[int]:
 
 
 # ----- precedence: flag > config file > tiny preset > default, and which of two settings governs ------------------
-def test_an_explicit_epochs_flag_wins_over_the_presets_max_steps():
+def test_an_explicit_epochs_flag_wins_over_a_max_steps_from_below(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[training]\nmodel = \"tiny\"\nmax_steps = 100\n")
     notes = []
-    t = parse_config(["--model", "tiny", "--epochs", "3"], notes)["training"]
+    t = parse_config(["--config", str(f), "--epochs", "3"], notes)["training"]
     assert (t["epochs"], t["max_steps"]) == (3, 0)  # 0: the epochs govern
-    assert "--epochs 3 (flags) governs, not --max-steps 100 (the tiny preset)" in "\n".join(notes), notes
+    assert f"--epochs 3 (flags) governs, not --max-steps 100 ({f})" in "\n".join(notes), notes
     assert "--max-steps 100" not in notes[0]  # the summary shows what is used, not what was set aside
-    # the same from a config file: the file's epochs are above the preset's max_steps
+    # the tiny preset counts in epochs: a flag's epochs replace the preset's, and nothing conflicts
+    notes = []
+    t = parse_config(["--model", "tiny", "--epochs", "5"], notes)["training"]
+    assert (t["epochs"], t["max_steps"]) == (5, 0) and "governs" not in "\n".join(notes)
+    # the same from a config file: the file's epochs are above the preset's
     r = resolve_config(["--config", str(ROOT / "configs" / "tiny.toml"), "--epochs", "2"])
     assert (r.cfg["training"]["epochs"], r.cfg["training"]["max_steps"]) == (2, 0)
 
@@ -65,11 +71,12 @@ def test_the_summary_says_where_each_setting_came_from():
     flags, file, preset = summary[1:]
     assert flags.split() == ["flags", "--lr", "0.01"]
     assert file.split()[0] == demo and "--model tiny" in file and "--out out/tiny" in file
-    assert preset.startswith("  the tiny preset") and "--max-steps 100" in preset and "--no-packing" in preset
+    assert preset.startswith("  the tiny preset") and "--epochs 3" in preset and "--min-steps 100" in preset
+    assert "--no-packing" in preset
     assert "--lr" not in preset  # the flag's lr is the one used
     r = resolve_config(["--config", str(ROOT / "configs" / "tiny.toml"), "--lr", "0.01"])
     assert r.origin["training", "lr"] == "flag" and r.origin["training", "out"] == "file"
-    assert r.origin["training", "max_steps"] == "preset" and r.level("training", "adam_eps") == "default"
+    assert r.origin["training", "min_steps"] == "preset" and r.level("training", "adam_eps") == "default"
 
 
 # ----- --resume RUN ------------------------------------------------------------------------------------------------
