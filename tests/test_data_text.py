@@ -29,7 +29,7 @@ def stream(tokens):
 def test_a_text_file_is_cut_into_max_seq_len_pieces_with_loss_on_every_token(tmp_path, tok):
     path = tmp_path / "notes.txt"
     path.write_text(NOTES)
-    sets = load_data(str(path), tok, 64, cache="off")  # train_on "assistant" has no say on plain text
+    sets = load_data(str(path), tok, 64, cache="off", eval_fraction=0)  # train_on "assistant" has no say on plain text
     ids, labels = stream(sets.train)
     assert ids.tolist() == tok.encode(NOTES) + [tok.eos_id]  # the whole file, then the eos that ends the document
     assert (labels == ids).all() and IGNORE not in labels.tolist()
@@ -47,18 +47,18 @@ def test_a_folder_of_text_and_a_text_file_beside_chats(tmp_path, tok):
     (docs / "a.md").write_text("# Title\n\nSome markdown.\n")
     (docs / "sub" / "b.txt").write_text(NOTES)
     (docs / "skip.py").write_text("print('not data')\n")
-    folder = load_data(str(docs), tok, 64, cache="off").train
+    folder = load_data(str(docs), tok, 64, cache="off", eval_fraction=0).train
     ids, _ = stream(folder)
     assert ids.tolist() == tok.encode("# Title\n\nSome markdown.\n") + [tok.eos_id] + tok.encode(NOTES) + [tok.eos_id]
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONV}] * 3)
-    mixed = load_data(f"{chats},{docs / 'a.md'}", tok, 64, cache="off").train
+    mixed = load_data(f"{chats},{docs / 'a.md'}", tok, 64, cache="off", eval_fraction=0).train
     assert len(mixed) == 4 and mixed[3].source == f"{docs / 'a.md'}:1"
     assert (np.asarray(mixed[0].labels) == IGNORE).any()  # the chats keep their assistant-only labels
     shards = tmp_path / "shards"  # a folder of record files: its README.md is not training data
     shards.mkdir()
     write_jsonl(shards / "part-0.jsonl", [{"messages": CONV}] * 2)
     (shards / "README.md").write_text("About these shards.\n")
-    assert len(load_data(str(shards), tok, 64, cache="off").train) == 2
+    assert len(load_data(str(shards), tok, 64, cache="off", eval_fraction=0).train) == 2
 
 
 def test_text_errors_name_the_line(tmp_path, tok):
