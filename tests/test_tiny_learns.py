@@ -32,8 +32,6 @@ def invented_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the tiny preset does not yet carry a question's two words into its reply: "
-                   "after 102 or 680 steps every reply is the same name (loss ~0.85 per target token)")
 def test_tiny_preset_learns_200_new_facts(tmp_path: Path):
     facts = invented_facts(200)
     data = tmp_path / "facts.jsonl"

@@ -388,16 +388,18 @@ def test_config_precedence_and_files(tmp_path):
 
 
 def test_tiny_preset_steps_follow_the_data_size():
-    """--model tiny counts its run in epochs with a floor of steps: the 6-chat demo (one batch an epoch) keeps its
-    100 steps, 200 chats their 3 epochs (102 steps), 2000 chats their 3 epochs (1002 steps), not 100 steps."""
+    """--model tiny counts its run in epochs with a floor of steps: the 6-chat demo (one batch of 24 an epoch) keeps
+    its 100 steps, 200 chats (9 batches) their 16 epochs (144 steps), 2000 chats their 16 epochs (1344 steps), not
+    100 steps."""
     def steps(n_examples, *flags):
         t, _ = typed(parse_config(["--model", "tiny", *flags]))
         return total_and_warmup(t, EpochPlans(list(range(n_examples)), t))
     assert steps(6) == (100, 10)
-    assert steps(200) == (102, 11) and steps(2000) == (1002, 101)
-    assert steps(200, "--epochs", "5") == (170, 17) and steps(6, "--epochs", "5") == (100, 10)
+    assert steps(200) == (144, 15) and steps(2000) == (1344, 135)
+    assert steps(200, "--epochs", "20") == (180, 18) and steps(6, "--epochs", "20") == (100, 10)
     assert steps(200, "--max-steps", "50") == (50, 5)
-    assert steps(200, "--min-steps", "0", "--epochs", "1") == (34, 4)
+    assert steps(200, "--min-steps", "0", "--epochs", "1") == (9, 1)
+    assert steps(200, "--min-steps", "0", "--epochs", "1", "--batch-size", "6") == (34, 4)
 
 
 def test_lr_schedule():

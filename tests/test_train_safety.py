@@ -333,7 +333,7 @@ def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags
     notes = []
     cfg = parse_config(["--model", "tiny", "--data", "mine.jsonl"], notes)
     assert len(notes) == 1 and NOTE in notes[0]
-    assert "--lr 0.005" in notes[0] and "--no-packing" in notes[0] and "--lora-alpha 256 " in notes[0], notes
+    assert "--lr 0.001" in notes[0] and "--no-packing" in notes[0] and "--lora-alpha 256 " in notes[0], notes
     for key in ("lr", "max_steps", "batch_size", "warmup_ratio"):
         assert cfg["training"][key] == demo["training"][key], key
     assert cfg["lora"] == demo["lora"]
