@@ -71,7 +71,7 @@ def test_the_summary_says_where_each_setting_came_from():
     flags, file, preset = summary[1:]
     assert flags.split() == ["flags", "--lr", "0.01"]
     assert file.split()[0] == demo and "--model tiny" in file and "--out out/tiny" in file
-    assert preset.startswith("  the tiny preset") and "--epochs 3" in preset and "--min-steps 100" in preset
+    assert preset.startswith("  the tiny preset") and "--epochs 16" in preset and "--min-steps 100" in preset
     assert "--no-packing" in preset
     assert "--lr" not in preset  # the flag's lr is the one used
     r = resolve_config(["--config", str(ROOT / "configs" / "tiny.toml"), "--lr", "0.01"])

@@ -62,7 +62,8 @@ def overfit_run(tmp_path_factory):
     data = write_jsonl(tmp / "qa.jsonl", [conv(q, a) for q, a in QA])
     out = tmp / "out"
     rc = train.main(TINY + ["--data", data, "--eval-data", data, "--out", str(out), "--max-steps", "60",
-                            "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "3", "--lora-dropout", "0",
+                            "--batch-size", "4", "--lr", "1e-2", "--schedule", "cosine", "--warmup-steps", "3",
+                            "--lora-dropout", "0",
                             "--save-every", "10", "--eval-every", "20", "--keep-last", "2",
                             "--export-peft", "--merge"])
     assert rc == 0
