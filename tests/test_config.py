@@ -37,10 +37,14 @@ def test_an_explicit_epochs_flag_wins_over_a_max_steps_from_below(tmp_path):
     assert (t["epochs"], t["max_steps"]) == (3, 0)  # 0: the epochs govern
     assert f"--epochs 3 (flags) governs, not --max-steps 100 ({f})" in "\n".join(notes), notes
     assert "--max-steps 100" not in notes[0]  # the summary shows what is used, not what was set aside
-    # the tiny preset counts in epochs: a flag's epochs replace the preset's, and nothing conflicts
+    # the tiny preset counts in epochs with a floor of 100 steps: a flag's epochs replace the preset's, and the
+    # preset's floor does not hold them down
     notes = []
-    t = parse_config(["--model", "tiny", "--epochs", "5"], notes)["training"]
-    assert (t["epochs"], t["max_steps"]) == (5, 0) and "governs" not in "\n".join(notes)
+    t = parse_config(["--model", "tiny", "--epochs", "3"], notes)["training"]
+    assert (t["epochs"], t["max_steps"], t["min_steps"]) == (3, 0, 0)
+    assert "--epochs 3 (flags) governs, not --min-steps 100 (the tiny preset)" in "\n".join(notes), notes
+    assert parse_config(["--model", "tiny"])["training"]["min_steps"] == 100  # the preset's own epochs: floored
+    assert parse_config(["--model", "tiny", "--epochs", "3", "--min-steps", "50"])["training"]["min_steps"] == 50
     # the same from a config file: the file's epochs are above the preset's
     r = resolve_config(["--config", str(ROOT / "configs" / "tiny.toml"), "--epochs", "2"])
     assert (r.cfg["training"]["epochs"], r.cfg["training"]["max_steps"]) == (2, 0)

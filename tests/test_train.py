@@ -391,13 +391,15 @@ def test_config_precedence_and_files(tmp_path):
 def test_tiny_preset_steps_follow_the_data_size():
     """--model tiny counts its run in epochs with a floor of steps: the 6-chat demo (one batch of 24 an epoch) keeps
     its 100 steps, 200 chats (9 batches) their 16 epochs (144 steps), 2000 chats their 16 epochs (1344 steps), not
-    100 steps."""
+    100 steps; epochs given by the user are not floored by the preset."""
     def steps(n_examples, *flags):
         t, _ = typed(parse_config(["--model", "tiny", *flags]))
         return total_and_warmup(t, EpochPlans(list(range(n_examples)), t))
     assert steps(6) == (100, 10)
     assert steps(200) == (144, 15) and steps(2000) == (1344, 135)
-    assert steps(200, "--epochs", "20") == (180, 18) and steps(6, "--epochs", "20") == (100, 10)
+    # epochs given as a flag are what the user asked for: the preset's floor does not raise them
+    assert steps(200, "--epochs", "20") == (180, 18) and steps(6, "--epochs", "20") == (20, 2)
+    assert steps(6, "--epochs", "20", "--min-steps", "100") == (100, 10)  # a floor given at the same level holds
     assert steps(200, "--max-steps", "50") == (50, 5)
     assert steps(200, "--min-steps", "0", "--epochs", "1") == (9, 1)
     assert steps(200, "--min-steps", "0", "--epochs", "1", "--batch-size", "6") == (34, 4)

@@ -344,8 +344,10 @@ def test_model_tiny_starts_from_the_preset_settings_under_the_file_and_the_flags
     assert parse_config(["--model", "tiny", "--lr", "1e-3"])["training"]["lr"] == 1e-3
     plain, notes = str(ROOT / "configs" / "phi3-mini-lora.toml"), []
     from_file = parse_config(["--config", plain, "--model", "tiny"], notes)
-    assert from_file["training"]["lr"] == 2e-4 and from_file["lora"]["r"] == 16 and len(notes) == 1
-    assert from_file["training"]["max_steps"] == 0  # the file's 0 (epochs govern), not the preset's 100
+    assert from_file["training"]["lr"] == 2e-4 and from_file["lora"]["r"] == 16 and len(notes) == 2
+    # the file's epochs govern: the preset's floor of 100 steps does not hold them down, and a line says so
+    assert from_file["training"]["max_steps"] == 0 and from_file["training"]["min_steps"] == 0
+    assert "governs, not --min-steps 100 (the tiny preset)" in notes[1], notes
     assert parse_config(["--config", plain, "--model", "tiny", "--lr", "3e-3"])["training"]["lr"] == 3e-3
     notes = []
     assert parse_config(["--model", "other"], notes)["training"]["lr"] == 2e-4

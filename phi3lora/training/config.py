@@ -331,6 +331,14 @@ def settle_conflicts(r: Resolved) -> None:
         else:
             r.notes.append(f"{r.described('training', first)} governs, not {r.described('training', second)}: the "
                            "one given at the higher level wins")
+    # min_steps is a floor under the epochs: one from a lower level (the tiny preset's) does not hold down epochs the
+    # user gave (`--model tiny --epochs 3` trains 3 epochs, not the preset's 100 steps)
+    epochs, floor = (LEVELS.index(r.level("training", k)) for k in ("epochs", "min_steps"))
+    if t["min_steps"] > 0 and t["max_steps"] <= 0 and epochs > floor:
+        r.notes.append(f"{r.described('training', 'epochs')} governs, not {r.described('training', 'min_steps')}: "
+                       "the one given at the higher level wins")
+        t["min_steps"] = 0
+        del r.origin["training", "min_steps"]
 
 
 def resume_unchangeable() -> set[str]:
