@@ -377,12 +377,11 @@ def check_progress(run: Run, pos: Position, loss: float, grad_norm: float) -> No
                          f"targets that never reach the loss.")
 
 
-def accumulate(run: Run, micro: list, n_target: int) -> float:
-    """Forward and backward of this rank's share of each micro-batch; returns this rank's summed loss. The ranks'
-    gradients are averaged (by DDP on the last micro-batch's backward; with FSDP by average_gradients after it), so
-    each divides by n_target / world: the mean is then sum over ranks / n_target."""
-    amp, world, pad = autocast(run.device, run.dtype), run.world, run.tokenizer.pad_id
-    total = 0.0
+def over_shares(run: Run, micro: list, step) -> None:
+    """step(rows, mine) for this rank's share of each micro-batch (mine False: the share is empty, and step runs rows
+    for zero gradients that are still reduced), under DDP's no_sync before the last; with FSDP the gradients are
+    averaged after the last."""
+    world = run.world
     for k, rows in enumerate(micro):
         last = k == len(micro) - 1
         mine = distributed.share(rows, world)
@@ -390,15 +389,23 @@ def accumulate(run: Run, micro: list, n_target: int) -> float:
             continue
         quiet = run.engine.no_sync() if world.active and not run.sharded and not last else contextlib.nullcontext()
         with quiet:
-            if mine:
-                batch = collate(run.train_set, mine, pad, run.t.packing).to(run.device)
-                total += float(micro_step(run.engine, batch, n_target / world.size, amp))
-            else:  # an epoch's short last micro-batch left this rank nothing: zero gradients, still reduced
-                batch = collate(run.train_set, rows[:1], pad, run.t.packing).to(run.device)
-                micro_step(run.engine, batch, math.inf, amp)
+            step(mine or rows[:1], bool(mine))
     if run.sharded:
         distributed.average_gradients(world, run.params)
-    return total
+
+
+def accumulate(run: Run, micro: list, n_target: int) -> float:
+    """Forward and backward of this rank's share of each micro-batch; returns this rank's summed loss. The ranks'
+    gradients are averaged (by DDP on the last micro-batch's backward; with FSDP by average_gradients after it), so
+    each divides by n_target / world: the mean is then sum over ranks / n_target."""
+    amp, pad, total = autocast(run.device, run.dtype), run.tokenizer.pad_id, [0.0]
+
+    def step(rows, mine):
+        batch = collate(run.train_set, rows, pad, run.t.packing).to(run.device)
+        loss = micro_step(run.engine, batch, n_target / run.world.size if mine else math.inf, amp)
+        total[0] += float(loss) if mine else 0.0
+    over_shares(run, micro, step)
+    return total[0]
 
 
 def accumulate_pairs(run: Run, micro: list, n_pairs: int, n_chosen: int) -> tuple[float, dict]:
@@ -407,23 +414,15 @@ def accumulate_pairs(run: Run, micro: list, n_pairs: int, n_chosen: int) -> tupl
     responses' token loss / n_chosen) and the statistics summed over every rank."""
     amp, world, pad = autocast(run.device, run.dtype), run.world, run.tokenizer.pad_id
     total = dict.fromkeys(preference.STATS, 0.0)
-    for k, rows in enumerate(micro):
-        last = k == len(micro) - 1
-        mine = distributed.share(rows, world)
-        if not mine and not last:
-            continue
-        quiet = run.engine.no_sync() if world.active and not run.sharded and not last else contextlib.nullcontext()
-        with quiet:
-            if mine:
-                batch = collate_pairs(run.train_set, mine, pad).to(run.device)
-                stats = pair_micro_step(run, batch, mine, n_pairs / world.size, n_chosen / world.size, amp)
-                for key, v in stats.items():
-                    total[key] += v
-            else:  # nothing left for this rank: zero gradients, still reduced
-                batch = collate_pairs(run.train_set, rows[:1], pad).to(run.device)
-                pair_micro_step(run, batch, rows[:1], math.inf, math.inf, amp)
-    if run.sharded:
-        distributed.average_gradients(world, run.params)
+
+    def step(rows, mine):
+        batch = collate_pairs(run.train_set, rows, pad).to(run.device)
+        if not mine:
+            pair_micro_step(run, batch, rows, math.inf, math.inf, amp)
+            return
+        for key, v in pair_micro_step(run, batch, rows, n_pairs / world.size, n_chosen / world.size, amp).items():
+            total[key] += v
+    over_shares(run, micro, step)
     sums = dict(zip(preference.STATS, distributed.reduce_sum(world, [total[k] for k in preference.STATS],
                                                              run.device)))
     loss = sums["loss"] / n_pairs + (sums["nll"] / n_chosen if run.objective.kind == "orpo" else 0.0)
