@@ -11,7 +11,11 @@ PKG = ROOT / "phi3lora"
 # What each unit may import from the others. The order is the picture: cli on top, kernels, atomic and console at the
 # bottom (console: the info / warn / error lines and the progress line, for any unit that talks).
 ALLOWED = {
-    "cli": {"training", "data", "interp", "lora", "phi3mini", "kernels", "atomic", "console"},
+    "cli": {"serve", "eval", "training", "data", "interp", "lora", "phi3mini", "kernels", "atomic", "console"},
+    # serve: the OpenAI-compatible server (batching engine, many adapters per batch); eval: lm-eval's model and
+    # base-vs-adapter comparison on a chat file
+    "serve": {"data", "lora", "phi3mini", "kernels", "atomic", "console"},
+    "eval": {"data", "lora", "phi3mini", "kernels", "atomic", "console"},
     "training": {"data", "lora", "phi3mini", "kernels", "atomic", "console"},
     "interp": {"lora", "phi3mini", "kernels", "atomic", "console"},
     "data": {"phi3mini", "atomic", "console"},

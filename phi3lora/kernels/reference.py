@@ -64,3 +64,22 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_x=None)
     lowrank = F.linear(xa, lora_B.to(x.dtype))                             # (..., N)
     bias = bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight.detach(), bias) + scaling * lowrank
+
+
+def gathered_lora_reference(x, lora_A, lora_B, adapter_ids, scaling):
+    """Many adapters in one batch (Punica's BGMV): row n uses adapter adapter_ids[n], or none where it is -1.
+
+    x (N, K); lora_A (L, R, K) and lora_B (L, M, R): L adapters, ranks zero-padded to a common R; adapter_ids (N,)
+    long in [-1, L); scaling (L,) fp32 (lora_alpha / r of each adapter). Returns the low-rank term only, (N, M) in
+    x's dtype: delta[n] = scaling[i] * (x[n] @ A[i]ᵀ) @ B[i]ᵀ with i = adapter_ids[n], and 0 where i == -1. Both
+    products accumulate in fp32 (as the Triton kernel does) and the result is rounded once.
+    """
+    N, M = x.shape[0], lora_B.shape[1]
+    out = torch.zeros(N, M, dtype=torch.float32, device=x.device)
+    for i in adapter_ids.unique().tolist():  # one pair of GEMMs per adapter present in the batch
+        if i < 0:
+            continue
+        rows = (adapter_ids == i).nonzero().squeeze(-1)                       # (n_i,)
+        xa = x[rows].float() @ lora_A[i].float().t()                          # (n_i, R)
+        out[rows] = (xa @ lora_B[i].float().t()) * float(scaling[i])          # (n_i, M)
+    return out.to(x.dtype)

@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness's model type "phi3lora", and base vs adapter on a chat file."""

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible server: continuous batching, many LoRA adapters in one batch, a chat page."""
