@@ -156,13 +156,34 @@ if HAS_TRITON:
 SMS_GUESS = 132            # H100/H200 SMs: the shrink's K split aims at ~2 programs per SM
 # The interpreter runs one program at a time in numpy: small tiles, so the test shapes span several tiles, K
 # splits and R chunks.
-_INTERPRET_META = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, BLOCK_R=16)
+_INTERPRET_META = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, BLOCK_R=16, num_warps=4)
 CHECK_ROWS = 8             # rows the runtime guard compares with the reference on a GPU's first run
 
 
 def block_m_for(n_rows: int) -> int:
     """Rows per tile: 16 (tl.dot's minimum) for decode-sized batches, where runs are short; 64 for prefill."""
     return 16 if n_rows < 256 else 64
+
+
+def launch_meta(N: int, K: int, R: int, L: int) -> dict:
+    """Block sizes and the shrink's K split for a batch of N rows (tests/test_kernels_compile.py compiles these)."""
+    if INTERPRET:
+        meta = dict(_INTERPRET_META)
+    else:
+        block_r = min(64, max(16, 1 << (R - 1).bit_length()))                # rank chunk: 16 (tl.dot's minimum)..64
+        bm = block_m_for(N)
+        # 8 warps at BLOCK_M 64: the expand's (64, 128) fp32 accumulator next to xa's two halves reached 255
+        # registers and spilled on sm_80 at r 64 with 4 (tests/test_kernels_compile.py)
+        meta = dict(BLOCK_M=bm, BLOCK_K=128, BLOCK_N=128, BLOCK_R=block_r, num_warps=4 if bm == 16 else 8)
+    T = -(-N // meta["BLOCK_M"]) + min(N, L + 1)                             # tiles (plan_tiles' bound)
+    r_chunks = -(-R // meta["BLOCK_R"])
+    k_blocks = -(-K // meta["BLOCK_K"])
+    # K split: enough programs to cover the GPU when there are few tiles (decode), at least 2 K blocks each
+    split = max(1, min(-(-2 * SMS_GUESS // (T * r_chunks)), k_blocks // 2))
+    if INTERPRET:
+        split = min(2, k_blocks)  # exercise the split and the partial sum, keep programs few
+    k_per_split = -(-k_blocks // split) * meta["BLOCK_K"]
+    return dict(meta, SPLIT_K=-(-K // k_per_split), K_PER_SPLIT=k_per_split)
 
 
 def plan_tiles(adapter_ids: torch.Tensor, n_adapters: int, block_m: int):
@@ -198,21 +219,11 @@ def gathered_lora_triton(x, lora_A, lora_B, adapter_ids, scaling):
     out = torch.empty((N, M), dtype=torch.float32 if interpret_bf16 else out_dtype, device=x.device)
     if N == 0 or M == 0:
         return out.to(out_dtype)
-    if INTERPRET:
-        meta = dict(_INTERPRET_META)
-    else:
-        meta = dict(BLOCK_M=block_m_for(N), BLOCK_K=128, BLOCK_N=128,
-                    BLOCK_R=min(64, max(16, triton.next_power_of_2(R))))
-    bm, bk, br = meta["BLOCK_M"], meta["BLOCK_K"], meta["BLOCK_R"]
+    meta = launch_meta(N, K, R, L)
+    bm, bk, br, split, k_per_split = (meta[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_R", "SPLIT_K", "K_PER_SPLIT"))
     ids, perm, tiles = plan_tiles(adapter_ids, L, bm)
     T = tiles.numel()
     r_chunks = triton.cdiv(R, br)
-    # K split: enough programs to cover the GPU when there are few tiles (decode), at least 2 K blocks each
-    split = max(1, min(triton.cdiv(2 * SMS_GUESS, T * r_chunks), triton.cdiv(K, 2 * bk)))
-    if INTERPRET:
-        split = min(2, triton.cdiv(K, bk))  # exercise the split and the partial sum, keep programs few
-    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_per_split)
     part = torch.empty((split, N, R), dtype=torch.float32, device=x.device)  # rows of -1 runs: never read
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     scaling = scaling.to(device=x.device, dtype=torch.float32).contiguous()
@@ -222,14 +233,15 @@ def gathered_lora_triton(x, lora_A, lora_B, adapter_ids, scaling):
             N, K, R, L, k_per_split,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
             part.stride(0), part.stride(1),
-            PRECISION=precision, DOT_FP32=interpret_bf16, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4)
+            PRECISION=precision, DOT_FP32=interpret_bf16, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
+            num_warps=meta["num_warps"])
         xa = part[0] if split == 1 else part.sum(0)                            # (N, R) fp32, sorted order
         _gather_expand_kernel[(T, triton.cdiv(M, meta["BLOCK_N"]))](
             xa, lora_B, scaling, ids, perm, tiles, out,
             N, M, R, L,
             xa.stride(0), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), out.stride(0), out.stride(1),
             PRECISION=precision, HI_LO=x.dtype != torch.float32 and not interpret_bf16,
-            BLOCK_M=bm, BLOCK_N=meta["BLOCK_N"], BLOCK_R=br, num_warps=4)
+            BLOCK_M=bm, BLOCK_N=meta["BLOCK_N"], BLOCK_R=br, num_warps=meta["num_warps"])
     return out.to(out_dtype)
 
 
