@@ -62,19 +62,22 @@ def triton_gathered(x, W, A, B, ids, s):
 RUN = dict(per_request=per_request, per_adapter=per_adapter, gathered=gathered, triton=triton_gathered)
 
 
-def time_ms(fn, warmup, rep):
+def time_ms(fns, warmup, rep):
+    """Milliseconds per call of each fn: do_bench on CUDA; on the CPU the methods take turns, rep rounds, and the
+    best round counts (the machine is shared: turns spread a busy spell over all methods, the minimum is the
+    least disturbed call)."""
     if CUDA:
         import triton.testing
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)  # best of rep: the CPU is shared, the minimum is the least disturbed call
+        return {k: float(triton.testing.do_bench(fn, warmup=warmup, rep=rep)) for k, fn in fns.items()}
+    times = {k: [] for k in fns}
+    for i in range(warmup + rep):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: min(v) for k, v in times.items()}
 
 
 def case(n_rows, n_adapters, k, m, r, dtype, device, warmup, rep, methods):
@@ -90,10 +93,9 @@ def case(n_rows, n_adapters, k, m, r, dtype, device, warmup, rep, methods):
     ids, s = ids.to(device), s.to(device)
     row = dict(rows=n_rows, adapters=n_adapters, K=k, M=m, R=r, dtype=str(dtype).split(".")[-1], ms={}, err={})
     for name in methods:
-        fn = RUN[name]
-        got = fn(x, W, A, B, ids, s)
+        got = RUN[name](x, W, A, B, ids, s)
         row["err"][name] = float((got.float().cpu() - want).abs().max() / want.abs().max())
-        row["ms"][name] = time_ms(lambda: fn(x, W, A, B, ids, s), warmup, rep)
+    row["ms"] = time_ms({name: (lambda fn=RUN[name]: fn(x, W, A, B, ids, s)) for name in methods}, warmup, rep)
     base = row["ms"]["per_adapter"] if "per_adapter" in row["ms"] else None
     row["speedup_vs_per_adapter"] = {k: base / v for k, v in row["ms"].items()} if base else {}
     return row
@@ -107,9 +109,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--m", type=int, default=9216 if CUDA else 3072, help="out features (qkv: 9216)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=25 if CUDA else 1)
-    ap.add_argument("--rep", type=int, default=100 if CUDA else 5, help="ms for do_bench on CUDA, calls on CPU")
+    ap.add_argument("--rep", type=int, default=100 if CUDA else 15, help="ms for do_bench on CUDA, rounds on CPU")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: steadier on a shared CPU)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     args = ap.parse_args(argv)
+    if not CUDA:
+        torch.set_num_threads(args.threads)
     device = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if CUDA else torch.float32
     methods = METHODS if CUDA else METHODS[:3]
