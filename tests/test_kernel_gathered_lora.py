@@ -5,11 +5,12 @@ K and output blocks, 16-wide rank chunks and a 2-way K split, so the odd shapes 
 several tiles, splits and rank chunks with ragged edges. PHI3LORA_STRICT_KERNELS=1 here: a kernel failure raises
 instead of quietly returning the reference (which would make every comparison pass).
 """
+import warnings
+
 import pytest
 import torch
 
-from phi3lora.kernels import gathered_lora, gathered_lora_reference
-from phi3lora.kernels._triton import FAILED
+from phi3lora.kernels import _triton, gathered_lora, gathered_lora_reference, lora_gather
 from phi3lora.kernels.lora_gather import plan_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,8 +25,9 @@ TOL16 = {torch.bfloat16: dict(atol=1e-5, rtol=2 ** -8), torch.float16: dict(atol
 @pytest.fixture(autouse=True)
 def strict(monkeypatch):
     monkeypatch.setenv("PHI3LORA_STRICT_KERNELS", "1")
+    failed = _triton.FAILED  # the process's record (the guard test below swaps in its own)
     yield
-    assert "gathered_lora" not in FAILED
+    assert "gathered_lora" not in failed
 
 
 def make(n=N, k=K, r=R, m=M, n_adapters=L, dtype=torch.float32, seed=0):
@@ -105,9 +107,7 @@ def test_non_contiguous_x():
     wide = torch.randn(2 * K, N, device=DEVICE)
     x_t = wide[::2].t()  # (N, K) with strides (1, 2 N): neither unit column stride nor row-major
     x_t.copy_(x)
-    assert not x_t.is_contiguous()
-    torch.testing.assert_close(gathered_lora(x_t, A, B, mixed_ids(), s), gathered_lora(x, A, B, mixed_ids(), s),
-                               atol=0, rtol=0)
+    assert not x_t.is_contiguous() and x_t.stride(1) != 1
     check(x_t, A, B, mixed_ids(), s)
 
 
@@ -145,6 +145,27 @@ def test_bad_inputs_are_refused():
         gathered_lora(x, A, B[:, :, :3], mixed_ids(), s)
     with pytest.raises(ValueError, match="dtype"):
         gathered_lora(x, A.half(), B, mixed_ids(), s)
+
+
+def test_runtime_guard(monkeypatch):
+    """The first run on a device is checked against the reference on a slice: the real kernel passes silently;
+    a wrong one warns once and the reference's answer is returned."""
+    monkeypatch.setattr(_triton, "FAILED", {})
+    monkeypatch.setattr(_triton, "CHECKED", set())
+    monkeypatch.setattr(_triton, "CHECK_ON_CPU", True)
+    monkeypatch.delenv("PHI3LORA_STRICT_KERNELS")
+    x, A, B, s = make(n=20)
+    ids = mixed_ids(n=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gathered_lora(x, A, B, ids, s)
+    assert {name for name, _ in _triton.CHECKED} == {"gathered_lora"} and _triton.FAILED == {}
+    monkeypatch.setattr(_triton, "CHECKED", set())
+    monkeypatch.setattr(lora_gather, "gathered_lora_triton", lambda x, A, B, ids, s: torch.zeros(len(x), B.shape[1]))
+    with pytest.warns(RuntimeWarning, match="gathered_lora failed"):
+        got = gathered_lora(x, A, B, ids, s)
+    torch.testing.assert_close(got, gathered_lora_reference(x, A, B, ids, s), atol=0, rtol=0)
+    assert "gathered_lora" in _triton.FAILED
 
 
 @pytest.mark.gpu
