@@ -14,7 +14,7 @@ B_i (M·R, 2 MB for gate_up): in decode those weight bytes dwarf x (N·K) and th
 memory-bound and what counts is reading each adapter's weights once per batch, not once per row.
 
 Design: two kernels, not one fused.
-  1. The launcher sorts the rows by adapter (stable, on the device, no host sync) and cuts each run of equal ids
+  1. The launcher sorts the rows by adapter (stable, on the device, sync-free) and cuts each run of equal ids
      into tiles of BLOCK_M sorted positions (SGMV's segments): a tile never mixes adapters, so it loads A_i and
      B_i tiles once for all its rows and multiplies them with tl.dot. The tile table's length is bounded without
      looking at the ids (cdiv(N, BLOCK_M) + number of runs <= cdiv(N, BLOCK_M) + min(N, L + 1)); the surplus
@@ -24,11 +24,13 @@ Design: two kernels, not one fused.
   3. expand: delta = s_i·xa·B_iᵀ over (tile, BLOCK_N columns) programs, written once in x's dtype at the rows'
      original positions (rows with id -1 get zeros from the same store).
   A fused kernel would recompute x·A_iᵀ (2·K·R per row) for every BLOCK_N column tile of the output: at K 3072,
-  M 16384 and BLOCK_N 128 that is 128 times the shrink, 24x the expand's own work; the (N, R) fp32 round trip the
-  split costs is N·R·8 bytes, nothing next to B_i.
+  M 16384 and BLOCK_N 128 that is 128 times the shrink, 24x the expand's own work; what the split costs instead
+  is writing and reading (SPLIT_K + 1)·N·R fp32 values, kilobytes next to B_i's megabytes.
 Decode (every row another adapter) uses BLOCK_M 16, tl.dot's minimum: 15 of a 1-row tile's 16 MMA rows are idle,
-which costs nothing measurable because the kernel waits on A_i and B_i, not on tensor cores (Punica's BGMV uses a
-per-row reduction instead; one tiled kernel for both cases keeps this file short). N >= 256 (prefill) uses 64.
+which should cost little since the kernels wait on A_i and B_i, not on tensor cores (not yet measured on a GPU;
+Punica's BGMV uses a per-row reduction instead, one tiled kernel for both cases keeps this file short). N >= 256
+(prefill) uses BLOCK_M 64 with 8 warps. Stack adapters with R a multiple of 16: at R = 8 the loads cannot be
+vectorized and the expand needs twice the registers (tests/test_kernels_compile.py).
 
 Precision: both products accumulate in fp32 and delta is rounded once, as in the reference. xa stays fp32 between
 the kernels; for 16-bit inputs the expand multiplies it as two 16-bit halves (xa = hi + lo, hi = 16-bit(xa),
@@ -278,6 +280,7 @@ def gathered_lora(x, lora_A, lora_B, adapter_ids, scaling):
     to a common R); adapter_ids (N,) integer in [-1, L); scaling (L,) fp32 tensor. Returns the low-rank term only,
     (N, M) in x's dtype (add it to the base layer's x·Wᵀ). Forward only (no autograd). Runs the Triton kernels on
     CUDA tensors (or anywhere under TRITON_INTERPRET=1), else `gathered_lora_reference`, whose semantics it has.
+    Checking that the ids lie in [-1, L) is its one host sync (the kernels themselves also skip other ids).
     """
     _check(x, lora_A, lora_B, adapter_ids, scaling)
     if not kernel_on("gathered_lora", x):
