@@ -35,6 +35,18 @@ def test_lora_matmul_smoke(tmp_path):
     assert len(merged["rows"]) == len(rows) and merged["summary"]["fwd+bwd"] == result["summary"]["fwd+bwd"]
 
 
+def test_gathered_lora_smoke():
+    # one batch of 8 requests over 1 and 4 adapters: every method computes the same layer as the fp32 reference
+    out, result = run_bench("gathered_lora.py", "--rows", "8", "--adapters", "1,4", "--k", "64", "--m", "96",
+                            "--rep", "1")
+    assert "per_adapter" in out and "gathered" in out
+    assert [(r["rows"], r["adapters"]) for r in result["rows"]] == [(8, 1), (8, 4)]
+    for r in result["rows"]:
+        assert set(r["ms"]) == {"per_request", "per_adapter", "gathered"} and all(v > 0 for v in r["ms"].values())
+        assert max(r["err"].values()) < 1e-5, r["err"]
+    assert result["checks_ok"]
+
+
 def test_load_memory_smoke():
     # a small checkpoint (about 40 MB): the figure is only meaningful at 1 GB+, here it checks the script runs and
     # reports weights and added memory in a plausible ratio
@@ -107,7 +119,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     out, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "280")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
-                                                                     "train": "ok", "packed": "ok"}
+                                                                     "train": "ok", "packed": "ok", "gathered": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}

@@ -206,6 +206,51 @@ def nf4_dequant_cases(dtype, cap):
     return {"qkv 9216x3072": [(args, dict(NF4, BLOCK=1024, **_module("phi3lora.kernels.nf4_dequant").EXACT_DECODE))]}
 
 
+GATHER_BATCHES = {"decode N=64 L=16": (64, 16), "prefill N=4096 L=8": (4096, 8)}  # (rows, adapters)
+
+
+def _gather_launches(dtype, cap):
+    """(case name, N, K, M, R, L, launch_meta) as gathered_lora's launcher sees them: decode (BLOCK_M 16, K split)
+    and prefill (BLOCK_M 64), each projection, stacked ranks 8 (padded R not a multiple of 16), 16 and 64.
+    Outside the interpreter (the compile workers), launch_meta gives the GPU's blocks."""
+    mod = _module("phi3lora.kernels.lora_gather")
+    for batch, (N, L) in GATHER_BATCHES.items():
+        for R in (8, 16, 64):
+            for K, M in LINEARS.values():
+                yield f"{batch} R={R}", N, K, M, R, L, mod.launch_meta(N, K, R, L)
+
+
+def gather_ci(dtype, cap, case, cfg):
+    """The default run: bf16 (what serving runs) at every case on both targets; fp16 and fp32 at decode, r 64, sm_90."""
+    return dtype == "bf16" or (case == "decode N=64 L=16 R=64" and cap == 90)
+
+
+def gather_shrink_cases(dtype, cap):
+    """_gather_shrink_kernel: x (N, K) and stacked A (L, R, K) contiguous; pointers x, A, ids, perm, tiles
+    (int64), partial sums (SPLIT_K, N, R) fp32."""
+    dt, cases = DTYPES[dtype], {}
+    for case, N, K, M, R, L, m in _gather_launches(dtype, cap):
+        args = (dt, dt, torch.int64, torch.int64, torch.int64, torch.float32,
+                N, K, R, L, m["K_PER_SPLIT"], K, 1, R * K, K, 1, N * R, R)
+        meta = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_FP32=False, BLOCK_M=m["BLOCK_M"],
+                    BLOCK_K=m["BLOCK_K"], BLOCK_R=m["BLOCK_R"], num_warps=m["num_warps"])
+        cases.setdefault(case, []).append((args, meta))
+    return cases
+
+
+def gather_expand_cases(dtype, cap):
+    """_gather_expand_kernel: xa (N, R) fp32, stacked B (L, M, R) contiguous, scaling (L,) fp32, ids/perm/tiles,
+    out (N, M) in x's dtype; 16-bit inputs multiply xa as two 16-bit halves (HI_LO)."""
+    dt, cases = DTYPES[dtype], {}
+    for case, N, K, M, R, L, m in _gather_launches(dtype, cap):
+        args = (torch.float32, dt, torch.float32, torch.int64, torch.int64, torch.int64, dt,
+                N, M, R, L, R, M * R, R, 1, M, 1)
+        meta = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", HI_LO=dtype != "fp32", BLOCK_M=m["BLOCK_M"],
+                    BLOCK_N=m["BLOCK_N"], BLOCK_R=m["BLOCK_R"], num_warps=m["num_warps"])
+        cases.setdefault(case, []).append((args, meta))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry: one line per kernel
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,6 +281,8 @@ CASES = [
     Kernel("phi3lora.kernels.nf4_dequant", "_dequant_kernel", nf4_dequant_cases),
     Kernel("phi3lora.kernels.nf4_lora", "_nf4_matmul_lowrank_kernel", nf4_mm_cases, configs=nf4_mm_configs,
            ci=nf4_mm_ci, full=nf4_mm_full),
+    Kernel("phi3lora.kernels.lora_gather", "_gather_shrink_kernel", gather_shrink_cases, ci=gather_ci),
+    Kernel("phi3lora.kernels.lora_gather", "_gather_expand_kernel", gather_expand_cases, ci=gather_ci),
 ]
 MODULES = sorted({k.module for k in CASES})
 SPILL_FREE = ["_matmul_lowrank_kernel"]  # kernels whose every sm_90 16-bit config must be spill- and serial-free
@@ -259,11 +306,11 @@ def _cost(cfg, dtype):
     return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * (4 if dtype == "fp32" else 1)
 
 
-def make_tasks(full, known_issues=False):
+def make_tasks(full, known_issues=False, only=None):
     # the case builders run in the workers (outside the interpreter: swiglu's block width depends on it); here
     # only their names are needed, which do not
     tasks = []
-    for entry in [e for e in CASES if bool(e.known_issue) == known_issues]:
+    for entry in [e for e in CASES if bool(e.known_issue) == known_issues and (only is None or e.kernel in only)]:
         for dtype in DTYPES:
             configs = entry.configs(dtype)
             for cap in TARGETS:
@@ -280,7 +327,7 @@ def make_tasks(full, known_issues=False):
 def builder_source(entry):
     """What the cache key needs of the registry: this entry's builders and the shapes they use."""
     import inspect
-    constants = (HID, INTER, VOCAB, HEADS, KV, HDIM, ROT, SEQ, TOKENS, LINEARS, RANKS, NF4, SMS)
+    constants = (HID, INTER, VOCAB, HEADS, KV, HDIM, ROT, SEQ, TOKENS, LINEARS, RANKS, NF4, SMS, GATHER_BATCHES)
     return inspect.getsource(entry.cases) + inspect.getsource(entry.configs) + repr(constants)
 
 
@@ -357,8 +404,8 @@ def problems(rows, full):
     return out
 
 
-def run(full):
-    tasks = make_tasks(full)
+def run(full, only=None):
+    tasks = make_tasks(full, only=only)
     # big batches: each worker pays ~3 CPU-s to import torch and triton, so fewer workers leave more for compiles
     return kernel_aot.run_tasks(tasks, module_files(), workers=2, batch_size=12 if full else 10)
 
@@ -393,9 +440,9 @@ def test_every_kernel_is_registered():
     assert not missing, f"register these kernels in CASES (tests/test_kernels_compile.py): {missing}"
 
 
-def _check(full, capsys=None):
+def _check(full, capsys=None, only=None):
     pytest.importorskip("triton")
-    rows = run(full)
+    rows = run(full, only)
     text = table(rows)
     uncached = [r for r in rows if not r.get("cached")]
     summary = (f"{len(rows)} compiles ({len(uncached)} uncached, {sum(r['seconds'] for r in uncached):.0f} s of "
@@ -408,6 +455,12 @@ def _check(full, capsys=None):
 
 def test_kernels_compile_for_sm90_and_sm80():
     _check(full=False)
+
+
+def test_gathered_lora_compiles():
+    """The gathered-LoRA pair alone (`-k gathered` after an edit to it); the test above compiles it too, and the
+    per-task cache makes the second run free."""
+    _check(full=False, only=("_gather_shrink_kernel", "_gather_expand_kernel"))
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ _WHERE = {
     "apply_rope_reference": "reference",
     "swiglu_reference": "reference",
     "fused_linear_cross_entropy_reference": "reference",
+    "gathered_lora": "lora_gather",
     "gathered_lora_reference": "reference",
 }
 
