@@ -125,6 +125,8 @@ def expected_shapes(model: nn.Module, specs: dict[str, LayerSpec], bias: str) ->
                 rows = sum(s for s, on in zip(spec.slice_sizes, spec.enable_lora) if on)
                 shapes[f"{name}.lora_A"] = (spec.r * n, m.in_features)
                 shapes[f"{name}.lora_B"] = (rows, spec.r)
+            if spec.use_dora:
+                shapes[f"{name}.lora_magnitude_vector"] = (m.out_features,)
             if bias == "all" or (bias == "lora_only" and m.bias is not None):
                 if m.bias is not None:
                     shapes[f"{name}.bias"] = tuple(m.bias.shape)

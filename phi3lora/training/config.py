@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")
         for f in fields(cls):
-            group.add_argument(flag_for(section, f.name), **_argument(section, f))
+            alias = [f.metadata["alias"]] if "alias" in f.metadata else []  # --use-dora as well as --lora-use-dora
+            group.add_argument(flag_for(section, f.name), *alias, **_argument(section, f))
     return p
 
 
