@@ -38,6 +38,8 @@ def perturb(named_params, seed, std=0.05):
 
 def peft_key(ours: str) -> str:
     """Our parameter name -> peft's (PeftModel.named_parameters, adapter "default")."""
+    if "embed_tokens.lora_A" in ours or "embed_tokens.lora_B" in ours:
+        return "base_model.model." + ours.replace(".lora_", ".lora_embedding_") + ".default"
     for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
         if ours.endswith("." + part):
             return "base_model.model." + ours + ".default.weight"
@@ -54,13 +56,14 @@ def run(model, seed=0, ids=IDS):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_peft_dora_adapter_loads_with_same_forward_and_gradients(ckpt, tmp_path, dropout):
+@pytest.mark.parametrize("dropout, extra", [(0.0, ("embed_tokens", "lm_head")), (0.1, ())])
+def test_peft_dora_adapter_loads_with_same_forward_and_gradients(ckpt, tmp_path, dropout, extra):
     # dropout 0.1 in training: peft rescales the base term of the dropped input, (m/‖·‖ − 1)·dropout(x)·Wᵀ; the
-    # same seed gives both the same masks (one dropout call per layer, in the same order)
+    # same seed gives both the same masks (one dropout call per layer, in the same order). An embedding's
+    # magnitude is per embedding dimension (the norm of each column of W), as peft's
     hf = make_hf_model(seed=0, **HF_KW)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
-                                                 lora_dropout=dropout))
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS + list(extra),
+                                                 use_dora=True, lora_dropout=dropout))
     perturb(pm.named_parameters(), seed=4)
     pm.save_pretrained(tmp_path / "peft")
     keys = safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -75,7 +78,9 @@ def test_peft_dora_adapter_loads_with_same_forward_and_gradients(ckpt, tmp_path,
     base = Phi3.from_pretrained(ckpt).eval()(IDS).detach()
     assert (mine - base).abs().max() > 1e-2
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
-    assert len(my_grads) == len(their_grads) == 2 * 4 * 3  # A, B, m of 4 modules in 2 layers
+    assert len(my_grads) == len(their_grads) == (2 * 4 + len(extra)) * 3  # A, B, m of each adapted module
+    if extra:
+        assert ours.model.embed_tokens.lora_magnitude_vector.shape == (64,)
     for name, g in my_grads.items():
         torch.testing.assert_close(g, their_grads[peft_key(name)], atol=1e-5, rtol=0)
     with torch.no_grad():
@@ -86,8 +91,8 @@ def test_fused_merged_linear_dora_is_peft_on_the_fused_module(ckpt, tmp_path):
     # our qkv MergedLinear (adapters on q and v only) carries a magnitude per row of the fused weight; exported as
     # peft's one rank-2r adapter over qkv_proj with a block-structured B, peft computes the same, gradients too
     ours = Phi3.from_pretrained(ckpt)
-    config = lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=True,
-                             enable_lora=(True, False, True))
+    config = lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS + ["embed_tokens"],
+                             use_dora=True, enable_lora=(True, False, True))
     lora.inject(ours, config)
     qkv = ours.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, lora.MergedLinear) and qkv.lora_magnitude_vector.shape == (128,)
@@ -138,7 +143,7 @@ def test_split_export_of_dora_fuses_back_exactly(ckpt, tmp_path):
 
 def test_dora_merge_and_unmerge_are_exact(ckpt):
     model = Phi3.from_pretrained(ckpt)
-    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS + ["embed_tokens"], use_dora=True,
                                        enable_lora=(True, True, False)))
     perturb(model.named_parameters(), seed=7)
     weights = {n: m.weight.detach().clone() for n, m in lora.lora_layers(model)}
@@ -187,9 +192,7 @@ def test_dora_on_an_nf4_base_uses_the_dequantized_weight():
         torch.testing.assert_close(q.eval()(ids), dense.eval()(ids), atol=1e-5, rtol=0)
 
 
-def test_dora_is_refused_where_it_has_no_meaning(ckpt):
-    with pytest.raises(ValueError, match="embeddings"):
-        lora.inject(Phi3.from_pretrained(ckpt), lora.LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+def test_dora_setting_is_checked():
     with pytest.raises(ValueError, match="use_dora must be a bool"):
         lora.LoraConfig(use_dora="yes")
 

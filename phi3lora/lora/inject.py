@@ -145,7 +145,7 @@ class LayerSpec:
                        **variants)
         kind = "Linear" if isinstance(m, Linear) else type(m).__name__  # a 4-bit Linear is a Linear adapter
         if kind == "Embedding":
-            return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
+            return cls(kind, m.r, m.lora_alpha, p, m.use_rslora, use_dora=variants["use_dora"])
         return cls(kind, m.r, m.lora_alpha, p, m.use_rslora, **variants)
 
     def same_adapter(self, other: "LayerSpec") -> bool:
@@ -217,10 +217,11 @@ def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
         common = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora)
         variants = dict(use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
         if isinstance(m, nn.Embedding):
-            if config.use_dora or config.base_changing:
-                raise ValueError(f"{name}: use_dora / init_lora_weights={config.init_lora_weights!r} are for linear "
-                                 "layers; embeddings are not supported with them (drop them from target_modules)")
-            specs[name] = LayerSpec("Embedding", **common)  # loralib's Embedding has no dropout (peft: no init)
+            if config.base_changing:
+                raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} is for linear layers "
+                                 "(peft's PiSSA / OLoRA too); drop embeddings from target_modules")
+            # loralib's Embedding: no dropout, its own init whatever init_lora_weights says (as in peft)
+            specs[name] = LayerSpec("Embedding", **common, use_dora=config.use_dora)
         elif config.base_changing and _is_4bit(m):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the full-precision "
                              "weight; a 4-bit base has none (as in peft: initialise on the bf16/fp32 base)")
@@ -252,7 +253,8 @@ def build_layer(old: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = Non
                 raise ValueError(f"an Embedding adapter needs an nn.Embedding, not {type(old).__name__}")
             new = Embedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
                             max_norm=old.max_norm, norm_type=old.norm_type,
-                            scale_grad_by_freq=old.scale_grad_by_freq, sparse=old.sparse, **kw)
+                            scale_grad_by_freq=old.scale_grad_by_freq, sparse=old.sparse, use_dora=spec.use_dora,
+                            **kw)
         elif spec.kind in ("Linear", "MergedLinear"):
             if not isinstance(old, nn.Linear):
                 raise ValueError(f"a {spec.kind} adapter needs an nn.Linear, not {type(old).__name__}")

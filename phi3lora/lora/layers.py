@@ -27,12 +27,13 @@ Deliberate differences:
 - Invalid arguments raise ValueError / TypeError (loralib: assert, NotImplementedError).
 
 Additions with peft's names and meanings (peft 0.21, peft/tuners/lora/{layer,dora}.py):
-- `use_dora` on Linear and MergedLinear (DoRA, https://arxiv.org/abs/2402.09353): a trainable magnitude
+- `use_dora` on Linear, MergedLinear and Embedding (DoRA, https://arxiv.org/abs/2402.09353): a trainable magnitude
   `lora_magnitude_vector` (out,), initialised to ‖W + s·B·A‖ per output row, and
       h = m/‖W + s·B·A‖ · (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b            (the norm detached, as the paper's section 4.3 and peft)
   On MergedLinear the norm is per output row of the fused weight (the ΔW of a disabled slice is zero there), so it
   equals peft's DoRA on transformers' fused qkv_proj. With dropout active in training peft scales the base
   term of the dropped input: h = x·Wᵀ + b + (m/‖·‖ − 1)·dropout(x)·Wᵀ + m/‖·‖·s·dropout(x)·Aᵀ·Bᵀ; so do we.
+  An Embedding, as in peft, has one magnitude per embedding dimension: the norm of each column of W (num, dim).
   DoRA runs in plain torch, never the fused kernel: the norm needs every row of W + s·B·A (a full (out, in)
   matrix) before the first output tile can be scaled, which a GEMM epilogue over output tiles does not have.
 - `init_lora_weights`: "kaiming" (True: loralib's), "gaussian" (A ~ N(0, 1/r²), B = 0), and the base-changing
@@ -162,10 +163,41 @@ class LoRALayer:
     def _fold(self, sign: float) -> None:
         w = self._base_weight()
         delta = self.delta_weight()
+        if getattr(self, "use_dora", False):
+            return self._fold_dora(sign, w, delta)
         if w.dtype == delta.dtype:
             w.add_(delta, alpha=sign)
         else:
             w.copy_(w.to(delta.dtype).add_(delta, alpha=sign))  # copy_ rounds to nearest, once
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the stored weight, viewed with DoRA's magnitude axis first: (out, in) for a linear
+        layer, (dim, num) for an embedding (peft normalises an embedding per column)."""
+        raise NotImplementedError
+
+    def _fold_dora(self, sign: float, w: torch.Tensor, delta: torch.Tensor) -> None:
+        # peft's DoRA merge: W' = m/‖W + s·B·A‖ · (W + s·B·A) row by row (fp32); unmerging divides by the factor
+        # of the merge (the norm kept from then: W' alone no longer gives it) and takes s·B·A out again
+        cd = delta.dtype
+        W, D = self._rows(w.to(cd)), self._rows(delta)
+        if sign > 0:
+            self._merged_norm = torch.linalg.vector_norm(W + D, dim=1)  # (rows,)
+            new = (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) * (W + D)
+        else:
+            new = W / (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) - D
+        w.copy_(self._rows(new))
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ‖W + s·B·A‖ per output row (peft's DoRA init), so the layer starts as W + s·B·A."""
+        w = self._base_weight()
+        cd = _compute_dtype(w) if w.is_floating_point() else torch.float32
+        full = self._rows(self._dense_weight(cd) + self.delta_weight().to(cd))
+        self.lora_magnitude_vector.copy_(torch.linalg.vector_norm(full, dim=1))
+
+    def _dense_weight(self, dtype) -> torch.Tensor:
+        """The weight as stored, in dtype (a 4-bit layer dequantizes, giving (out, in))."""
+        return self._base_weight().to(dtype)
 
     def _merge_for_mode(self, mode: bool) -> None:
         # loralib's train(): eval merges, train unmerges, only when merge_weights
@@ -196,7 +228,7 @@ class Embedding(nn.Embedding, LoRALayer):
     """nn.Embedding + LoRA: ΔW = (B·A)ᵀ, A (r, num_embeddings) zeros, B (embedding_dim, r) normal; no dropout."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
-                 merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+                 merge_weights: bool = True, use_rslora: bool = False, use_dora: bool = False, **kwargs):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights,
                            use_rslora=use_rslora)
@@ -205,6 +237,13 @@ class Embedding(nn.Embedding, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
             self.weight.requires_grad = False
         self.reset_parameters()
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        self.use_dora = use_dora and self.has_lora
+        if self.use_dora:  # one magnitude per embedding dimension (peft normalises an embedding per column)
+            self.lora_magnitude_vector = nn.Parameter(self.weight.new_zeros(embedding_dim))
+            if not self.weight.is_meta:
+                self.reset_magnitude()
 
     def reset_parameters(self):
         nn.Embedding.reset_parameters(self)
@@ -214,6 +253,11 @@ class Embedding(nn.Embedding, LoRALayer):
     def reset_lora_parameters(self):
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            self.reset_magnitude()
+
+    def _rows(self, t):
+        return t.transpose(0, 1)  # (dim, num)
 
     def delta_weight(self):
         cd = _compute_dtype(self.weight)
@@ -232,7 +276,13 @@ class Embedding(nn.Embedding, LoRALayer):
         # rows of Aᵀ (num, r) looked up like the embedding itself
         after_A = F.embedding(x, A.transpose(0, 1), self.padding_idx, self.max_norm, self.norm_type,
                               self.scale_grad_by_freq, self.sparse)  # (..., r)
-        return result + (after_A @ B.transpose(0, 1)) * self.scaling
+        lora = (after_A @ B.transpose(0, 1)) * self.scaling  # (..., dim)
+        if not self.use_dora:
+            return result + lora
+        with torch.no_grad():  # DoRA (peft's DoraEmbeddingLayer): the norm of each column of W + s·(B·A)ᵀ, detached
+            norm = torch.linalg.vector_norm(self.weight.to(result.dtype) + self.scaling * (B @ A).transpose(0, 1),
+                                            dim=0)  # (dim,)
+        return self.lora_magnitude_vector.to(result.dtype) / norm * (result + lora)
 
 
 class _LinearLoRA(nn.Linear, LoRALayer):
@@ -269,14 +319,6 @@ class _LinearLoRA(nn.Linear, LoRALayer):
         if self.has_lora and (self.use_dora or self.init_lora_weights != "kaiming") and not self.weight.is_meta:
             self.reset_lora_parameters()
 
-    def _dense_weight(self, dtype) -> torch.Tensor:
-        """W (out, in) in dtype (a 4-bit layer dequantizes)."""
-        return self._T(self.weight).to(dtype)
-
-    def _full_B(self, dtype) -> torch.Tensor:
-        """B (out, rank) with x·Aᵀ·Bᵀ the low-rank term (MergedLinear: block-structured)."""
-        return self.lora_B.to(dtype)
-
     def reset_lora_parameters(self):
         init = self.init_lora_weights
         if init == "gaussian":  # peft: A ~ N(0, 1/r²), B = 0
@@ -288,13 +330,6 @@ class _LinearLoRA(nn.Linear, LoRALayer):
             LoRALayer.reset_lora_parameters(self)
         if self.use_dora:
             self.reset_magnitude()
-
-    @torch.no_grad()
-    def reset_magnitude(self) -> None:
-        """m = ‖W + s·B·A‖ per output row (peft's DoRA init), so the layer starts as W + s·B·A."""
-        cd = _compute_dtype(self.weight) if self.weight.is_floating_point() else torch.float32
-        w = self._dense_weight(cd) + self.scaling * (self._full_B(cd) @ self.lora_A.to(cd))  # (out, in)
-        self.lora_magnitude_vector.copy_(torch.linalg.vector_norm(w, dim=1))
 
     @torch.no_grad()
     def _init_from_weight(self, init: str) -> None:
@@ -325,8 +360,10 @@ class _LinearLoRA(nn.Linear, LoRALayer):
                 Sr, Uhr = Sr / s, Ur.t()
             A0 = torch.diag(torch.sqrt(Sr)) @ Uhr  # (r, in)
             B0 = Vr @ torch.diag(torch.sqrt(Sr))   # (out, r)
-        self.lora_A.copy_(A0)
-        self.lora_B.copy_(B0)
+        # A and B in fp32 at least, as peft sets them: rounding the principal part s·B₀·A₀ to bf16 would move the
+        # model away from the base by far more than the residual's own rounding
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        self.lora_A.data, self.lora_B.data = A0.to(dtype).clone(), B0.to(dtype).clone()
         self.register_buffer("lora_A_init", A0, persistent=False)
         self.register_buffer("lora_B_init", B0, persistent=False)
         self.weight.copy_(self._T(W - s * (B0 @ A0)))
@@ -346,19 +383,8 @@ class _LinearLoRA(nn.Linear, LoRALayer):
             out = base + (scale - 1) * F.linear(lx, weight) + scale * lora
         return out if self.bias is None else out + self.bias
 
-    def _fold(self, sign: float) -> None:
-        if not self.use_dora:
-            return LoRALayer._fold(self, sign)
-        w = self._base_weight()
-        delta = self.delta_weight()  # s·ΔW like the stored weight, fp32
-        cd = delta.dtype
-        W, D = self._T(w.to(cd)), self._T(delta)  # (out, in)
-        if sign > 0:
-            self._merged_norm = torch.linalg.vector_norm(W + D, dim=1)  # the unmerged norm, for unmerge
-            new = (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) * (W + D)
-        else:
-            new = W / (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) - D
-        w.copy_(self._T(new))
+    def _rows(self, t):
+        return self._T(t)  # (out, in)
 
 
 class Linear(_LinearLoRA):
@@ -443,9 +469,6 @@ class MergedLinear(_LinearLoRA):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
         self._set_variants(use_dora, init_lora_weights)
-
-    def _full_B(self, dtype):
-        return self.full_B(dtype)
 
     def _build_buffers(self, device):
         if not self.has_lora:

@@ -93,20 +93,20 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
                              "has no peft equivalent this exporter writes")
         A, B, s = m.lora_A.detach(), m.lora_B.detach(), m.scaling
         mag = m.lora_magnitude_vector.detach() if getattr(m, "use_dora", False) else None
-        if "lora_A_init" in m._buffers:
+        rank = m.r
+        if "lora_A_init" in m._buffers:  # a Linear (PiSSA / OLoRA never build a MergedLinear)
             if mag is not None:
                 raise ValueError(f"{name}: DoRA with init_lora_weights={m.init_lora_weights!r} has no exact form on "
                                  "the original base (the norm is of the residual weight); peft cannot convert it "
                                  "either")
             A = torch.cat([A, m.lora_A_init.to(A.dtype)], 0)    # (2r, in)
             B = torch.cat([B, -m.lora_B_init.to(B.dtype)], 1)   # (out, 2r)
-            out.append((name, False, A, B, 2 * m.r, s, None))
-            continue
+            rank = 2 * m.r
         parent, _, last = name.rpartition(".")
         prefix = parent + "." if parent else ""
         split = split_fused and last in FUSED
         if isinstance(m, Embedding):
-            out.append((name, True, A, B, m.r, s, None))
+            out.append((name, True, A, B, m.r, s, mag))
         elif isinstance(m, MergedLinear):
             if split and len(FUSED[last]) == len(m.slice_sizes):
                 if mag is not None and not all(m.enable_lora):
@@ -127,10 +127,10 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
                 start = 0
                 for part, size in zip(FUSED[last], _fused_slices(model, name, m)):
                     m_e = mag[start:start + size] if mag is not None else None
-                    out.append((prefix + part, False, A, B[start:start + size], m.r, s, m_e))  # A copied, B by rows
+                    out.append((prefix + part, False, A, B[start:start + size], rank, s, m_e))  # A copied, B by rows
                     start += size
             else:
-                out.append((name, False, A, B, m.r, s, mag))
+                out.append((name, False, A, B, rank, s, mag))
         else:
             raise ValueError(f"{name}: cannot export a {type(m).__name__}")
     return out
@@ -378,14 +378,12 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
         if r != r_cfg:
             problems.append(f"{name}: lora_A has rank {r} but the config gives r={r_cfg}")
         alpha = float(_pattern_value(st.alpha_pattern, name, st.lora_alpha))
-        if ("M" in e) != (st.use_dora and not e["embedding"]):
-            problems.append(f"{name}: " + ("DoRA on an embedding is not supported" if e["embedding"] else
-                                           f"use_dora={st.use_dora} but the file has "
-                                           f"{'a' if 'M' in e else 'no'} lora_magnitude_vector for it"))
+        if ("M" in e) != st.use_dora:
+            problems.append(f"{name}: use_dora={st.use_dora} but the file has "
+                            f"{'a' if 'M' in e else 'no'} lora_magnitude_vector for it")
             continue
         spec = LayerSpec("Embedding" if e["embedding"] else "Linear", r, alpha,
-                         0.0 if e["embedding"] else st.lora_dropout, st.use_rslora,
-                         use_dora=st.use_dora and not e["embedding"])
+                         0.0 if e["embedding"] else st.lora_dropout, st.use_rslora, use_dora=st.use_dora)
         parent, _, last = name.rpartition(".")
         fused = (parent + "." if parent else "") + PART_OF.get(last, "")
         if name not in modules and last in PART_OF and fused in modules:
