@@ -168,3 +168,19 @@ def test_a_short_training_run_lowers_the_loss(ckpt, init, use_dora):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_adapter_switched_off_is_the_original_base(ckpt, base_logits):
+    # probe.py and the training log compare against the model with its adapters off: with DoRA (trained m) and a
+    # PiSSA residual that must still be the original base, and the trained adapter must come back after
+    from phi3lora.lora.footprint import adapter_disabled
+
+    ours, _ = ours_with(ckpt, "pissa", use_dora=True)
+    perturb(ours.named_parameters(), 7)
+    with torch.no_grad():
+        adapted = ours.eval()(IDS)
+        with adapter_disabled(ours):
+            off = ours(IDS)
+        again = ours(IDS)
+    torch.testing.assert_close(off, base_logits, atol=1e-5, rtol=0)
+    assert (adapted - base_logits).abs().max() > 1e-2 and torch.equal(again, adapted)
