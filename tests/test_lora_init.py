@@ -144,9 +144,12 @@ def test_init_settings_are_checked(ckpt):
         lora.LoraConfig(init_lora_weights="loftq")
     with pytest.raises(ValueError, match="enable_lora must be all True"):
         lora.LoraConfig(init_lora_weights="pissa", enable_lora=(True, False, True))
-    with pytest.raises(ValueError, match="embeddings"):
-        lora.inject(Phi3.from_pretrained(ckpt), lora.LoraConfig(target_modules=["embed_tokens"],
-                                                                init_lora_weights="pissa"))
+    # embeddings keep loralib's init under PiSSA (as peft's Embedding): their base weight is not touched
+    model = Phi3.from_pretrained(ckpt)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    lora.inject(model, lora.LoraConfig(target_modules=["embed_tokens", "o_proj"], init_lora_weights="pissa"))
+    assert torch.equal(model.model.embed_tokens.weight, emb) and not model.model.embed_tokens.lora_A.any()
+    assert "lora_A_init" in model.model.layers[0].self_attn.o_proj._buffers
     assert lora.LoraConfig(init_lora_weights=True).init_lora_weights == "kaiming"
     ours, config = ours_with(ckpt, "pissa", use_dora=True)
     with pytest.raises(ValueError, match="DoRA with init_lora_weights"):

@@ -217,10 +217,8 @@ def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
         common = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora)
         variants = dict(use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
         if isinstance(m, nn.Embedding):
-            if config.base_changing:
-                raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} is for linear layers "
-                                 "(peft's PiSSA / OLoRA too); drop embeddings from target_modules")
-            # loralib's Embedding: no dropout, its own init whatever init_lora_weights says (as in peft)
+            # loralib's Embedding: no dropout, and its own init (A zero, B normal) whatever init_lora_weights says,
+            # PiSSA / OLoRA included: peft's Embedding does the same, so its base embedding stays unchanged
             specs[name] = LayerSpec("Embedding", **common, use_dora=config.use_dora)
         elif config.base_changing and _is_4bit(m):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the full-precision "

@@ -558,6 +558,10 @@ def check(cfg: dict) -> None:
         lora_config = LoraConfig(**cfg["lora"])
     except (TypeError, ValueError) as e:
         raise TrainError(f"[lora] {e}") from None
+    if cfg["training"].get("export_peft") and lora_config.use_dora and lora_config.base_changing:
+        raise TrainError(f"--export-peft with use_dora and init_lora_weights={lora_config.init_lora_weights!r}: the "
+                         "adapter has no exact PEFT form on the original base (DoRA's norm is of the residual "
+                         "weight; peft cannot convert it either); drop one of the three")
     check_targets(lora_config)
 
 
