@@ -13,6 +13,8 @@ torch fallback):
                (target: NF4 >= 0.9x bf16)
   4. train     bench/train_step.py: one training step, ours vs transformers + peft, seq 2048, the largest batch
                theirs fits, activation checkpointing off and on
+     train_dora  the same for DoRA (use_dora) against plain LoRA, ours only, batch 4, seq 2048, checkpointing on:
+               step time and peak memory of each, and their ratio (DoRA's layers run plain torch)
   5. packed    bench/packed_attention.py --gpu: a LoRA step over packed rows of T 2k, 4k, 8k (sample-data lengths),
                8 layers of Phi-3-mini's shape: dense (B, 1, T, T) mask vs FlexAttention block mask vs unpacked and
                padded; tokens/s, peak memory, and the fraction of attention tiles the block mask skips
@@ -38,8 +40,8 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40}
-PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40, "train_dora": 60}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10, "train_dora": 15}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -60,6 +62,9 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                        "--json-out", str(out / "packed.json")],
             "gathered": [py, "bench/gathered_lora.py", "--rows", "8", "--adapters", "1,4", "--k", "64", "--m", "96",
                          "--rep", "2", "--json-out", str(out / "gathered.json")],
+            "train_dora": [py, "bench/train_step.py", "--seq", "32", "--steps", "1", "--warmup", "1", "--batch", "1",
+                           "--checkpointing", "on", "--no-longest", "--only", "ours", "--variant", "lora,dora",
+                           "--json-out", str(out / "train_dora.json")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
@@ -74,6 +79,9 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                    "--budget-s", str(int(budget["packed"] * 0.6)), "--json-out", str(out / "packed.json")],
         "gathered": [py, "bench/gathered_lora.py", "--rows", "16,64,256", "--adapters", "1,4,16", "--k", "3072",
                      "--m", "9216", "--rank", "16", "--json-out", str(out / "gathered.json")],
+        "train_dora": [py, "bench/train_step.py", "--seq", "2048", "--batch", "4", "--checkpointing", "on",
+                       "--no-longest", "--only", "ours", "--variant", "lora,dora", "--steps", "3",
+                       "--budget-s", str(int(budget["train_dora"] * 0.7)), "--json-out", str(out / "train_dora.json")],
     }
 
 
@@ -140,8 +148,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered",
-                    help="comma list of tests, matmul, qlora, train, packed, gathered")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered,train_dora",
+                    help="comma list of tests, matmul, qlora, train, packed, gathered, train_dora")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():

@@ -29,6 +29,14 @@ after the warm-up steps); a table for people and a JSON line last. Without CUDA 
     PYTHONPATH=. python bench/train_step.py --only ours --batch 4 --seq 2048 --checkpointing off --no-longest \\
         --kernels none                                                          # what the kernels buy
     python bench/train_step.py                                                 # CPU smoke run
+    python bench/train_step.py --only ours --variant dora                      # DoRA (use_dora) instead of LoRA
+    PYTHONPATH=. python bench/train_step.py --seq 2048 --checkpointing on --no-longest --variant lora,dora
+                                                                               # GPU: LoRA and DoRA, both systems
+
+--variant lora,dora builds every system once per variant; a DoRA system is labelled "ours+dora" / "theirs+dora"
+(peft's use_dora). DoRA's layers run plain torch (the row norm of W + s·B·A needs the whole weight, see
+lora/layers.py), the other kernels stay on. On the CPU peak memory is the process's resident high-water mark
+(ru_maxrss: it never goes down, so compare variants run in separate processes, e.g. --only ours --variant dora).
 
 A whole default GPU run (both checkpointing settings and the longest search) takes longer than 10 minutes; the
 --budget-s guard (default 480 s) stops starting new measurements in time to print what was measured.
@@ -38,6 +46,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -104,12 +113,12 @@ class System:
         self.path_counts = None  # ours: LoRA layer calls by path, {"triton": n, "torch": m}
 
 
-def build_ours(cfg: Phi3Config, dtype, device, kernels: tuple[str, ...], compile_: bool) -> System:
+def build_ours(cfg: Phi3Config, dtype, device, kernels: tuple[str, ...], compile_: bool, dora: bool = False) -> System:
     with torch.device(device):
         model = Phi3(cfg).to(dtype)
     model.rotary.reset_parameters(torch.device(device))  # .to(dtype) rounded the fp32 inv_freq buffers
     init_random_(model)
-    lora.inject(model, lora.LoraConfig(target_modules=TARGETS, **LORA))
+    lora.inject(model, lora.LoraConfig(target_modules=TARGETS, use_dora=dora, **LORA))
     lora.mark_only_lora_as_trainable(model)
     for p in model.parameters():  # LoRA weights in fp32, as a mixed-precision trainer keeps them
         if p.requires_grad:
@@ -123,7 +132,8 @@ def build_ours(cfg: Phi3Config, dtype, device, kernels: tuple[str, ...], compile
     path_counts = {"triton": 0, "torch": 0}
 
     def count_path(module, args):
-        fused = module.use_kernel and lora_layers._use_triton(args[0], module._T(module.weight))
+        fused = (module.use_kernel and not module.use_dora
+                 and lora_layers._use_triton(args[0], module._T(module.weight)))
         path_counts["triton" if fused else "torch"] += 1
 
     for m in model.modules():
@@ -140,14 +150,14 @@ def build_ours(cfg: Phi3Config, dtype, device, kernels: tuple[str, ...], compile
     def set_checkpointing(on: bool):
         model.gradient_checkpointing = on  # torch.utils.checkpoint per block, use_reentrant=False
 
-    info = {"kernels": ",".join(kernels), "compile": compile_,
+    info = {"kernels": ",".join(kernels), "compile": compile_, "variant": "dora" if dora else "lora",
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     system = System("ours", model, loss_fn, set_checkpointing, info)
     system.path_counts = path_counts
     return system
 
 
-def build_theirs(cfg: Phi3Config, dtype, device) -> System:
+def build_theirs(cfg: Phi3Config, dtype, device, dora: bool = False) -> System:
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3Config as HFConfig
     from transformers import Phi3ForCausalLM
@@ -157,7 +167,8 @@ def build_theirs(cfg: Phi3Config, dtype, device) -> System:
     with torch.device(device):
         model = Phi3ForCausalLM(hf_cfg).to(dtype)
     init_random_(model)
-    model = get_peft_model(model, LoraConfig(target_modules=list(TARGETS), task_type="CAUSAL_LM", **LORA))
+    model = get_peft_model(model, LoraConfig(target_modules=list(TARGETS), task_type="CAUSAL_LM", use_dora=dora,
+                                             **LORA))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -178,15 +189,17 @@ def build_theirs(cfg: Phi3Config, dtype, device) -> System:
         else:
             model.gradient_checkpointing_disable()
 
-    info = {"kernels": "", "attn_implementation": attn,
+    info = {"kernels": "", "attn_implementation": attn, "variant": "dora" if dora else "lora",
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     return System("theirs", model, loss_fn, set_checkpointing, info)
 
 
-def build(name, cfg, dtype, device, args) -> System:
+def build(label, cfg, dtype, device, args) -> System:
+    """label: "ours" or "theirs", with "+dora" for the DoRA variant."""
+    name, _, variant = label.partition("+")
     if name == "ours":
-        return build_ours(cfg, dtype, device, args.kernel_list, args.compile)
-    return build_theirs(cfg, dtype, device)
+        return build_ours(cfg, dtype, device, args.kernel_list, args.compile, dora=variant == "dora")
+    return build_theirs(cfg, dtype, device, dora=variant == "dora")
 
 
 # ----- measuring ------------------------------------------------------------------------------------------------
@@ -225,7 +238,9 @@ def time_steps(system: System, batch: int, seq: int, vocab: int, device, warmup:
     return {**paths, "step_s": dt, "tokens_per_s": batch * seq / dt, "loss": float(loss.detach()),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / gb if cuda else None,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / gb if cuda else None,
-            "mem_before_gb": mem_before / gb if cuda else None}
+            "mem_before_gb": mem_before / gb if cuda else None,
+            # CPU: the process's resident high-water mark (Linux reports KiB), a stand-in for peak memory
+            "peak_rss_gb": None if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gb}
 
 
 def try_steps(system: System, batch, seq, vocab, device, warmup, steps) -> dict | None:
@@ -298,6 +313,7 @@ def main(argv=None) -> dict:
                     help="start no new build, probe or measurement after this many seconds, so a run under a "
                          "10-minute limit still prints its table (GPU default 480: what is under way then, up to "
                          "~1 min for a 131072-token probe, must still end before 600 s; 0 = no limit)")
+    ap.add_argument("--variant", default="lora", help="comma list of lora, dora: each system once per variant")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     args = ap.parse_args(argv)
 
@@ -325,7 +341,11 @@ def main(argv=None) -> dict:
         print("note: --warmup 0 times Triton's autotuning and compilation too", file=sys.stderr)
     budget = Budget(args.budget_s if args.budget_s is not None else (480.0 if cuda else 0.0))
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    systems = [args.only] if args.only else ["ours", "theirs"]
+    variants = [v for v in args.variant.split(",") if v]
+    if not variants or set(variants) - {"lora", "dora"}:
+        ap.error(f"--variant {args.variant!r}: a comma list of lora, dora")
+    systems = [name + ("" if v == "lora" else "+" + v)
+               for v in variants for name in ([args.only] if args.only else ["ours", "theirs"])]
     peak = device_peak_flops()
     with torch.device("meta"):
         flops_model = Phi3(cfg)
@@ -398,31 +418,49 @@ def main(argv=None) -> dict:
     dev = torch.cuda.get_device_name() if cuda else "CPU (smoke run: small config, fp32; says nothing about GPUs)"
     print(f"\nLoRA training step on {dev}; model {'Phi-3-mini' if cuda else 'small Phi-3'}, r=16 on {','.join(TARGETS)}"
           f"{'; peak ' + format(peak / 1e12, '.0f') + ' TFLOP/s' if peak else ''}")
-    print(f"{'system':<7} {'seq':>5} {'batch':>5} {'ckpt':>5} {'tok/s':>9} {'step s':>8} {'MFU':>6} {'peak GB':>8}")
+    print(f"{'system':<11} {'seq':>5} {'batch':>5} {'ckpt':>5} {'tok/s':>9} {'step s':>8} {'MFU':>6} {'peak GB':>8}")
     for r in rows:
-        lead = f"{r['system']:<7} {r['seq']:>5} {str(r['batch']):>5} {str(r['checkpointing']):>5}"
+        lead = f"{r['system']:<11} {r['seq']:>5} {str(r['batch']):>5} {str(r['checkpointing']):>5}"
         if r.get("oom") or r.get("skipped"):
             print(f"{lead}   {'out of memory' if r.get('oom') else 'skipped: ' + r['skipped']}")
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "     -"
-        mem = f"{r['peak_mem_gb']:8.1f}" if r["peak_mem_gb"] is not None else "       -"
+        mem = (f"{r['peak_mem_gb']:8.1f}" if r["peak_mem_gb"] is not None else
+               f"{r['peak_rss_gb']:7.2f}*" if r.get("peak_rss_gb") is not None else "       -")
         print(f"{lead} {r['tokens_per_s']:9.0f} {r['step_s']:8.3f} {mfu} {mem}")
     ratios = []
-    for ours in (r for r in rows if r["system"] == "ours" and "tokens_per_s" in r):
-        theirs = next((t for t in rows if t["system"] == "theirs" and "tokens_per_s" in t and
+    for ours in (r for r in rows if r["system"].startswith("ours") and "tokens_per_s" in r):
+        twin = ours["system"].replace("ours", "theirs")
+        theirs = next((t for t in rows if t["system"] == twin and "tokens_per_s" in t and
                        (t["seq"], t["batch"], t["checkpointing"])
                        == (ours["seq"], ours["batch"], ours["checkpointing"])),
                       None)
         if theirs:
-            ratio = {"seq": ours["seq"], "batch": ours["batch"], "checkpointing": ours["checkpointing"],
+            ratio = {"system": ours["system"], "seq": ours["seq"], "batch": ours["batch"],
+                     "checkpointing": ours["checkpointing"],
                      "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
                      "step_time_ratio": ours["step_s"] / theirs["step_s"]}
             if ours["peak_mem_gb"] and theirs["peak_mem_gb"]:
                 ratio["memory_ratio"] = ours["peak_mem_gb"] / theirs["peak_mem_gb"]
             ratios.append(ratio)
-            print(f"seq {ratio['seq']} batch {ratio['batch']} ckpt {ratio['checkpointing']}: ours / theirs step "
+            print(f"{ours['system']} seq {ratio['seq']} batch {ratio['batch']} ckpt {ratio['checkpointing']}: "
+                  f"{ours['system']} / {twin} step "
                   f"time {ratio['step_time_ratio']:.2f}x (speedup {ratio['speedup']:.2f}x)"
                   + (f", peak memory {ratio['memory_ratio']:.2f}x" if "memory_ratio" in ratio else ""))
+    # DoRA against plain LoRA, the same system at the same shape (GPU peak memory; CPU: see the docstring)
+    for dora in (r for r in rows if r["system"].endswith("+dora") and "tokens_per_s" in r):
+        plain = next((t for t in rows if t["system"] == dora["system"].split("+")[0] and "tokens_per_s" in t
+                      and (t["seq"], t["batch"], t["checkpointing"])
+                      == (dora["seq"], dora["batch"], dora["checkpointing"])), None)
+        if plain:
+            mem = "peak_mem_gb" if dora["peak_mem_gb"] else "peak_rss_gb"
+            ratio = {"system": dora["system"], "vs": plain["system"], "seq": dora["seq"], "batch": dora["batch"],
+                     "checkpointing": dora["checkpointing"], "step_time_ratio": dora["step_s"] / plain["step_s"],
+                     "memory_ratio": dora[mem] / plain[mem] if dora.get(mem) and plain.get(mem) else None}
+            ratios.append(ratio)
+            print(f"{dora['system']} / {plain['system']} seq {dora['seq']} batch {dora['batch']} ckpt "
+                  f"{dora['checkpointing']}: step time {ratio['step_time_ratio']:.2f}x"
+                  + (f", {mem} {ratio['memory_ratio']:.2f}x" if ratio["memory_ratio"] else ""))
     if longest:
         print("longest sequence at batch 1 (checkpointing on, 128k config; powers of two): " + ", ".join(
             f"{k} {v.get('longest', v.get('skipped'))}{' (the cap: may fit more)' if v.get('capped') else ''}"

@@ -119,10 +119,14 @@ def test_gpu_check_cpu_mode(tmp_path):
     out, result = run_bench("gpu_check.py", "--cpu", "--out", str(tmp_path), "--budget-s", "280")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
-                                                                     "train": "ok", "packed": "ok", "gathered": "ok"}
+                                                                     "train": "ok", "packed": "ok", "gathered": "ok",
+                                                                     "train_dora": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}
+    dora = report["parts"]["train_dora"]["result"]
+    assert {r["system"] for r in dora["rows"]} == {"ours", "ours+dora"}
+    assert [r["vs"] for r in dora["ratios"]] == ["ours"] and dora["ratios"][0]["step_time_ratio"] > 0
     (qlora,) = report["parts"]["qlora"]["result"]["rows"]
     assert qlora["shape"] == "o" and max(qlora["err"].values()) < 1e-5
     md = (tmp_path / "gpu_check.md").read_text()

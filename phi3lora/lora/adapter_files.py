@@ -109,6 +109,8 @@ def expected_shapes(model: nn.Module, specs: dict[str, LayerSpec], bias: str) ->
                 continue
             shapes[f"{name}.lora_A"] = (spec.r, m.num_embeddings)
             shapes[f"{name}.lora_B"] = (m.embedding_dim, spec.r)
+            if spec.use_dora:
+                shapes[f"{name}.lora_magnitude_vector"] = (m.embedding_dim,)
         elif spec.kind in ("Linear", "MergedLinear"):
             if not isinstance(m, nn.Linear):
                 problems.append(f"{name}: the adapter has a {spec.kind} adapter, the model's module is a "
@@ -125,6 +127,8 @@ def expected_shapes(model: nn.Module, specs: dict[str, LayerSpec], bias: str) ->
                 rows = sum(s for s, on in zip(spec.slice_sizes, spec.enable_lora) if on)
                 shapes[f"{name}.lora_A"] = (spec.r * n, m.in_features)
                 shapes[f"{name}.lora_B"] = (rows, spec.r)
+            if spec.use_dora:
+                shapes[f"{name}.lora_magnitude_vector"] = (m.out_features,)
             if bias == "all" or (bias == "lora_only" and m.bias is not None):
                 if m.bias is not None:
                     shapes[f"{name}.bias"] = tuple(m.bias.shape)
@@ -169,8 +173,9 @@ def check_existing_layers(where, model: nn.Module, specs: dict[str, LayerSpec]) 
         if not have[n].same_adapter(specs[n]):
             a, b = specs[n], have[n]
             problems.append(f"{n}: adapter {a.kind} r={a.r} alpha={a.lora_alpha} rslora={a.use_rslora} "
-                            f"enable_lora={a.enable_lora} vs model {b.kind} r={b.r} alpha={b.lora_alpha} "
-                            f"rslora={b.use_rslora} enable_lora={b.enable_lora}")
+                            f"enable_lora={a.enable_lora} dora={a.use_dora} init={a.init_lora_weights} vs model "
+                            f"{b.kind} r={b.r} alpha={b.lora_alpha} rslora={b.use_rslora} "
+                            f"enable_lora={b.enable_lora} dora={b.use_dora} init={b.init_lora_weights}")
     if problems:
         raise AdapterError(f"{where}: the model's LoRA layers differ from the adapter's (load it into a fresh "
                            "base model instead):\n  " + "\n  ".join(problems[:20]))

@@ -59,19 +59,29 @@ def adapter_norms(model: nn.Module) -> list[AdapterNorm]:
 def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base outputs: every adapter's scale s is 0 (merged layers are
     unmerged first, and merged again on exit: in bf16 that round trip can move a weight by a rounding step).
+    DoRA's rescaling is off too (m/‖·‖ is not 1 once m has trained), and a PiSSA / OLoRA layer, whose weight is the
+    residual W − s·B₀·A₀, runs its initial B₀, A₀ instead of the trained ones, which gives W back.
     Biases trained with the adapter (bias="all" / "lora_only") stay as trained."""
     layers = [m for _, m in lora_layers(model) if m.has_lora]
     if not layers:
         raise ValueError("the model has no LoRA adapter to switch off")
-    saved = [(m, m.scaling, m.merged) for m in layers]
+    saved = [(m, m.scaling, m.merged, getattr(m, "use_dora", False), m.lora_A.data, m.lora_B.data) for m in layers]
     try:
         for m in layers:
             m.unmerge()  # with the real scale: subtracts exactly what merge added
-            m.scaling = 0.0
+            if getattr(m, "use_dora", False):
+                m.use_dora = False
+            if "lora_A_init" in m._buffers:
+                m.lora_A.data, m.lora_B.data = m.lora_A_init.to(m.lora_A.dtype), m.lora_B_init.to(m.lora_B.dtype)
+            else:
+                m.scaling = 0.0
         yield model
     finally:
-        for m, scaling, merged in saved:
+        for m, scaling, merged, dora, A, B in saved:
             m.scaling = scaling
+            if dora:
+                m.use_dora = True
+            m.lora_A.data, m.lora_B.data = A, B
             if merged:
                 m.merge()
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .layers import ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
+from .layers import BASE_CHANGING, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear, check_init
 from .utils import BIAS_MODES, mark_only_lora_as_trainable
 
 ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear except the output layer (lm_head)
@@ -42,6 +42,11 @@ class LoraConfig:
                                metadata={"help": "LoRA on the q, k, v slices of qkv_proj", "length": 3})
     bias: str = field(default="none", metadata={"help": "biases to train (Phi-3 has none)", "choices": BIAS_MODES})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r)"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a trained magnitude per output row times the "
+                                                             "direction of W + s·B·A", "alias": "--use-dora"})
+    init_lora_weights: str = field(default="kaiming", metadata={
+        "help": "adapter init as peft's: kaiming (True), gaussian, pissa, pissa_niter_K, olora (the last three "
+                "change the base weights to a residual)", "alias": "--init-lora-weights"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -66,6 +71,20 @@ class LoraConfig:
             raise ValueError("LoraConfig.enable_lora is all False: qkv_proj would get no adapter")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
+        try:
+            self.init_lora_weights = check_init(self.init_lora_weights)
+        except ValueError as e:
+            raise ValueError(f"LoraConfig.{e}") from None
+        if self.base_changing and not all(self.enable_lora):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} puts one adapter over the whole fused "
+                             f"qkv_proj (as peft): enable_lora must be all True, got {self.enable_lora!r}")
+
+    @property
+    def base_changing(self) -> bool:
+        """An init after which the targeted weights hold the residual W − s·B₀·A₀ (PiSSA, OLoRA)."""
+        return self.init_lora_weights.startswith(BASE_CHANGING)
 
     @property
     def scaling(self) -> float:
@@ -95,6 +114,8 @@ class LayerSpec:
     use_rslora: bool = False
     enable_lora: tuple | None = None  # MergedLinear only
     slice_sizes: tuple | None = None  # MergedLinear only
+    use_dora: bool = False
+    init_lora_weights: str = "kaiming"  # a base-changing one is re-run on load, giving the same residual
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,10 +138,15 @@ class LayerSpec:
         if isinstance(m, ConvLoRA) or getattr(m, "fan_in_fan_out", False):
             kind = type(m).__name__ + ("(fan_in_fan_out)" if getattr(m, "fan_in_fan_out", False) else "")
             return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
+        variants = dict(use_dora=getattr(m, "use_dora", False), init_lora_weights=getattr(m, "init_lora_weights",
+                                                                                          "kaiming"))
         if isinstance(m, MergedLinear):
-            return cls("MergedLinear", m.r, m.lora_alpha, p, m.use_rslora, tuple(m.enable_lora), tuple(m.slice_sizes))
+            return cls("MergedLinear", m.r, m.lora_alpha, p, m.use_rslora, tuple(m.enable_lora), tuple(m.slice_sizes),
+                       **variants)
         kind = "Linear" if isinstance(m, Linear) else type(m).__name__  # a 4-bit Linear is a Linear adapter
-        return cls(kind, m.r, m.lora_alpha, p, m.use_rslora)
+        if kind == "Embedding":
+            return cls(kind, m.r, m.lora_alpha, p, m.use_rslora, use_dora=variants["use_dora"])
+        return cls(kind, m.r, m.lora_alpha, p, m.use_rslora, **variants)
 
     def same_adapter(self, other: "LayerSpec") -> bool:
         """Equal in everything that decides the tensors' meaning (dropout aside; alpha up to float rounding)."""
@@ -189,16 +215,22 @@ def plan(model: nn.Module, config: LoraConfig) -> dict[str, LayerSpec]:
     for name in chosen:
         m = candidates[name]
         common = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora)
+        variants = dict(use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
         if isinstance(m, nn.Embedding):
-            specs[name] = LayerSpec("Embedding", **common)  # loralib's Embedding has no dropout
-        elif leaf_name(name) == "qkv_proj":
+            # loralib's Embedding: no dropout, and its own init (A zero, B normal) whatever init_lora_weights says,
+            # PiSSA / OLoRA included: peft's Embedding does the same, so its base embedding stays unchanged
+            specs[name] = LayerSpec("Embedding", **common, use_dora=config.use_dora)
+        elif config.base_changing and _is_4bit(m):
+            raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the full-precision "
+                             "weight; a 4-bit base has none (as in peft: initialise on the bf16/fp32 base)")
+        elif leaf_name(name) == "qkv_proj" and not config.base_changing:
             if len(config.enable_lora) != 3:
                 raise ValueError(f"enable_lora needs three flags (q, k, v) for qkv_proj, got {config.enable_lora}")
             specs[name] = LayerSpec("MergedLinear", lora_dropout=config.lora_dropout,
                                     enable_lora=tuple(config.enable_lora),
-                                    slice_sizes=tuple(qkv_slice_sizes(model, m.out_features)), **common)
-        else:
-            specs[name] = LayerSpec("Linear", lora_dropout=config.lora_dropout, **common)
+                                    slice_sizes=tuple(qkv_slice_sizes(model, m.out_features)), **common, **variants)
+        else:  # PiSSA / OLoRA on qkv_proj: one rank-r adapter over q, k and v, as peft (an SVD of the fused W)
+            specs[name] = LayerSpec("Linear", lora_dropout=config.lora_dropout, **common, **variants)
     return specs
 
 
@@ -212,17 +244,19 @@ def build_layer(old: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = Non
     """A LoRA layer around old's own weight (and bias) Parameter; fresh A and B on the weight's device."""
     weight = old.weight
     kw = dict(r=spec.r, lora_alpha=spec.lora_alpha, merge_weights=False, use_rslora=spec.use_rslora)
+    variants = dict(use_dora=spec.use_dora, init_lora_weights=spec.init_lora_weights)
     with torch.device("meta"):  # no second weight is allocated or initialised
         if spec.kind == "Embedding":
             if not isinstance(old, nn.Embedding):
                 raise ValueError(f"an Embedding adapter needs an nn.Embedding, not {type(old).__name__}")
             new = Embedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
                             max_norm=old.max_norm, norm_type=old.norm_type,
-                            scale_grad_by_freq=old.scale_grad_by_freq, sparse=old.sparse, **kw)
+                            scale_grad_by_freq=old.scale_grad_by_freq, sparse=old.sparse, use_dora=spec.use_dora,
+                            **kw)
         elif spec.kind in ("Linear", "MergedLinear"):
             if not isinstance(old, nn.Linear):
                 raise ValueError(f"a {spec.kind} adapter needs an nn.Linear, not {type(old).__name__}")
-            kw.update(lora_dropout=spec.lora_dropout, bias=old.bias is not None)
+            kw.update(lora_dropout=spec.lora_dropout, bias=old.bias is not None, **variants)
             linear, merged = Linear, MergedLinear
             if _is_4bit(old):  # a 4-bit base keeps its NF4 weight (lora/nf4.py)
                 from .nf4 import Linear4bitLoRA as linear, MergedLinear4bitLoRA as merged

@@ -25,10 +25,26 @@ Deliberate differences:
 - Conv1d / Conv3d size A as (r·k, in·k^(d-1)) so that B·A has the weight's size for any kernel size k (loralib's
   only work for k=1); Conv2d is loralib's exactly. As in loralib, conv layers ignore lora_dropout.
 - Invalid arguments raise ValueError / TypeError (loralib: assert, NotImplementedError).
+
+Additions with peft's names and meanings (peft 0.21, peft/tuners/lora/{layer,dora}.py):
+- `use_dora` on Linear, MergedLinear and Embedding (DoRA, https://arxiv.org/abs/2402.09353): a trainable magnitude
+  `lora_magnitude_vector` (out,), initialised to ‖W + s·B·A‖ per output row, and
+      h = m/‖W + s·B·A‖ · (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b            (the norm detached, as the paper's section 4.3 and peft)
+  On MergedLinear the norm is per output row of the fused weight (the ΔW of a disabled slice is zero there), so it
+  equals peft's DoRA on transformers' fused qkv_proj. With dropout active in training peft scales the base
+  term of the dropped input: h = x·Wᵀ + b + (m/‖·‖ − 1)·dropout(x)·Wᵀ + m/‖·‖·s·dropout(x)·Aᵀ·Bᵀ; so do we.
+  An Embedding, as in peft, has one magnitude per embedding dimension: the norm of each column of W (num, dim).
+  DoRA runs in plain torch, never the fused kernel: the norm needs every row of W + s·B·A (a full (out, in)
+  matrix) before the first output tile can be scaled, which a GEMM epilogue over output tiles does not have.
+- `init_lora_weights`: "kaiming" (True: loralib's), "gaussian" (A ~ N(0, 1/r²), B = 0), and the base-changing
+  "pissa", "pissa_niter_K" (B·A = the top-r singular part of W, randomized SVD with K iterations) and "olora"
+  (B·A from the QR decomposition of W): the weight becomes the residual W − s·B₀·A₀, so the output is unchanged.
+  B₀, A₀ are kept (non-persistent buffers lora_B_init, lora_A_init) for the export onto the original base.
 """
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -44,6 +60,22 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype == weight.dtype
             and not (weight.requires_grad and torch.is_grad_enabled())
             and not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != x.dtype))
+
+
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_K"
+BASE_CHANGING = ("pissa", "olora")  # inits after which the layer's weight is the residual W − s·B₀·A₀
+
+
+def check_init(init) -> str:
+    """peft's init_lora_weights value -> ours: True is "kaiming"; "gaussian", "pissa", "pissa_niter_K", "olora"."""
+    if init is True or (isinstance(init, str) and init.lower() == "true"):
+        return "kaiming"
+    if isinstance(init, str):
+        low = init.lower()
+        if low in INITS or re.fullmatch(r"pissa_niter_[1-9]\d*", low):
+            return low
+    raise ValueError(f"init_lora_weights must be True/'kaiming', 'gaussian', 'pissa', 'pissa_niter_K' (K >= 1) "
+                     f"or 'olora', got {init!r}")
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -131,10 +163,41 @@ class LoRALayer:
     def _fold(self, sign: float) -> None:
         w = self._base_weight()
         delta = self.delta_weight()
+        if getattr(self, "use_dora", False):
+            return self._fold_dora(sign, w, delta)
         if w.dtype == delta.dtype:
             w.add_(delta, alpha=sign)
         else:
             w.copy_(w.to(delta.dtype).add_(delta, alpha=sign))  # copy_ rounds to nearest, once
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the stored weight, viewed with DoRA's magnitude axis first: (out, in) for a linear
+        layer, (dim, num) for an embedding (peft normalises an embedding per column)."""
+        raise NotImplementedError
+
+    def _fold_dora(self, sign: float, w: torch.Tensor, delta: torch.Tensor) -> None:
+        # peft's DoRA merge: W' = m/‖W + s·B·A‖ · (W + s·B·A) row by row (fp32); unmerging divides by the factor
+        # of the merge (the norm kept from then: W' alone no longer gives it) and takes s·B·A out again
+        cd = delta.dtype
+        W, D = self._rows(w.to(cd)), self._rows(delta)
+        if sign > 0:
+            self._merged_norm = torch.linalg.vector_norm(W + D, dim=1)  # (rows,)
+            new = (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) * (W + D)
+        else:
+            new = W / (self.lora_magnitude_vector.to(cd) / self._merged_norm).view(-1, 1) - D
+        w.copy_(self._rows(new))
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ‖W + s·B·A‖ per output row (peft's DoRA init), so the layer starts as W + s·B·A."""
+        w = self._base_weight()
+        cd = _compute_dtype(w) if w.is_floating_point() else torch.float32
+        full = self._rows(self._dense_weight(cd) + self.delta_weight().to(cd))
+        self.lora_magnitude_vector.copy_(torch.linalg.vector_norm(full, dim=1))
+
+    def _dense_weight(self, dtype) -> torch.Tensor:
+        """The weight as stored, in dtype (a 4-bit layer dequantizes, giving (out, in))."""
+        return self._base_weight().to(dtype)
 
     def _merge_for_mode(self, mode: bool) -> None:
         # loralib's train(): eval merges, train unmerges, only when merge_weights
@@ -149,7 +212,7 @@ class LoRALayer:
     def _materialize_lora(self, device, dtype) -> None:
         """Give lora_A / lora_B fresh storage on device in dtype (the layer was built on the meta device) and
         initialise them; rebuild index buffers."""
-        for name in ("lora_A", "lora_B"):
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
             p = getattr(self, name, None)
             if p is not None:
                 setattr(self, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype)))
@@ -165,7 +228,7 @@ class Embedding(nn.Embedding, LoRALayer):
     """nn.Embedding + LoRA: ΔW = (B·A)ᵀ, A (r, num_embeddings) zeros, B (embedding_dim, r) normal; no dropout."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
-                 merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+                 merge_weights: bool = True, use_rslora: bool = False, use_dora: bool = False, **kwargs):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights,
                            use_rslora=use_rslora)
@@ -174,6 +237,13 @@ class Embedding(nn.Embedding, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
             self.weight.requires_grad = False
         self.reset_parameters()
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        self.use_dora = use_dora and self.has_lora
+        if self.use_dora:  # one magnitude per embedding dimension (peft normalises an embedding per column)
+            self.lora_magnitude_vector = nn.Parameter(self.weight.new_zeros(embedding_dim))
+            if not self.weight.is_meta:
+                self.reset_magnitude()
 
     def reset_parameters(self):
         nn.Embedding.reset_parameters(self)
@@ -183,6 +253,11 @@ class Embedding(nn.Embedding, LoRALayer):
     def reset_lora_parameters(self):
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            self.reset_magnitude()
+
+    def _rows(self, t):
+        return t.transpose(0, 1)  # (dim, num)
 
     def delta_weight(self):
         cd = _compute_dtype(self.weight)
@@ -201,7 +276,13 @@ class Embedding(nn.Embedding, LoRALayer):
         # rows of Aᵀ (num, r) looked up like the embedding itself
         after_A = F.embedding(x, A.transpose(0, 1), self.padding_idx, self.max_norm, self.norm_type,
                               self.scale_grad_by_freq, self.sparse)  # (..., r)
-        return result + (after_A @ B.transpose(0, 1)) * self.scaling
+        lora = (after_A @ B.transpose(0, 1)) * self.scaling  # (..., dim)
+        if not self.use_dora:
+            return result + lora
+        with torch.no_grad():  # DoRA (peft's DoraEmbeddingLayer): the norm of each column of W + s·(B·A)ᵀ, detached
+            norm = torch.linalg.vector_norm(self.weight.to(result.dtype) + self.scaling * (B @ A).transpose(0, 1),
+                                            dim=0)  # (dim,)
+        return self.lora_magnitude_vector.to(result.dtype) / norm * (result + lora)
 
 
 class _LinearLoRA(nn.Linear, LoRALayer):
@@ -209,6 +290,9 @@ class _LinearLoRA(nn.Linear, LoRALayer):
 
     kernel = "lora_linear"  # the fused Triton GEMM on CUDA (see _use_triton); Phi3.set_kernels switches it
     use_kernel = True       # a class default, so layers built or unpickled without __init__ have it too
+
+    use_dora = False
+    init_lora_weights = "kaiming"
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
@@ -223,6 +307,85 @@ class _LinearLoRA(nn.Linear, LoRALayer):
         self._merge_for_mode(mode)
         return self
 
+    # --- DoRA and the peft initialisations (module docstring) ---
+    def _set_variants(self, use_dora: bool, init_lora_weights) -> None:
+        """Called by __init__ once the weight has its final layout: the magnitude vector, then the chosen init."""
+        self.init_lora_weights = check_init(init_lora_weights)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        self.use_dora = use_dora and self.has_lora
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.weight.new_zeros(self.out_features))
+        if self.has_lora and (self.use_dora or self.init_lora_weights != "kaiming") and not self.weight.is_meta:
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        init = self.init_lora_weights
+        if init == "gaussian":  # peft: A ~ N(0, 1/r²), B = 0
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+            nn.init.zeros_(self.lora_B)
+        elif init.startswith(BASE_CHANGING):
+            self._init_from_weight(init)
+        else:
+            LoRALayer.reset_lora_parameters(self)
+        if self.use_dora:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def _init_from_weight(self, init: str) -> None:
+        """PiSSA / OLoRA (peft's pissa_init / olora_init): B₀·A₀ from W in fp32, the weight becomes
+        W − s·B₀·A₀ (rounded once to its dtype). A second call first puts s·B₀·A₀ back."""
+        if isinstance(self, MergedLinear):
+            raise ValueError(f"init_lora_weights={init!r} needs one adapter over the whole weight, not per slice "
+                             "(lora.inject gives a fused qkv_proj a Linear adapter for it)")
+        if self.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or hasattr(self, "nf4_tensors"):
+            raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 weight, not "
+                            f"{'4-bit NF4' if hasattr(self, 'nf4_tensors') else self.weight.dtype} (as in peft: "
+                            "initialise on the full-precision base, then quantize the residual)")
+        s, r = self.scaling, self.r
+        W = self._T(self.weight).to(torch.float32)  # (out, in)
+        if "lora_A_init" in self._buffers:
+            W = W + s * (self.lora_B_init @ self.lora_A_init)
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)  # Q (out, k), R (k, in)
+            B0, A0 = Q[:, :r].contiguous(), R[:r].contiguous()
+        else:
+            if init == "pissa":
+                V, S, Uh = torch.linalg.svd(W, full_matrices=False)  # W = V·diag(S)·Uh
+                Vr, Sr, Uhr = V[:, :r], S[:r] / s, Uh[:r]
+            else:  # pissa_niter_K: randomized SVD; its random draws from a fixed seed, so a reload finds the same
+                with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
+                    torch.manual_seed(0)
+                    Vr, Sr, Ur = torch.svd_lowrank(W, r, niter=int(init.rsplit("_", 1)[1]))
+                Sr, Uhr = Sr / s, Ur.t()
+            A0 = torch.diag(torch.sqrt(Sr)) @ Uhr  # (r, in)
+            B0 = Vr @ torch.diag(torch.sqrt(Sr))   # (out, r)
+        # A and B in fp32 at least, as peft sets them: rounding the principal part s·B₀·A₀ to bf16 would move the
+        # model away from the base by far more than the residual's own rounding
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        self.lora_A.data, self.lora_B.data = A0.to(dtype).clone(), B0.to(dtype).clone()
+        self.register_buffer("lora_A_init", A0, persistent=False)
+        self.register_buffer("lora_B_init", B0, persistent=False)
+        self.weight.copy_(self._T(W - s * (B0 @ A0)))
+
+    def _dora(self, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """DoRA's output, weight (out, in) and B (out, rank) in x's dtype (peft's DoraLinearLayer.forward)."""
+        A = self.lora_A.to(x.dtype)
+        with torch.no_grad():  # the norm is a constant for autograd (DoRA section 4.3)
+            norm = torch.linalg.vector_norm(weight + self.scaling * (B @ A), dim=1)  # (out,)
+        scale = self.lora_magnitude_vector.to(x.dtype) / norm  # (out,)
+        lx = self.lora_dropout(x)
+        lora = F.linear(F.linear(lx, A) * self.scaling, B)  # (..., out)
+        base = F.linear(x, weight)
+        if lx is x:  # eval, or no dropout: m/‖·‖ · (x·Wᵀ + s·x·Aᵀ·Bᵀ)
+            out = scale * (base + lora)
+        else:  # peft rescales the base term of the dropped input
+            out = base + (scale - 1) * F.linear(lx, weight) + scale * lora
+        return out if self.bias is None else out + self.bias
+
+    def _rows(self, t):
+        return self._T(t)  # (out, in)
+
 
 class Linear(_LinearLoRA):
     """nn.Linear + LoRA: y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; A (r, in), B (out, r).
@@ -231,7 +394,7 @@ class Linear(_LinearLoRA):
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 use_rslora: bool = False, **kwargs):
+                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights=True, **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -243,6 +406,7 @@ class Linear(_LinearLoRA):
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
+        self._set_variants(use_dora, init_lora_weights)
 
     def delta_weight(self):
         cd = _compute_dtype(self.weight)
@@ -252,6 +416,8 @@ class Linear(_LinearLoRA):
         weight = self._T(self.weight)  # (out, in)
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
+        if self.use_dora:
+            return self._dora(x, weight, self.lora_B.to(x.dtype))
         lx = self.lora_dropout(x)  # the low-rank path's input; the base path always sees x
         if self.use_kernel and _use_triton(x, weight):
             from phi3lora.kernels.lora_matmul import lora_linear
@@ -274,7 +440,8 @@ class MergedLinear(_LinearLoRA):
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora=(False,), fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, slice_sizes=None, use_rslora: bool = False, **kwargs):
+                 merge_weights: bool = True, slice_sizes=None, use_rslora: bool = False, use_dora: bool = False,
+                 init_lora_weights=True, **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -301,6 +468,7 @@ class MergedLinear(_LinearLoRA):
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
+        self._set_variants(use_dora, init_lora_weights)
 
     def _build_buffers(self, device):
         if not self.has_lora:
@@ -339,6 +507,8 @@ class MergedLinear(_LinearLoRA):
         weight = self._T(self.weight)  # (out, in)
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
+        if self.use_dora:
+            return self._dora(x, weight, self.full_B(x.dtype))
         lx = self.lora_dropout(x)
         if self.use_kernel and _use_triton(x, weight):
             from phi3lora.kernels.lora_matmul import lora_linear

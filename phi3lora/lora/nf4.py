@@ -2,6 +2,9 @@
 
     h = x·dequant(W4)ᵀ + s·dropout(x)·Aᵀ·Bᵀ
 
+With use_dora the norm ‖dequant(W4) + s·B·A‖ needs the dense weight, so DoRA layers dequantize in forward (as
+peft does for a bitsandbytes base) and run the torch DoRA path of layers.py.
+
 `Linear4bitLoRA` / `MergedLinear4bitLoRA` are lora.Linear / lora.MergedLinear (same parameters, state-dict keys,
 adapter files, LayerSpec) whose weight is a phi3mini.quant.Linear4bit's NF4 codes; lora.inject builds them when the
 targeted module is a Linear4bit. Their forward is kernels.nf4_lora (the W tiles decoded inside the fused GEMM) on
@@ -33,8 +36,14 @@ class _LoRA4bit(NF4Weight):
     def _B(self) -> torch.Tensor:
         return self.lora_B
 
+    def _dense_weight(self, dtype) -> torch.Tensor:
+        return self.dequantized(dtype)  # (out, in)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from phi3lora.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+
+        if self.has_lora and self.use_dora:  # DoRA's norm needs the dense W: dequantize (peft does the same)
+            return self._dora(x, self.dequantized(x.dtype), self._B().to(x.dtype))
 
         fn = nf4_lora_linear if self.use_kernel else nf4_lora_linear_reference
         tensors = self.nf4_tensors()
@@ -54,7 +63,7 @@ class _LoRA4bit(NF4Weight):
         plain = Linear if isinstance(self, Linear) else MergedLinear
         with torch.device("meta"):
             kw = dict(r=self.r, lora_alpha=self.lora_alpha, merge_weights=False, use_rslora=self.use_rslora,
-                      bias=self.bias is not None)
+                      bias=self.bias is not None, use_dora=self.use_dora)
             if plain is MergedLinear:
                 kw.update(enable_lora=self.enable_lora, slice_sizes=self.slice_sizes)
             new = plain(self.in_features, self.out_features, **kw)
@@ -62,6 +71,8 @@ class _LoRA4bit(NF4Weight):
         new.bias = self.bias
         if self.has_lora:
             new.lora_A, new.lora_B = self.lora_A, self.lora_B
+            if self.use_dora:
+                new.lora_magnitude_vector = self.lora_magnitude_vector
             new._build_buffers(self.weight.device)
         new.lora_dropout = self.lora_dropout
         return new.train(self.training)

@@ -27,9 +27,11 @@ no split modules, so such a folder is for other runtimes; `load_peft` reads it b
 
 `load_peft` injects one layer per peft adapter: a plain Linear (rank from the tensors) on qkv_proj, gate_up_proj
 and every other linear, an Embedding on embeddings; split q/k/v or gate/up adapters with one rank and alpha become
-a MergedLinear on the fused module. Features it cannot honour are refused, naming the field: DoRA, lora_bias,
+a MergedLinear on the fused module. DoRA (use_dora) round-trips: peft's key <module>.lora_magnitude_vector (out,)
+is our layer's parameter of the same name. Features it cannot honour are refused, naming the field: lora_bias,
 trained biases, modules_to_save, trainable tokens, layer replication, initialisations that rewrite the base weights
-(PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA) and the other non-LoRA variants.
+(PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA: such a folder goes onto the residual base peft saved; one converted with
+path_initial_model_for_weight_conversion says init_lora_weights=True and loads) and the other non-LoRA variants.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ PREFIX = "base_model.model."  # PeftModel wraps the LoraModel which wraps the tr
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
 # peft config fields that ask for more than plain LoRA: refused when set
-REFUSED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
+REFUSED = ("lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
            "alora_invocation_tokens", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
            "velora_config", "monteclora_config", "megatron_config")
 # init_lora_weights values after which peft's base weights are no longer the pretrained ones: peft re-runs these
@@ -78,7 +80,10 @@ def _fused_slices(model: nn.Module, name: str, m) -> list[int]:
 
 
 def _peft_adapters(model: nn.Module, split_fused: bool):
-    """[(module name, is_embedding, A, B, r, scaling)] in peft's terms, one entry per peft adapter."""
+    """[(module name, is_embedding, A, B, r, scaling, DoRA magnitude or None)] in peft's terms, one entry per
+    peft adapter. A layer initialised with PiSSA / OLoRA is written for the ORIGINAL base, as peft's
+    save_pretrained(path_initial_model_for_weight_conversion=...) converts it: the weight holds W − s·B₀·A₀, so
+    s·B·A − s·B₀·A₀ = s·[B | −B₀]·[A ; A₀] is the update to W, a rank-2r adapter with the same scaling."""
     out = []
     for name, m in lora_layers(model):
         if not m.has_lora:
@@ -87,29 +92,45 @@ def _peft_adapters(model: nn.Module, split_fused: bool):
             raise ValueError(f"{name}: {type(m).__name__} (fan_in_fan_out={getattr(m, 'fan_in_fan_out', False)}) "
                              "has no peft equivalent this exporter writes")
         A, B, s = m.lora_A.detach(), m.lora_B.detach(), m.scaling
+        mag = m.lora_magnitude_vector.detach() if getattr(m, "use_dora", False) else None
+        rank = m.r
+        if "lora_A_init" in m._buffers:  # a Linear (PiSSA / OLoRA never build a MergedLinear)
+            if mag is not None:
+                raise ValueError(f"{name}: DoRA with init_lora_weights={m.init_lora_weights!r} has no exact form on "
+                                 "the original base (the norm is of the residual weight); peft cannot convert it "
+                                 "either")
+            A = torch.cat([A, m.lora_A_init.to(A.dtype)], 0)    # (2r, in)
+            B = torch.cat([B, -m.lora_B_init.to(B.dtype)], 1)   # (out, 2r)
+            rank = 2 * m.r
         parent, _, last = name.rpartition(".")
         prefix = parent + "." if parent else ""
         split = split_fused and last in FUSED
         if isinstance(m, Embedding):
-            out.append((name, True, A, B, m.r, s))
+            out.append((name, True, A, B, m.r, s, mag))
         elif isinstance(m, MergedLinear):
             if split and len(FUSED[last]) == len(m.slice_sizes):
-                # each enabled slice keeps its own rank-r adapter; a disabled slice has none
+                if mag is not None and not all(m.enable_lora):
+                    raise ValueError(f"{name}: split_fused with DoRA needs every slice enabled (a disabled slice "
+                                     "has a trained magnitude but no adapter to carry it)")
+                # each enabled slice keeps its own rank-r adapter; a disabled slice has none. DoRA's norm is per
+                # row, so each part's magnitude is its rows' share
                 parts = [part for part, on in zip(FUSED[last], m.enable_lora) if on]
                 enabled_sizes = [size for size, on in zip(m.slice_sizes, m.enable_lora) if on]  # B's row blocks
-                for part, A_e, B_e in zip(parts, A.split(m.r), B.split(enabled_sizes)):
-                    out.append((prefix + part, False, A_e, B_e, m.r, s))
+                mags = mag.split(enabled_sizes) if mag is not None else [None] * len(parts)
+                for part, A_e, B_e, m_e in zip(parts, A.split(m.r), B.split(enabled_sizes), mags):
+                    out.append((prefix + part, False, A_e, B_e, m.r, s, m_e))
             else:
                 n = sum(m.enable_lora)
-                out.append((name, False, A, m.full_B(), m.r * n, s))  # the rank r·n block form (module docstring)
+                out.append((name, False, A, m.full_B(), m.r * n, s, mag))  # rank r·n block form (module docstring)
         elif isinstance(m, Linear):
             if split:
                 start = 0
                 for part, size in zip(FUSED[last], _fused_slices(model, name, m)):
-                    out.append((prefix + part, False, A, B[start:start + size], m.r, s))  # A copied, B by rows
+                    m_e = mag[start:start + size] if mag is not None else None
+                    out.append((prefix + part, False, A, B[start:start + size], rank, s, m_e))  # A copied, B by rows
                     start += size
             else:
-                out.append((name, False, A, B, m.r, s))
+                out.append((name, False, A, B, rank, s, mag))
         else:
             raise ValueError(f"{name}: cannot export a {type(m).__name__}")
     return out
@@ -137,16 +158,20 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
     # r = the largest rank, alpha the one giving the most common scaling s0 at that rank, and an adapter with
     # another scaling carries s / s0 in its B. peft sizes each module from rank_pattern, so modules of another
     # rank are named there, with the alpha that gives s0 at their rank in alpha_pattern.
-    r0 = max(r for *_, r, _ in adapters)
-    s0 = Counter(s for *_, s in adapters).most_common(1)[0][0]
+    dora = {mag is not None for *_, mag in adapters}
+    if len(dora) > 1:
+        raise ValueError("some LoRA layers use DoRA and others not: peft's use_dora is one setting for all")
+    use_dora = dora == {True}
+    r0 = max(r for *_, r, _, _ in adapters)
+    s0 = Counter(s for *_, s, _ in adapters).most_common(1)[0][0]
     alpha0 = peft_alpha(r0, s0)
-    adapters = [(name, emb, A, B if math.isclose(s, s0, rel_tol=1e-12) else (B.float() * (s / s0)).to(B.dtype), r, s0)
-                for name, emb, A, B, r, s in adapters]
+    adapters = [(name, emb, A, B if math.isclose(s, s0, rel_tol=1e-12) else (B.float() * (s / s0)).to(B.dtype), r, s0,
+                 mag) for name, emb, A, B, r, s, mag in adapters]
 
     # rank_pattern / alpha_pattern: a module-name suffix when all its modules agree, else full module names
     rank_pattern, alpha_pattern = {}, {}
     groups: dict[str, list] = {}
-    for name, _, _, _, r, _ in adapters:
+    for name, _, _, _, r, _, _ in adapters:
         groups.setdefault(leaf_name(name), []).append((name, r))
     for suffix, members in groups.items():
         uniform = len({r for _, r in members}) == 1
@@ -156,11 +181,13 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
                 rank_pattern[key], alpha_pattern[key] = r, _number(peft_alpha(r, s0))
 
     tensors = {}
-    for name, emb, A, B, _, _ in adapters:
+    for name, emb, A, B, _, _, mag in adapters:
         if emb:
             tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = A, B
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = A, B
+        if mag is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag  # peft's key (no ".weight")
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -175,7 +202,7 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": rslora,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_bias": False,
         "init_lora_weights": True,
         "rank_pattern": rank_pattern,
@@ -212,13 +239,15 @@ def _pattern_value(patterns: dict, module: str, default):
 def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
     """peft keys -> ({module: {"A", "B", "embedding"}}, {module: base weight}); unknown keys are an error."""
     suffixes = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-                ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+                ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
+                ".lora_magnitude_vector": ("M", False)}
     adapters, base, unexpected = {}, {}, []
     for key, t in tensors.items():
         rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
         for suffix, (which, emb) in suffixes.items():
             if rest is not None and rest.endswith(suffix):
                 entry = adapters.setdefault(rest[: -len(suffix)], {"embedding": emb})
+                entry["embedding"] = entry["embedding"] or emb
                 entry[which] = t
                 break
         else:
@@ -249,6 +278,7 @@ class _PeftSettings:
     lora_dropout: float
     rank_pattern: dict
     alpha_pattern: dict
+    use_dora: bool = False
 
 
 def _read_peft_config(cfg_path: Path) -> _PeftSettings:
@@ -261,8 +291,10 @@ def _read_peft_config(cfg_path: Path) -> _PeftSettings:
             raise AdapterError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (plain LoRA only)")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights when peft loads the "
-                           "adapter; not supported (convert it to a plain LoRA adapter with peft first)")
+        raise AdapterError(f"{cfg_path}: init_lora_weights={init!r}: this adapter was saved without conversion and "
+                           "goes onto the residual base peft saved with it (W - s·B₀·A₀), not onto the original "
+                           "model; not supported. Save it with peft's save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=...) for an adapter on the original base")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (trained biases); only 'none'")
     try:
@@ -270,7 +302,7 @@ def _read_peft_config(cfg_path: Path) -> _PeftSettings:
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{cfg_path}: r / lora_alpha missing or invalid ({e})") from None
     return _PeftSettings(r0, alpha0, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout") or 0.0),
-                         cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {})
+                         cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}, bool(cfg.get("use_dora")))
 
 
 def _check_base_weights(weights: Path, base: dict, modules: dict) -> None:
@@ -313,9 +345,15 @@ def _fuse_parts(model, fused: str, parts: dict, dropout: float, rslora: bool, pr
         problems += bad
         return None
     enable = tuple(n in parts for n in names)
-    spec = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes))
+    if spec0.use_dora and not all(enable):
+        problems.append(f"{fused}: DoRA on only {sorted(parts)} of {list(names)}: the other rows would need a "
+                        "magnitude of their own, which the file lacks")
+        return None
+    spec = LayerSpec("MergedLinear", spec0.r, spec0.lora_alpha, dropout, rslora, enable, tuple(sizes),
+                     use_dora=spec0.use_dora)
+    mag = torch.cat([parts[n][1]["M"] for n in names]) if spec0.use_dora else None  # the norm is per row
     return (spec, torch.cat([parts[n][1]["A"] for n in names if n in parts]),
-            torch.cat([parts[n][1]["B"] for n in names if n in parts]))
+            torch.cat([parts[n][1]["B"] for n in names if n in parts]), mag)
 
 
 def load_peft(model: nn.Module, dir) -> nn.Module:
@@ -340,8 +378,12 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
         if r != r_cfg:
             problems.append(f"{name}: lora_A has rank {r} but the config gives r={r_cfg}")
         alpha = float(_pattern_value(st.alpha_pattern, name, st.lora_alpha))
+        if ("M" in e) != st.use_dora:
+            problems.append(f"{name}: use_dora={st.use_dora} but the file has "
+                            f"{'a' if 'M' in e else 'no'} lora_magnitude_vector for it")
+            continue
         spec = LayerSpec("Embedding" if e["embedding"] else "Linear", r, alpha,
-                         0.0 if e["embedding"] else st.lora_dropout, st.use_rslora)
+                         0.0 if e["embedding"] else st.lora_dropout, st.use_rslora, use_dora=st.use_dora)
         parent, _, last = name.rpartition(".")
         fused = (parent + "." if parent else "") + PART_OF.get(last, "")
         if name not in modules and last in PART_OF and fused in modules:
@@ -354,10 +396,14 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
                             f"(its linear and embedding modules are named {candidates})")
             continue
         specs[name], ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = spec, e["A"], e["B"]
+        if spec.use_dora:
+            ours[f"{name}.lora_magnitude_vector"] = e["M"]
     for fused, parts in groups.items():
         done = _fuse_parts(model, fused, parts, st.lora_dropout, st.use_rslora, problems)
         if done is not None:
-            specs[fused], ours[f"{fused}.lora_A"], ours[f"{fused}.lora_B"] = done
+            specs[fused], ours[f"{fused}.lora_A"], ours[f"{fused}.lora_B"], mag = done
+            if mag is not None:
+                ours[f"{fused}.lora_magnitude_vector"] = mag
     if problems:
         raise AdapterError(f"{dir}: the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems[:20]))
 
@@ -365,7 +411,8 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
     try:
         config = LoraConfig(r=st.r, lora_alpha=_number(st.lora_alpha), lora_dropout=st.lora_dropout,
                             target_modules=tuple(sorted({leaf_name(n) for n in specs})),
-                            enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=st.use_rslora)
+                            enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=st.use_rslora,
+                            use_dora=st.use_dora)
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: {e}") from None
     return install(model, specs, config, ours, cfg_path, weights)

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")
         for f in fields(cls):
-            group.add_argument(flag_for(section, f.name), **_argument(section, f))
+            alias = [f.metadata["alias"]] if "alias" in f.metadata else []  # --use-dora as well as --lora-use-dora
+            group.add_argument(flag_for(section, f.name), *alias, **_argument(section, f))
     return p
 
 
@@ -557,6 +558,10 @@ def check(cfg: dict) -> None:
         lora_config = LoraConfig(**cfg["lora"])
     except (TypeError, ValueError) as e:
         raise TrainError(f"[lora] {e}") from None
+    if cfg["training"].get("export_peft") and lora_config.use_dora and lora_config.base_changing:
+        raise TrainError(f"--export-peft with use_dora and init_lora_weights={lora_config.init_lora_weights!r}: the "
+                         "adapter has no exact PEFT form on the original base (DoRA's norm is of the residual "
+                         "weight; peft cannot convert it either); drop one of the three")
     check_targets(lora_config)
 
 
