@@ -12,6 +12,8 @@ import torch
 
 from phi3lora import lora
 from phi3lora.phi3mini import Phi3
+from phi3lora.training.config import parse_config
+from phi3lora.training.errors import TrainError
 from helpers import make_hf_model, save_hf_checkpoint
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -115,3 +117,6 @@ def test_bad_modules_to_save_are_named(ckpts):
     with pytest.raises(ValueError, match=r"\['lm_haed'\] match no module"):
         lora.inject(model, lora.LoraConfig(target_modules=TARGETS, modules_to_save=["lm_haed"]))
     assert not lora.lora_layers(model)  # checked before anything changed
+    # train.py says so before any model loads, naming the flag
+    with pytest.raises(TrainError, match=r"--modules-to-save.*\['lm_haed'\]"):
+        parse_config(["--model", "tiny", "--modules-to-save", "lm_haed"])

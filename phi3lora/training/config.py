@@ -570,7 +570,7 @@ def check_targets(lora_config: LoraConfig) -> None:
     """The adapter plan on a Phi-3 built on the meta device (no memory, no weights): target names that match
     no layer, or q/k/v flags that leave qkv_proj without an adapter, are found before the real model loads. Every
     preset shares these module names."""
-    from phi3lora.lora.inject import plan
+    from phi3lora.lora.inject import plan, saved_modules
     from phi3lora.phi3mini import Phi3
     from phi3lora.phi3mini.config import Phi3Config
 
@@ -580,3 +580,7 @@ def check_targets(lora_config: LoraConfig) -> None:
         plan(skeleton, lora_config)
     except ValueError as e:
         raise TrainError(f"[lora] target_modules (--lora-target-modules): {e}") from None
+    try:
+        saved_modules(skeleton, lora_config)
+    except ValueError as e:
+        raise TrainError(f"[lora] modules_to_save (--modules-to-save): {e}") from None
