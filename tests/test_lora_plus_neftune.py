@@ -159,8 +159,9 @@ QA = [("What is LoRA?", "Low-rank adaptation."), ("Capital of France?", "Paris."
       ("Who made Phi-3?", "Microsoft."), ("Longest question of them all, with several words?", "A reply.")]
 COMMON = small_tiny_args() + [
     "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing", "--no-packing", "--log-every", "1000",
-    "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--max-steps", "6", "--batch-size", "2",
-    "--grad-accum", "2", "--lr", "5e-3", "--save-every", "2", "--keep-last", "3", "--eval-fraction", "0"]
+    "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--max-steps", "4", "--batch-size", "2",
+    "--grad-accum", "2", "--lr", "5e-3", "--save-every", "2", "--keep-last", "3", "--eval-every", "0",
+    "--eval-samples", "0"]
 LORAPLUS = ["--loraplus-lr-ratio", "4", "--loraplus-lr-embedding", "1e-3"]
 NEFTUNE = ["--neftune-noise-alpha", "5"]
 VARIANTS = {  # each alone (slow), and all three together in one run (quick)
@@ -173,35 +174,47 @@ VARIANTS = {  # each alone (slow), and all three together in one run (quick)
 }
 
 
+def records(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out):
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+    return [(r["step"], r["loss"], r["grad_norm"], r.get("eval_loss")) for r in records(out) if "loss" in r]
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS if v != "all"] + ["all"])
 def test_training_learns_and_resume_is_exact(tmp_path, monkeypatch, variant):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": q},
                                                             {"role": "assistant", "content": a}]} for q, a in QA])
-    args = COMMON + VARIANTS[variant] + ["--data", str(data)]
-    noised = []  # (training?) of each call of the NEFTune hook: the trainer installs it, for training only
-    monkeypatch.setattr(setup, "neftune_hook", lambda m, i, o: noised.append(m.training) or neftune_hook(m, i, o))
+    args = COMMON + VARIANTS[variant] + ["--data", str(data), "--eval-data", str(data)]
+    hooked = []  # (training?, noise added?) of each call of the NEFTune hook, which the trainer installs
+
+    def hook(m, i, o):
+        out = neftune_hook(m, i, o)
+        hooked.append((m.training, not torch.equal(out, o)))
+        return out
+    monkeypatch.setattr(setup, "neftune_hook", hook)
     assert train.main(args + ["--out", str(tmp_path / "ref")]) == 0
-    assert (len(noised) > 0 and all(noised)) == ("--neftune-noise-alpha" in args)
+    if "--neftune-noise-alpha" in args:  # noise in every training forward, none in the evaluations
+        assert set(hooked) == {(True, True), (False, False)}, hooked
+    else:
+        assert not hooked
     reference = losses(tmp_path / "ref")
-    assert len(reference) == 6 and reference[-1][1] < reference[0][1]
-    # Ctrl-C in step 3 (micro-steps 5 and 6): saved after it, then --resume gives the same run bit for bit
+    evals = [r["eval_loss"] for r in records(tmp_path / "ref") if "eval_loss" in r]  # before and after training
+    assert len(reference) == 4 and len(evals) == 2 and evals[1] < evals[0] - 0.1, evals
+    # Ctrl-C in step 2 (micro-steps 3 and 4): saved after it, then --resume gives the same run bit for bit
     calls, real = {"n": 0}, train.micro_step
 
     def micro_step(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **kw)
     monkeypatch.setattr(train, "micro_step", micro_step)
     out = tmp_path / "out"
     assert train.main(args + ["--out", str(out)]) == 130
     monkeypatch.setattr(train, "micro_step", real)
-    assert losses(out) == reference[:3]
+    assert losses(out) == reference[:2]
     assert train.main(args + ["--out", str(out), "--resume"]) == 0
     assert losses(out) == reference
     if "--modules-to-save" in args:  # the trained lm_head is in the adapter, and differs from the base's
@@ -209,7 +222,7 @@ def test_training_learns_and_resume_is_exact(tmp_path, monkeypatch, variant):
         base = Phi3.from_pretrained(small_tiny_args()[1]).lm_head.weight
         assert saved["lm_head.weight"].shape == base.shape and not torch.equal(saved["lm_head.weight"], base)
     if "--loraplus-lr-ratio" in args:  # the groups came back from the checkpoint with their roles
-        state = torch.load(out / "checkpoints" / "step-0000006" / "optimizer.pt", weights_only=True)
+        state = torch.load(out / "checkpoints" / "step-0000004" / "optimizer.pt", weights_only=True)
         assert [g["loraplus"] for g in state["param_groups"]] == ["A", "embedding", "B", "B_no_decay"]
         lr_a, lr_emb, lr_b, lr_b0 = (g["lr"] for g in state["param_groups"])
         assert lr_a > 0 and (lr_emb, lr_b, lr_b0) == pytest.approx((lr_a * 1e-3 / 5e-3, lr_a * 4, lr_a * 4))
