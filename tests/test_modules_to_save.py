@@ -120,3 +120,18 @@ def test_bad_modules_to_save_are_named(ckpts):
     # train.py says so before any model loads, naming the flag
     with pytest.raises(TrainError, match=r"--modules-to-save.*\['lm_haed'\]"):
         parse_config(["--model", "tiny", "--modules-to-save", "lm_haed"])
+
+
+def test_merged_model_writes_the_saved_module_in_the_base_dtype(ckpts, tmp_path):
+    # train.py keeps trained weights in fp32 on a bf16 base; the merged checkpoint is bf16 throughout
+    from phi3lora.cli.train import save_merged
+    from phi3lora.phi3mini import Tokenizer
+
+    model = Phi3.from_pretrained(ckpts[False], dtype=torch.bfloat16)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"]))
+    model.lm_head.weight.data = model.lm_head.weight.data.float() + 0.01  # as trained: fp32, changed
+    trained = model.lm_head.weight.detach().clone()
+    save_merged(model, Tokenizer.tiny(), tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    head = safetensors.torch.load_file(tmp_path / "merged" / "model.safetensors")["lm_head.weight"]
+    assert head.dtype == torch.bfloat16 and torch.equal(head, trained.to(torch.bfloat16))

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from phi3lora import lora
+from phi3lora.lora.inject import saved_modules
 from phi3lora.lora.adapter_files import base_fingerprint
 from phi3lora.phi3mini import Tokenizer
 from phi3lora.phi3mini.attention import attention_backend_and_why
@@ -841,6 +842,10 @@ def save_merged(model, tokenizer, final: Path) -> None:
     """Base + adapter folded into the weights (lora.merge), saved in the Hugging Face layout with the tokenizer."""
     model.eval()
     lora.merge(model)
+    # modules_to_save trained in fp32 (as the adapters): written in the base's dtype like every other weight
+    base_dtype = model.model.norm.weight.dtype
+    for m in saved_modules(model, model.lora_config).values():
+        m.to(base_dtype)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
