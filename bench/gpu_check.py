@@ -13,14 +13,14 @@ torch fallback):
                (target: NF4 >= 0.9x bf16)
   4. train     bench/train_step.py: one training step, ours vs transformers + peft, seq 2048, the largest batch
                theirs fits, activation checkpointing off and on
-     train_dora  the same for DoRA (use_dora) against plain LoRA, ours only, batch 4, seq 2048, checkpointing on:
-               step time and peak memory of each, and their ratio (DoRA's layers run plain torch)
   5. packed    bench/packed_attention.py --gpu: a LoRA step over packed rows of T 2k, 4k, 8k (sample-data lengths),
                8 layers of Phi-3-mini's shape: dense (B, 1, T, T) mask vs FlexAttention block mask vs unpacked and
                padded; tokens/s, peak memory, and the fraction of attention tiles the block mask skips
   6. gathered  bench/gathered_lora.py: one qkv layer (K 3072, M 9216, r 16, bf16) with 16/64/256 requests over
                1/4/16 adapters: each request alone, one batch per adapter, one batch with the torch gathered path,
                and with the Triton gathered-LoRA kernels
+  7. variants  bench/train_step.py --variants: our step with DoRA, LoRA+ and NEFTune against plain LoRA (seq 2048,
+               batch 4, checkpointing on): step time and peak memory
 A part starts only if the time left covers its planned share; what does not fit is listed as skipped, with the
 reason. The planned shares are estimates (no GPU run has timed them yet) and are labelled so in the output.
 Writes gpu_check.json (the parts' own JSON results included) and gpu_check.md (their tables) to the output folder.
@@ -40,8 +40,8 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40, "train_dora": 60}
-PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10, "train_dora": 15}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40, "variants": 70}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10, "variants": 20}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -62,9 +62,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                        "--json-out", str(out / "packed.json")],
             "gathered": [py, "bench/gathered_lora.py", "--rows", "8", "--adapters", "1,4", "--k", "64", "--m", "96",
                          "--rep", "2", "--json-out", str(out / "gathered.json")],
-            "train_dora": [py, "bench/train_step.py", "--seq", "32", "--steps", "1", "--warmup", "1", "--batch", "1",
-                           "--checkpointing", "on", "--no-longest", "--only", "ours", "--variant", "lora,dora",
-                           "--json-out", str(out / "train_dora.json")],
+            "variants": [py, "bench/train_step.py", "--variants", "plain,dora,loraplus,neftune", "--seq", "32",
+                         "--steps", "1", "--warmup", "1", "--batch", "1", "--json-out", str(out / "variants.json")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
@@ -79,9 +78,10 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                    "--budget-s", str(int(budget["packed"] * 0.6)), "--json-out", str(out / "packed.json")],
         "gathered": [py, "bench/gathered_lora.py", "--rows", "16,64,256", "--adapters", "1,4,16", "--k", "3072",
                      "--m", "9216", "--rank", "16", "--json-out", str(out / "gathered.json")],
-        "train_dora": [py, "bench/train_step.py", "--seq", "2048", "--batch", "4", "--checkpointing", "on",
-                       "--no-longest", "--only", "ours", "--variant", "lora,dora", "--steps", "3",
-                       "--budget-s", str(int(budget["train_dora"] * 0.7)), "--json-out", str(out / "train_dora.json")],
+        # DoRA, LoRA+ and NEFTune against plain LoRA: our step at seq 2048, batch 4, checkpointing on
+        "variants": [py, "bench/train_step.py", "--variants", "plain,dora,loraplus,neftune", "--seq", "2048",
+                     "--batch", "4", "--checkpointing", "on", "--budget-s", str(int(budget["variants"] * 0.7)),
+                     "--json-out", str(out / "variants.json")],
     }
 
 
@@ -148,8 +148,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered,train_dora",
-                    help="comma list of tests, matmul, qlora, train, packed, gathered, train_dora")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered,variants",
+                    help="comma list of tests, matmul, qlora, train, packed, gathered, variants")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():

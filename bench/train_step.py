@@ -28,15 +28,18 @@ after the warm-up steps); a table for people and a JSON line last. Without CUDA 
     PYTHONPATH=. python bench/train_step.py --longest-only                     # longest sequence at batch 1
     PYTHONPATH=. python bench/train_step.py --only ours --batch 4 --seq 2048 --checkpointing off --no-longest \\
         --kernels none                                                          # what the kernels buy
+    python bench/train_step.py --variants plain,dora,loraplus,neftune          # ours: each variant vs plain
+
+--variants measures only our model, one row per variant at the first --seq and the given --batch (GPU default 4,
+CPU 2): plain LoRA; DoRA (use_dora, its own model); LoRA+ (peft's four optimizer groups, ratio 16); NEFTune (alpha
+5, the trainer's hook on the embeddings). On the CPU, where there is no allocator peak, each row has the process's
+peak RSS instead (max_rss_gb, which only grows: run one variant per process to compare memory, e.g. --variants dora).
     python bench/train_step.py                                                 # CPU smoke run
-    python bench/train_step.py --only ours --variant dora                      # DoRA (use_dora) instead of LoRA
-    PYTHONPATH=. python bench/train_step.py --seq 2048 --checkpointing on --no-longest --variant lora,dora
+    PYTHONPATH=. python bench/train_step.py --seq 2048 --checkpointing on --no-longest --dora
                                                                                # GPU: LoRA and DoRA, both systems
 
---variant lora,dora builds every system once per variant; a DoRA system is labelled "ours+dora" / "theirs+dora"
-(peft's use_dora). DoRA's layers run plain torch (the row norm of W + s·B·A needs the whole weight, see
-lora/layers.py), the other kernels stay on. On the CPU peak memory is the process's resident high-water mark
-(ru_maxrss: it never goes down, so compare variants run in separate processes, e.g. --only ours --variant dora).
+--dora builds every system once more with DoRA, labelled "ours+dora" / "theirs+dora" (peft's use_dora). DoRA's layers
+run plain torch (the row norm of W + s·B·A needs the whole weight, see lora/layers.py), the other kernels stay on.
 
 A whole default GPU run (both checkpointing settings and the longest search) takes longer than 10 minutes; the
 --budget-s guard (default 480 s) stops starting new measurements in time to print what was measured.
@@ -208,11 +211,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(system: System, batch: int, seq: int, vocab: int, device, warmup: int, steps: int) -> dict:
-    """Seconds per optimizer step and peak memory for (batch, seq). Raises torch.cuda.OutOfMemoryError."""
+def time_steps(system: System, batch: int, seq: int, vocab: int, device, warmup: int, steps: int,
+               make_opt=None) -> dict:
+    """Seconds per optimizer step and peak memory for (batch, seq). Raises torch.cuda.OutOfMemoryError.
+    make_opt(params) -> the optimizer (default AdamW, lr 1e-4)."""
     cuda = torch.device(device).type == "cuda"
     params = [p for p in system.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_opt(params) if make_opt else torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     mem_before = torch.cuda.memory_allocated() if cuda else None
@@ -243,10 +248,10 @@ def time_steps(system: System, batch: int, seq: int, vocab: int, device, warmup:
             "peak_rss_gb": None if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gb}
 
 
-def try_steps(system: System, batch, seq, vocab, device, warmup, steps) -> dict | None:
+def try_steps(system: System, batch, seq, vocab, device, warmup, steps, make_opt=None) -> dict | None:
     """time_steps, or None when it runs out of memory; either way the memory it used is released."""
     try:
-        return time_steps(system, batch, seq, vocab, device, warmup, steps)
+        return time_steps(system, batch, seq, vocab, device, warmup, steps, make_opt)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first: the traceback's frames hold the activations until it is cleared
     except RuntimeError as e:  # cuBLAS / Triton report a failed allocation as a plain RuntimeError
@@ -293,6 +298,56 @@ class Budget:
         return bool(self.seconds) and self.elapsed() > self.seconds
 
 
+# ----- variants: DoRA, LoRA+ and NEFTune against plain LoRA, ours only -------------------------------------------
+VARIANTS = ("plain", "dora", "loraplus", "neftune")
+
+
+def variant_rows(args, cfg, dtype, device, seq: int, batch: int, ckpt: bool) -> list[dict]:
+    """One row per variant in args.variants: the training step as train.py runs it (training/setup.py's LoRA+
+    groups and set_lr, its NEFTune hook), on one model built once (DoRA, whose layers differ, on a second one)."""
+    import resource
+
+    from phi3lora.training.config import TrainingConfig
+    from phi3lora.training.setup import activate_neftune, deactivate_neftune, make_optimizer
+
+    plain_system, dora_system = None, None
+    rows = []
+    for variant in args.variants:
+        if variant == "dora":
+            dora_system = dora_system or build_ours(cfg, dtype, device, args.kernel_list, args.compile, dora=True)
+            system = dora_system
+        else:
+            plain_system = plain_system or build_ours(cfg, dtype, device, args.kernel_list, args.compile)
+            system = plain_system
+        system.set_checkpointing(ckpt)
+        t = TrainingConfig(lr=1e-4, loraplus_lr_ratio=16.0 if variant == "loraplus" else 0.0)
+        hook = activate_neftune(system.model, 5.0) if variant == "neftune" else None
+        r = try_steps(system, batch, seq, cfg.vocab_size, device, args.warmup, args.steps,
+                      make_opt=lambda params: make_optimizer(t, params, torch.device(device), system.model))
+        if hook is not None:
+            deactivate_neftune(system.model, hook)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+        rows.append({"system": "ours", "variant": variant, "seq": seq, "batch": batch, "checkpointing": ckpt,
+                     **system.info, **(r or {"oom": True}), "max_rss_gb": rss})
+        free()
+    return rows
+
+
+def print_variants(rows: list[dict], dev: str) -> None:
+    print(f"\nLoRA variants, ours, on {dev}")
+    print(f"{'variant':<9} {'seq':>5} {'batch':>5} {'ckpt':>5} {'step s':>8} {'x plain':>8} {'peak GB':>8} "
+          f"{'RSS GB':>7}")
+    plain = next((r["step_s"] for r in rows if r["variant"] == "plain" and "step_s" in r), None)
+    for r in rows:
+        lead = f"{r['variant']:<9} {r['seq']:>5} {r['batch']:>5} {str(r['checkpointing']):>5}"
+        if r.get("oom"):
+            print(f"{lead}   out of memory")
+            continue
+        ratio = f"{r['step_s'] / plain:8.2f}" if plain else "       -"
+        mem = f"{r['peak_mem_gb']:8.2f}" if r["peak_mem_gb"] is not None else "       -"
+        print(f"{lead} {r['step_s']:8.3f} {ratio} {mem} {r['max_rss_gb']:7.2f}")
+
+
 # ----- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="LoRA training step: phi3-lora vs transformers + peft")
@@ -313,9 +368,14 @@ def main(argv=None) -> dict:
                     help="start no new build, probe or measurement after this many seconds, so a run under a "
                          "10-minute limit still prints its table (GPU default 480: what is under way then, up to "
                          "~1 min for a 131072-token probe, must still end before 600 s; 0 = no limit)")
-    ap.add_argument("--variant", default="lora", help="comma list of lora, dora: each system once per variant")
+    ap.add_argument("--dora", action="store_true", help="each system once more with DoRA (peft's use_dora)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    ap.add_argument("--variants", default="", help=f"only our model, one row per variant: comma list of "
+                    f"{','.join(VARIANTS)} (see the module docstring)")
     args = ap.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {','.join(VARIANTS)}")
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -341,14 +401,22 @@ def main(argv=None) -> dict:
         print("note: --warmup 0 times Triton's autotuning and compilation too", file=sys.stderr)
     budget = Budget(args.budget_s if args.budget_s is not None else (480.0 if cuda else 0.0))
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    variants = [v for v in args.variant.split(",") if v]
-    if not variants or set(variants) - {"lora", "dora"}:
-        ap.error(f"--variant {args.variant!r}: a comma list of lora, dora")
+    variants = ["lora", "dora"] if args.dora else ["lora"]
     systems = [name + ("" if v == "lora" else "+" + v)
                for v in variants for name in ([args.only] if args.only else ["ours", "theirs"])]
     peak = device_peak_flops()
     with torch.device("meta"):
         flops_model = Phi3(cfg)
+    if args.variants:
+        dev = torch.cuda.get_device_name() if cuda else "CPU (small config, fp32)"
+        rows = variant_rows(args, cfg, dtype, device, seqs[0], args.batch or (4 if cuda else 2), ckpts[-1])
+        print_variants(rows, dev)
+        result = {"device": dev, "torch": torch.__version__, "variants": rows}
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(result) + "\n")
+        print(json.dumps(result))
+        return result
 
     def progress(msg):
         print(f"  [{budget.elapsed():6.1f} s] {msg}", file=sys.stderr, flush=True)

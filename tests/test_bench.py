@@ -71,6 +71,16 @@ def test_train_step_smoke():
     assert {k: v["longest"] for k, v in result["longest_seq_batch1"].items()} == {"ours": 128, "theirs": 128}
 
 
+
+@pytest.mark.slow  # one more subprocess importing torch
+def test_train_step_variants_smoke():
+    # LoRA+ and NEFTune rows against plain LoRA, our model only, through train.py's optimizer and hook
+    out, result = run_bench("train_step.py", "--variants", "plain,loraplus,neftune", "--seq", "32", "--steps", "1",
+                            "--warmup", "1", "--batch", "1", "--checkpointing", "off")
+    assert [r["variant"] for r in result["variants"]] == ["plain", "loraplus", "neftune"]
+    assert all(r["step_s"] > 0 and 0 < r["loss"] < 20 and r["max_rss_gb"] > 0 for r in result["variants"])
+    assert "x plain" in out
+
 def test_train_step_oom_search_recovers():
     # the GPU batch / length searches: an out-of-memory step ends the doubling, leaves no LoRA gradients behind,
     # and the same model measures again afterwards (simulated: a CPU run has no OOM of its own)
@@ -120,7 +130,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
                                                                      "train": "ok", "packed": "ok", "gathered": "ok",
-                                                                     "train_dora": "ok"}
+                                                                     "variants": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}

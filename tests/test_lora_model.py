@@ -375,7 +375,7 @@ def test_peft_features_we_cannot_honour_are_refused(ckpt, tmp_path):
     lora.export_peft(model, tmp_path / "peft", config)
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    for field, value in [("lora_bias", True), ("bias", "all"), ("modules_to_save", ["lm_head"])]:
+    for field, value in [("lora_bias", True), ("bias", "all"), ("layer_replication", [[0, 1]])]:
         cfg_path.write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(lora.AdapterError, match=field):
             lora.load_adapter(Phi3.from_pretrained(ckpt), tmp_path / "peft")

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from phi3lora import lora
+from phi3lora.lora.inject import saved_modules
 from phi3lora.lora.adapter_files import base_fingerprint
 from phi3lora.phi3mini import Tokenizer
 from phi3lora.phi3mini.attention import attention_backend_and_why
@@ -68,7 +69,8 @@ from phi3lora.training.health import lora_weight_problem
 from phi3lora.training.data_order import EpochPlans
 from phi3lora.training.lr_schedule import lr_at, total_and_warmup
 from phi3lora.training.metrics import MetricsLog, Progress, memory_gb, read_metrics, write_loss_svg
-from phi3lora.training.setup import (autocast, build_model, keep_freed_cpu_memory, load_tokenizer, make_optimizer,
+from phi3lora.training.setup import (activate_neftune, autocast, build_model, deactivate_neftune, keep_freed_cpu_memory,
+                                     load_tokenizer, make_optimizer, set_lr,
                                      resolve_device_dtype)
 
 # what an earlier run leaves in --out: a new run there needs --resume or --overwrite
@@ -148,6 +150,8 @@ def train(cfg: dict, notes: list[str] = ()) -> int:
     the run, and is left on every way out (an error on one rank: torchrun then stops the others)."""
     world = distributed.from_env()
     t, _ = config.typed(cfg)
+    if t.objective != "sft" and t.neftune_noise_alpha > 0:  # the reference pass would see the noise too
+        raise TrainError(f"--neftune-noise-alpha is for --objective sft (not {t.objective})")
     if t.objective != "sft" and t.packing:  # both sides of a pair share a batch, one sequence per row
         cfg["training"]["packing"] = False
         notes = [*notes, f"--objective {t.objective} implies --no-packing"]
@@ -204,7 +208,7 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     pairs = isinstance(train_set, PreferenceSet)
     run = Run(cfg, t, out, device, dtype, tokenizer, train_set, eval_set,
               train_set.fingerprint() if pairs else fingerprint(train_set), model, lora_config, params,
-              make_optimizer(t, params, device), plans, total_steps, warmup,
+              make_optimizer(t, params, device, model), plans, total_steps, warmup,
               sample_prompts([p.chosen for p in eval_set] if pairs else eval_set, tokenizer, t.eval_samples), world)
     if pairs:
         run.objective = preference.Objective(t.objective, t.beta, t.label_smoothing)
@@ -222,9 +226,13 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
     if world.is_main:
         tracker = ExperimentTracker(out, t.report_to, config=cfg, resume_step=pos.step if resume_from else None,
                                     echo=console.info)
+    # NEFTune: noise on the input embeddings in training mode only; evaluation and sample replies run in eval()
+    neftune = activate_neftune(model, t.neftune_noise_alpha) if t.neftune_noise_alpha > 0 else None
     try:
         status = loop(run, pos, metrics, tracker)
     finally:
+        if neftune is not None:  # off before anything is written or merged
+            deactivate_neftune(model, neftune)
         if metrics is not None:
             close_metrics(run, metrics, tracker)
     if status == 0:
@@ -332,8 +340,7 @@ def train_step(run: Run, pos: Position) -> dict:
     micro = run.plans(epoch)[index:index + t.grad_accum]
     examples = [run.train_set[i] for rows in micro for row in rows for i in row]
     lr = lr_at(pos.step, run.total_steps, run.warmup, t.lr, t.min_lr, t.schedule)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr, t)  # LoRA+'s groups each at their multiple of it
     extra = {}
     if run.objective is not None:  # examples are pairs: the loss is a mean over pairs (and chosen tokens: ORPO)
         n_target = sum(p.chosen.n_target for p in examples)
@@ -736,6 +743,8 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     the adapter depend on has changed; returns the position and the metrics records up to it."""
     t, state = run.t, read_trainer_state(path)
     saved = state["config"]
+    # a setting added since the checkpoint was written had its default then
+    saved = {section: {**values, **saved.get(section, {})} for section, values in config.defaults().items()}
     saved["training"] = config.as_spelled_now(saved["training"])
     changed = [f"{k} (checkpoint {saved['training'].get(k)!r}, now {getattr(t, k)!r})"
                for k in config.resume_fixed() if k != "batch_size" and saved["training"].get(k) != getattr(t, k)]
@@ -754,7 +763,8 @@ def resume(run: Run, path: Path) -> tuple[Position, list[dict]]:
     except (lora.AdapterError, RuntimeError, ValueError, KeyError) as e:  # whole, but not for this model
         raise TrainError(f"cannot resume from {path}: {e}") from None
     for group in run.optimizer.param_groups:  # load_state_dict brought back the old run's; the config wins
-        group.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        group.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    set_lr(run.optimizer, state["scheduler"]["last_lr"], t)  # and weight decay per group (LoRA+: none on biases)
     if state["scheduler"]["total_steps"] != run.total_steps:
         console.info(f"note: the schedule now spans {run.total_steps} steps (the checkpoint's run planned "
                      f"{state['scheduler']['total_steps']})")
@@ -832,6 +842,10 @@ def save_merged(model, tokenizer, final: Path) -> None:
     """Base + adapter folded into the weights (lora.merge), saved in the Hugging Face layout with the tokenizer."""
     model.eval()
     lora.merge(model)
+    # modules_to_save trained in fp32 (as the adapters): written in the base's dtype like every other weight
+    base_dtype = model.model.norm.weight.dtype
+    for m in saved_modules(model, model.lora_config).values():
+        m.to(base_dtype)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)

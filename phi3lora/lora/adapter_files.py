@@ -17,7 +17,7 @@ from torch import nn
 
 from phi3lora import atomic
 
-from .inject import LayerSpec, LoraConfig, apply_specs, lora_layers
+from .inject import LayerSpec, LoraConfig, apply_specs, lora_layers, saved_modules, train_saved_modules
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 CONFIG_NAME = "adapter_config.json"  # ours and PEFT's: load_adapter tells them apart by its peft_type field
@@ -187,7 +187,7 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     merged = [m for _, m in lora_layers(model) if m.merged]
     for m in merged:
         m.unmerge()
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
@@ -203,10 +203,12 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[float]]:
     codes, and a QLoRA adapter may go onto the bf16 base), weights of merged LoRA layers (they hold the adapter
     too), anything not floating-point."""
     merged = {f"{n}.{p}" for n, m in lora_layers(model) if m.merged for p in ("weight", "bias")}
+    trained = set(getattr(getattr(model, "lora_config", None), "modules_to_save", ()))  # the adapter's, not the base's
     out = {}
     for name, p in model.named_parameters():
         in_block = ".layers." in name
         if (not p.is_floating_point() or "lora_" in name.rsplit(".", 1)[-1] or name in merged
+                or trained & set(name.split(".")[:-1])
                 or (in_block and not (".layers.0." in name and "norm" in name))):
             continue
         n = p.numel()
@@ -242,11 +244,16 @@ def install(model: nn.Module, specs: dict[str, LayerSpec], config: LoraConfig, t
     only LoRA trainable, model.lora_config set, the tensors copied in (merged layers merged again). Returns model."""
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     fresh, problems = not lora_layers(model), []
+    try:
+        saved = saved_modules(model, config)  # modules_to_save: trained whole, their tensors in the adapter
+    except ValueError as e:
+        raise AdapterError(f"{where}: {e}") from None
     if fresh:
         expected, problems = expected_shapes(model, specs, config.bias)
     else:
         check_existing_layers(where, model, specs)
         expected = {k: tuple(v.shape) for k, v in lora_state_dict(model, config.bias).items()}
+    expected.update({f"{n}.{k}": tuple(v.shape) for n, m in saved.items() for k, v in m.state_dict().items()})
     check_tensors(weights_path, found, expected, problems, context)
     poisoned = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if poisoned:
@@ -256,6 +263,7 @@ def install(model: nn.Module, specs: dict[str, LayerSpec], config: LoraConfig, t
     if fresh:
         apply_specs(model, specs)
         mark_only_lora_as_trainable(model, config.bias)
+    train_saved_modules(model, saved)
     model.lora_config = config
     assign_tensors(model, tensors)
     return model

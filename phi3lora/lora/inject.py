@@ -43,10 +43,14 @@ class LoraConfig:
     bias: str = field(default="none", metadata={"help": "biases to train (Phi-3 has none)", "choices": BIAS_MODES})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: a trained magnitude per output row times the "
-                                                             "direction of W + s·B·A", "alias": "--use-dora"})
+                                                             "direction of W + s·B·A", "aliases": ("--use-dora",)})
     init_lora_weights: str = field(default="kaiming", metadata={
         "help": "adapter init as peft's: kaiming (True), gaussian, pissa, pissa_niter_K, olora (the last three "
-                "change the base weights to a residual)", "alias": "--init-lora-weights"})
+                "change the base weights to a residual)", "aliases": ("--init-lora-weights",)})
+    # peft's modules_to_save: whole modules trained (and saved with the adapter) rather than adapted, in place
+    modules_to_save: tuple = field(default=(), metadata={
+        "help": "modules trained fully and saved with the adapter (last name components, e.g. lm_head,embed_tokens)",
+        "aliases": ("--modules-to-save",)})
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -80,6 +84,15 @@ class LoraConfig:
         if self.base_changing and not all(self.enable_lora):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} puts one adapter over the whole fused "
                              f"qkv_proj (as peft): enable_lora must be all True, got {self.enable_lora!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save or ())
+        if not all(isinstance(t, str) and t for t in self.modules_to_save):
+            raise ValueError(f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        both = sorted(set(self.modules_to_save) & set(self.target_modules))
+        if both:
+            raise ValueError(f"{both} are in both target_modules and modules_to_save: a module is either adapted "
+                             "(LoRA) or trained fully, not both")
 
     @property
     def base_changing(self) -> bool:
@@ -93,6 +106,7 @@ class LoraConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"], d["enable_lora"] = list(self.target_modules), list(self.enable_lora)
+        d["modules_to_save"] = list(self.modules_to_save)
         return d
 
     @classmethod
@@ -299,10 +313,71 @@ def inject(model: nn.Module, config: LoraConfig, dtype: torch.dtype | None = Non
     if existing:
         raise ValueError(f"the model already has LoRA layers ({existing[0][0]}, ...): inject into a fresh model, "
                          "or load an adapter into this one with lora.load_adapter")
+    saved = saved_modules(model, config)  # checked before anything changes
     apply_specs(model, plan(model, config), dtype)
     mark_only_lora_as_trainable(model, config.bias)
+    train_saved_modules(model, saved)
     model.lora_config = config
     return model
+
+
+# ----- modules_to_save ---------------------------------------------------------------------------------------------
+# peft wraps each such module in a ModulesToSaveWrapper that trains a copy and keeps the original (for
+# disable_adapter / unload). Here the module itself is unfrozen and trained in place: no second copy of a
+# vocab x hidden matrix, and the state-dict keys stay the model's own (lm_head.weight). The original is not kept in
+# memory: it is the base checkpoint's, so loading the base again (without the adapter) gives it back.
+def saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """{name: module} of the modules config.modules_to_save names (by last name component, as target_modules);
+    a name that matches nothing, or a module with no parameters, is a ValueError."""
+    if not config.modules_to_save:
+        return {}
+    wanted = set(config.modules_to_save)
+    found = {n: m for n, m in model.named_modules() if n and leaf_name(n) in wanted}
+    missing = sorted(wanted - {leaf_name(n) for n in found})
+    if missing:
+        names = sorted({leaf_name(n) for n, _ in model.named_modules() if n})
+        raise ValueError(f"modules_to_save {missing} match no module of the model; its modules are named: "
+                         f"{names[:30]}")
+    empty = sorted(n for n, m in found.items() if not any(True for _ in m.parameters()))
+    if empty:
+        raise ValueError(f"modules_to_save: {empty} have no parameters to train")
+    lora_inside = sorted(n for n, m in found.items() if any(isinstance(x, LoRALayer) for x in m.modules()))
+    if lora_inside:
+        raise ValueError(f"modules_to_save: {lora_inside} hold LoRA layers; a module is either adapted or trained "
+                         "fully, not both")
+    return found
+
+
+def train_saved_modules(model: nn.Module, saved: dict[str, nn.Module]) -> None:
+    """Unfreeze every parameter of the saved modules. A parameter shared with a module outside them (tied
+    embeddings: lm_head and embed_tokens hold one matrix, as in Phi-4-mini) gets its own copy first, as peft's
+    trained copy is its own, and the config stops declaring the tie: training lm_head must not change the input
+    embeddings (and save_pretrained must then write both matrices)."""
+    if not saved:
+        return
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    mine = Counter(id(p) for m in saved.values() for p in m.parameters(recurse=True))
+    for name, m in saved.items():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if owners[id(p)] > mine[id(p)]:  # shared with a module left frozen (both saved: they stay tied)
+                copy = nn.Parameter(p.detach().clone())
+                setattr(m, pname, copy)
+                owners[id(p)] -= 1
+                config = getattr(model, "config", None)
+                if getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
+                warnings.warn(f"modules_to_save: {name}.{pname} was shared with another module (tied embeddings); "
+                              f"{name} gets its own copy and is trained alone (the tie is undone)", stacklevel=3)
+        for p in m.parameters():
+            p.requires_grad_(True)
+
+
+def saved_modules_state(model: nn.Module, config: LoraConfig | None) -> dict[str, torch.Tensor]:
+    """{state-dict key: tensor} of the modules config.modules_to_save names (model.layers.0.mlp... keys as the
+    model's state dict has them): what an adapter file holds besides the LoRA tensors."""
+    if config is None or not config.modules_to_save:
+        return {}
+    return {f"{n}.{k}": v for n, m in saved_modules(model, config).items() for k, v in m.state_dict().items()}
 
 
 # ----- merging -----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Our adapter format (PEFT's is peft_io.py): the LoRA tensors alone (safetensors) plus a JSON description,
 written atomically, loaded strictly.
 
-    DIR/adapter.safetensors   every tensor of lora_state_dict(model, config.bias), keys as in the model's
-                              state dict (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the parameters' dtype
+    DIR/adapter.safetensors   every tensor of lora_state_dict(model, config.bias) and of the modules_to_save
+                              (lm_head.weight, ...), keys as in the model's state dict
+                              (model.layers.0.self_attn.qkv_proj.lora_A, ...), in the parameters' dtype
     DIR/adapter_config.json   {"format": "phi3-lora-adapter", "format_version": 1, "lora": LoraConfig,
                                "layers": {module: LayerSpec}, "base_model": name_or_path,
                                "base_fingerprint": {param: 4 values}, "model": {sizes}, "tensors": {key: shape}}
@@ -22,7 +23,7 @@ from torch import nn
 
 from .adapter_files import (CONFIG_NAME, MODEL_KEYS, AdapterError, base_fingerprint, check_base, install, model_info,
                             read_json, read_tensors, save_tensors, write_adapter_dir)
-from .inject import LayerSpec, LoraConfig, lora_layers
+from .inject import LayerSpec, LoraConfig, lora_layers, saved_modules_state
 from .peft_io import load_peft
 from .utils import lora_state_dict
 
@@ -44,7 +45,7 @@ def save_adapter(model: nn.Module, dir, config: LoraConfig | None = None, finger
     layers = {n: m for n, m in lora_layers(model) if m.has_lora}
     if not layers:
         raise AdapterError("the model has no LoRA layers to save (call lora.inject first)")
-    tensors = lora_state_dict(model, config.bias)
+    tensors = {**lora_state_dict(model, config.bias), **saved_modules_state(model, config)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

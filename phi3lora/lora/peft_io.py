@@ -28,10 +28,12 @@ no split modules, so such a folder is for other runtimes; `load_peft` reads it b
 `load_peft` injects one layer per peft adapter: a plain Linear (rank from the tensors) on qkv_proj, gate_up_proj
 and every other linear, an Embedding on embeddings; split q/k/v or gate/up adapters with one rank and alpha become
 a MergedLinear on the fused module. DoRA (use_dora) round-trips: peft's key <module>.lora_magnitude_vector (out,)
-is our layer's parameter of the same name. Features it cannot honour are refused, naming the field: lora_bias,
-trained biases, modules_to_save, trainable tokens, layer replication, initialisations that rewrite the base weights
-(PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA: such a folder goes onto the residual base peft saved; one converted with
-path_initial_model_for_weight_conversion says init_lora_weights=True and loads) and the other non-LoRA variants.
+is our layer's parameter of the same name; modules_to_save (peft's key base_model.model.lm_head.weight for the
+trained copy of lm_head) become the model's own weights, trained in place (inject.py). Features it cannot honour
+are refused, naming the field: lora_bias, trained biases, trainable tokens, layer replication, initialisations
+that rewrite the base weights (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA: such a folder goes onto the residual base peft
+saved; one converted with path_initial_model_for_weight_conversion says init_lora_weights=True and loads) and the
+other non-LoRA variants.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ import torch
 from torch import nn
 
 from .adapter_files import CONFIG_NAME, AdapterError, install, read_json, read_tensors, save_tensors, write_adapter_dir
-from .inject import LayerSpec, LoraConfig, adaptable_modules, leaf_name, lora_layers, qkv_slice_sizes
+from .inject import (LayerSpec, LoraConfig, adaptable_modules, leaf_name, lora_layers, qkv_slice_sizes,
+                     saved_modules_state)
 from .layers import ConvLoRA, Embedding, Linear, MergedLinear
 from .utils import lora_state_dict
 
@@ -55,7 +58,7 @@ PREFIX = "base_model.model."  # PeftModel wraps the LoraModel which wraps the tr
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
 # peft config fields that ask for more than plain LoRA: refused when set
-REFUSED = ("lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
+REFUSED = ("lora_bias", "trainable_token_indices", "layer_replication", "use_qalora",
            "alora_invocation_tokens", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
            "velora_config", "monteclora_config", "megatron_config")
 # init_lora_weights values after which peft's base weights are no longer the pretrained ones: peft re-runs these
@@ -180,7 +183,9 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
                 key = suffix if uniform else name
                 rank_pattern[key], alpha_pattern[key] = r, _number(peft_alpha(r, s0))
 
-    tensors = {}
+    # modules_to_save: peft saves its trained copy under the module's own key (base_model.model.lm_head.weight),
+    # without the wrapper's modules_to_save.<adapter name> infix, and puts it back there when it loads
+    tensors = {PREFIX + k: v for k, v in saved_modules_state(model, config).items()}
     for name, emb, A, B, _, _, mag in adapters:
         if emb:
             tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = A, B
@@ -207,7 +212,7 @@ def export_peft(model: nn.Module, dir, config: LoraConfig | None = None, base_mo
         "init_lora_weights": True,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": None,
+        "modules_to_save": list(config.modules_to_save) if config and config.modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -236,12 +241,13 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
-    """peft keys -> ({module: {"A", "B", "embedding"}}, {module: base weight}); unknown keys are an error."""
+def _parse_keys(where: Path, tensors: dict, modules_to_save=()) -> tuple[dict, dict, dict]:
+    """peft keys -> ({module: {"A", "B", "embedding"}}, {module: base weight}, {our key: tensor of a module of
+    modules_to_save}); unknown keys are an error."""
     suffixes = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
                 ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
                 ".lora_magnitude_vector": ("M", False)}
-    adapters, base, unexpected = {}, {}, []
+    adapters, base, saved, unexpected = {}, {}, {}, []
     for key, t in tensors.items():
         rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
         for suffix, (which, emb) in suffixes.items():
@@ -253,6 +259,8 @@ def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
         else:
             if rest is not None and rest.endswith(".base_layer.weight"):
                 base[rest[: -len(".base_layer.weight")]] = t
+            elif rest is not None and set(rest.split(".")[:-1]) & set(modules_to_save):
+                saved[rest] = t
             else:
                 unexpected.append(key)
     incomplete = [f"{PREFIX}{m}." + (f"lora_embedding_{w}" if e["embedding"] else f"lora_{w}.weight")
@@ -266,7 +274,7 @@ def _parse_keys(where: Path, tensors: dict) -> tuple[dict, dict]:
         if not adapters:
             lines.append("no LoRA tensors")
         raise AdapterError("\n  ".join(lines))
-    return adapters, base
+    return adapters, base, saved
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,7 @@ class _PeftSettings:
     rank_pattern: dict
     alpha_pattern: dict
     use_dora: bool = False
+    modules_to_save: tuple = ()
 
 
 def _read_peft_config(cfg_path: Path) -> _PeftSettings:
@@ -301,8 +310,12 @@ def _read_peft_config(cfg_path: Path) -> _PeftSettings:
         r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{cfg_path}: r / lora_alpha missing or invalid ({e})") from None
+    saved = cfg.get("modules_to_save") or ()
+    if isinstance(saved, str):
+        saved = (saved,)
     return _PeftSettings(r0, alpha0, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout") or 0.0),
-                         cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}, bool(cfg.get("use_dora")))
+                         cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}, bool(cfg.get("use_dora")),
+                         tuple(leaf_name(m) for m in saved))  # peft matches them by the end of the module name
 
 
 def _check_base_weights(weights: Path, base: dict, modules: dict) -> None:
@@ -365,7 +378,7 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
     cfg_path = dir / CONFIG_NAME
     st = _read_peft_config(cfg_path)
     weights = dir / WEIGHTS_NAME
-    adapters, base = _parse_keys(weights, read_tensors(weights))
+    adapters, base, saved = _parse_keys(weights, read_tensors(weights), st.modules_to_save)
     modules = dict(model.named_modules())
     _check_base_weights(weights, base, modules)
 
@@ -412,7 +425,7 @@ def load_peft(model: nn.Module, dir) -> nn.Module:
         config = LoraConfig(r=st.r, lora_alpha=_number(st.lora_alpha), lora_dropout=st.lora_dropout,
                             target_modules=tuple(sorted({leaf_name(n) for n in specs})),
                             enable_lora=qkv[0] if qkv else (True, True, True), bias="none", use_rslora=st.use_rslora,
-                            use_dora=st.use_dora)
+                            use_dora=st.use_dora, modules_to_save=st.modules_to_save)
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: {e}") from None
-    return install(model, specs, config, ours, cfg_path, weights)
+    return install(model, specs, config, {**ours, **saved}, cfg_path, weights)

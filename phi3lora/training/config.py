@@ -87,6 +87,12 @@ class TrainingConfig:
     adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
     adam_eps: float = option(1e-8, "AdamW eps", min=0)
     max_grad_norm: float = option(1.0, "gradient clipping; 0 turns it off", min=0)
+    loraplus_lr_ratio: float = option(0.0, "LoRA+: lora_B (and 1-d parameters) learn at lr x this (peft's "
+                                      "create_loraplus_optimizer; 16 in its paper); 0: off", min=0,
+                                      resume_fixed=True)
+    loraplus_lr_embedding: float = option(1e-6, "LoRA+: learning rate of LoRA on embeddings", min=0)
+    neftune_noise_alpha: float = option(0.0, "NEFTune: uniform noise of size alpha/sqrt(length x hidden) on the "
+                                        "input embeddings while training (5 in its paper); 0: off", min=0)
     dtype: str = option("auto", f"{hub.DTYPE_HELP}; autocast in it too (the LoRA weights are float32 always; "
                         "float16 is refused: it needs loss scaling)", choices=hub.DTYPE_CHOICES, type=hub.dtype_name)
     device: str = option("auto", hub.DEVICE_HELP, metavar=hub.DEVICE_METAVAR)
@@ -211,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")
         for f in fields(cls):
-            alias = [f.metadata["alias"]] if "alias" in f.metadata else []  # --use-dora as well as --lora-use-dora
-            group.add_argument(flag_for(section, f.name), *alias, **_argument(section, f))
+            # short spellings as well, e.g. --use-dora for --lora-use-dora
+            group.add_argument(flag_for(section, f.name), *f.metadata.get("aliases", ()), **_argument(section, f))
     return p
 
 
@@ -569,7 +575,7 @@ def check_targets(lora_config: LoraConfig) -> None:
     """The adapter plan on a Phi-3 built on the meta device (no memory, no weights): target names that match
     no layer, or q/k/v flags that leave qkv_proj without an adapter, are found before the real model loads. Every
     preset shares these module names."""
-    from phi3lora.lora.inject import plan
+    from phi3lora.lora.inject import plan, saved_modules
     from phi3lora.phi3mini import Phi3
     from phi3lora.phi3mini.config import Phi3Config
 
@@ -579,3 +585,7 @@ def check_targets(lora_config: LoraConfig) -> None:
         plan(skeleton, lora_config)
     except ValueError as e:
         raise TrainError(f"[lora] target_modules (--lora-target-modules): {e}") from None
+    try:
+        saved_modules(skeleton, lora_config)
+    except ValueError as e:
+        raise TrainError(f"[lora] modules_to_save (--modules-to-save): {e}") from None
