@@ -327,8 +327,8 @@ def variant_rows(args, cfg, dtype, device, seq: int, batch: int, ckpt: bool) -> 
         if hook is not None:
             deactivate_neftune(system.model, hook)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
-        rows.append({"system": "ours", "variant": variant, "seq": seq, "batch": batch, "checkpointing": ckpt,
-                     **system.info, **(r or {"oom": True}), "max_rss_gb": rss})
+        rows.append({"system": "ours", **system.info, "variant": variant, "seq": seq, "batch": batch,
+                     "checkpointing": ckpt, **(r or {"oom": True}), "max_rss_gb": rss})
         free()
     return rows
 

@@ -74,10 +74,12 @@ def test_train_step_smoke():
 
 @pytest.mark.slow  # one more subprocess importing torch
 def test_train_step_variants_smoke():
-    # LoRA+ and NEFTune rows against plain LoRA, our model only, through train.py's optimizer and hook
-    out, result = run_bench("train_step.py", "--variants", "plain,loraplus,neftune", "--seq", "32", "--steps", "1",
+    # DoRA, LoRA+ and NEFTune rows against plain LoRA, our model only, through train.py's optimizer and hook
+    out, result = run_bench("train_step.py", "--variants", "plain,dora,loraplus,neftune", "--seq", "32", "--steps", "1",
                             "--warmup", "1", "--batch", "1", "--checkpointing", "off")
-    assert [r["variant"] for r in result["variants"]] == ["plain", "loraplus", "neftune"]
+    assert [r["variant"] for r in result["variants"]] == ["plain", "dora", "loraplus", "neftune"]
+    dora = next(r for r in result["variants"] if r["variant"] == "dora")
+    assert dora["trainable_params"] > result["variants"][0]["trainable_params"]  # the magnitude vectors
     assert all(r["step_s"] > 0 and 0 < r["loss"] < 20 and r["max_rss_gb"] > 0 for r in result["variants"])
     assert "x plain" in out
 
