@@ -114,11 +114,11 @@ def setup(tmp_path_factory):
 
 
 def run_harness(model: str, model_args: str, task_dir: str, tasks, batch_size: int, limit=None):
-    import phi3lora.eval  # noqa: F401  (registers "phi3lora")
-    from lm_eval.tasks import TaskManager
+    from phi3lora.eval.command import task_manager  # importing phi3lora.eval registers "phi3lora"
 
+    # task_manager: one index of lm-eval's thousands of task YAMLs per process (the command's, cached)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
-                                   task_manager=TaskManager(include_path=task_dir), batch_size=batch_size,
+                                   task_manager=task_manager(task_dir), batch_size=batch_size,
                                    log_samples=True, device="cpu")
 
 

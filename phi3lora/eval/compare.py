@@ -139,11 +139,14 @@ def clip(text: str, width: int = 90) -> str:
 def format_table(result: dict) -> str:
     """The comparison as a few lines of text: one row per number, one column per model; then the examples."""
     names = [n for n in ("base", "adapter") if n in result]
-    rows = [("loss", "{:.4f}", "loss"), ("perplexity", "{:,.2f}", "perplexity"),
-            ("exact match", "{:.1%}", "exact_match"), ("token F1", "{:.3f}", "token_f1")]
+    def ppl(x: float) -> str:  # an untrained model's perplexity runs to many digits
+        return f"{x:,.2f}" if x < 1e6 else f"{x:.3e}"
+
+    rows = [("loss", "{:.4f}".format, "loss"), ("perplexity", ppl, "perplexity"),
+            ("exact match", "{:.1%}".format, "exact_match"), ("token F1", "{:.3f}".format, "token_f1")]
     lines = [f"{'':<14}" + "".join(f"{n:>12}" for n in names)]
     for title, fmt, key in rows:
-        lines.append(f"{title:<14}" + "".join(f"{fmt.format(result[n][key]):>12}" for n in names))
+        lines.append(f"{title:<14}" + "".join(f"{fmt(result[n][key]):>12}" for n in names))
     lines.append(f"({result['n_examples']} conversations, {result[names[0]]['n_target_tokens']:,} assistant tokens; "
                  f"answers: greedy, at most {result['max_new_tokens']} tokens, against each last reply)")
     if "n_differ" in result:
