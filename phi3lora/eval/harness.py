@@ -134,6 +134,9 @@ class Phi3LM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (sum of the continuation's
         log-probs, whether greedy decoding gives it), in the requests' order."""
+        longest = max((len(cont) for _, _, cont in requests), default=0)
+        if longest > self.max_length:
+            raise EvalError(f"a continuation of {longest} tokens is longer than max_length {self.max_length}")
         # each row: the last max_length + 1 tokens of context + continuation, without its last token
         rows = [((ctx + cont)[-(self.max_length + 1):][:-1], cont) for _, ctx, cont in requests]
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), rows[i][0]))  # longest first
