@@ -222,12 +222,23 @@ def test_eval_command_errors_are_one_line(setup, capsys, tmp_path):
     assert rc == 2 and "nothing to evaluate" in err
 
 
-def test_tasks_without_lm_eval_name_the_extra(setup, capsys, monkeypatch):
-    from phi3lora.eval import command
-
-    monkeypatch.setattr(command, "harness_available", lambda: False)
-    rc, _, err = run_cli(["--model", setup["base"], "--tasks", "tiny_mc"], capsys)
-    assert rc == 2 and "pip install 'phi3-lora[eval]'" in err
+def test_without_lm_eval_the_chat_comparison_works_and_tasks_name_the_extra(setup, tmp_path):
+    """lm_eval made unimportable: phi3lora.eval still imports (no "phi3lora" model registered), --data runs, and
+    --tasks is one line naming the extra to install."""
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS[:1])
+    code = ("import sys; sys.modules['lm_eval'] = None\n"
+            "from phi3lora.eval import command\n"
+            "assert 'phi3lora.eval.harness' not in sys.modules\n"
+            f"rc = command.main(['--model', {setup['base']!r}, '--device', 'cpu', '--data', {str(data)!r}, "
+            "'--max-new-tokens', '2'])\n"
+            "assert rc == 0, rc\n"
+            f"sys.exit(command.main(['--model', {setup['base']!r}, '--tasks', 'arc_easy']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "exact match" in r.stdout
+    assert "error: --tasks needs lm-evaluation-harness: pip install 'phi3-lora[eval]'" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_training_path_does_not_import_lm_eval():

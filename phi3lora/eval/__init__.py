@@ -15,7 +15,10 @@ INSTALL_HINT = "pip install 'phi3-lora[eval]'"
 
 
 def harness_available() -> bool:
-    return importlib.util.find_spec("lm_eval") is not None
+    try:
+        return importlib.util.find_spec("lm_eval") is not None
+    except ValueError:  # an lm_eval module without a spec (set to None in sys.modules: blocked)
+        return False
 
 
 if harness_available():
