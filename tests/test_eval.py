@@ -190,7 +190,8 @@ def test_eval_command_compares_base_and_adapter_and_runs_tasks(setup, capsys):
     out = s["root"] / "run"
     rc, stdout, err = run_cli(["--model", s["base"], "--adapter", s["adapter"], "--data", str(data), "--device", "cpu",
                                "--max-new-tokens", "5", "--out", str(out), "--tasks", "tiny_mc", "--include-path",
-                               s["tasks"], "--limit", "2", "--batch-size", "2"], capsys)
+                               s["tasks"], "--limit", "2", "--batch-size", "2", "--output-path", str(out / "lm"),
+                               "--log-samples"], capsys)
     assert rc == 0, err
     report = json.loads((out / "eval.json").read_text())
     assert report["n_examples"] == 3 and report["adapter_dir"] == s["adapter"]
@@ -200,6 +201,9 @@ def test_eval_command_compares_base_and_adapter_and_runs_tasks(setup, capsys):
     assert abs(report["base"]["loss"] - report["adapter"]["loss"]) > 1e-3  # the base column is the adapter off
     assert "tiny_mc" in report["lm_eval"]["results"]
     assert "acc,none" in report["lm_eval"]["results"]["tiny_mc"]
+    written = json.loads((out / "lm" / "results.json").read_text())  # lm-eval's own record, every response in it
+    assert written["results"]["tiny_mc"]["acc,none"] == report["lm_eval"]["results"]["tiny_mc"]["acc,none"]
+    assert len(written["samples"]["tiny_mc"]) == 2
     # the table a user sees: both columns, every number, and lm-eval's own table
     assert "base" in stdout and "adapter" in stdout and "perplexity" in stdout and "token F1" in stdout
     assert "tiny_mc" in stdout and "acc" in stdout
