@@ -1,4 +1,4 @@
-"""`python -m phi3lora train|chat|probe ...`: the same as the `phi3lora` command."""
+"""`python -m phi3lora train|chat|probe|eval ...`: the same as the `phi3lora` command."""
 import sys
 
 from phi3lora.cli import main

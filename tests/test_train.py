@@ -65,7 +65,7 @@ def overfit_run(tmp_path_factory):
                             "--batch-size", "4", "--lr", "1e-2", "--schedule", "cosine", "--warmup-steps", "3",
                             "--lora-dropout", "0",
                             "--save-every", "10", "--eval-every", "20", "--keep-last", "2",
-                            "--export-peft", "--merge"])
+                            "--export-peft", "--merge", "--eval-at-end"])
     assert rc == 0
     return out
 
@@ -92,6 +92,16 @@ def test_loss_halves_and_outputs_are_written(overfit_run):
     for name in ("adapter", "adapter-peft", "merged"):
         assert (out / name).is_dir() and any((out / name).iterdir()), name
     assert (out / "merged" / "config.json").exists()
+
+
+def test_eval_at_end_compares_base_and_adapter_on_the_held_out_chats(overfit_run):
+    """--eval-at-end: out/eval.json, base vs adapter on the eval chats. The run memorized its four replies: the
+    adapter answers every one word for word, the base none, and its loss is far lower."""
+    report = json.loads((overfit_run / "eval.json").read_text())
+    assert report["n_examples"] == len(QA) and report["adapter_dir"] == str(overfit_run / "adapter")
+    assert report["adapter"]["exact_match"] == 1.0 and report["adapter"]["token_f1"] == 1.0
+    assert report["base"]["exact_match"] == 0.0
+    assert report["adapter"]["loss"] < report["base"]["loss"] / 4
 
 
 def test_run_folder_modes_follow_the_umask(overfit_run):

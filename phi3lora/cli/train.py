@@ -78,7 +78,7 @@ EARLIER_RUN = ("checkpoints", "adapter", "adapter-peft", "merged", "metrics.json
                "samples.jsonl", "tensorboard")
 # --overwrite deletes these at the start
 REPLACED_BY_A_NEW_RUN = ("adapter", "adapter-peft", "merged", "loss.svg", "samples.jsonl", "tensorboard",
-                         "reference_logps.pt")
+                         "reference_logps.pt", "eval.json")
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
@@ -237,6 +237,8 @@ def train_on(cfg: dict, world: World, device: torch.device, dtype: torch.dtype, 
             close_metrics(run, metrics, tracker)
     if status == 0:
         distributed.on_rank0(world, lambda: save_outputs(run, pos.last_saved))
+        if t.eval_at_end:
+            distributed.on_rank0(world, lambda: eval_at_end(run))
     return status
 
 
@@ -814,6 +816,27 @@ def save_outputs(run: Run, last_saved: Path) -> None:
         model = run.model if not run.sharded else unsharded_copy(run, out / "adapter")
         write_output(run, last_saved, out / "merged", lambda path: save_merged(model, run.tokenizer, path))
         console.info(f"merged model written to {out / 'merged'}")
+
+
+def eval_at_end(run: Run) -> None:
+    """--eval-at-end: base vs adapter on the held-out chats (phi3lora.eval.compare, as `phi3lora eval --data`),
+    shown as a table and written to out/eval.json."""
+    why = ("--objective " + run.t.objective + " holds pairs, not chats" if run.objective is not None
+           else "there are no held-out chats (--eval-data FILE or --eval-fraction)" if not len(run.eval_set)
+           else "under torchrun the model is spread over the processes" if run.world.active else "")
+    if why:
+        console.warn(f"--eval-at-end: skipped, {why}; run `phi3lora eval --model {run.t.model} --adapter "
+                     f"{run.out / 'adapter'} --data FILE` instead")
+        return
+    from phi3lora.eval import compare, format_table  # here: a run without --eval-at-end never loads it
+
+    console.info("--eval-at-end: base vs adapter on the held-out chats")
+    result = compare(run.model, run.tokenizer, run.eval_set, batch_size=run.t.batch_size)
+    console.info(format_table(result))
+    data = run.t.eval_data or f"{run.t.data} (held out: --eval-fraction {run.t.eval_fraction:g})"
+    report = {"model": run.t.model, "adapter_dir": str(run.out / "adapter"), "data": data, **result}
+    path = atomic.write_file(run.out / "eval.json", json.dumps(report, indent=2) + "\n")
+    console.info(f"eval results written to {path}")
 
 
 def write_output(run: Run, last_saved: Path, final: Path, write) -> None:

@@ -115,6 +115,8 @@ class TrainingConfig:
     overwrite: bool = option(False, "start afresh in an out folder that holds an earlier run")
     export_peft: bool = option(False, "also write the adapter in PEFT's format (out/adapter-peft)")
     merge: bool = option(False, "also write base + adapter merged, Hugging Face layout (out/merged)")
+    eval_at_end: bool = option(False, "after training, base vs adapter on the held-out chats: loss, perplexity, exact "
+                               "match and token F1 of greedy answers (phi3lora eval), in out/eval.json")
     report_to: str = option("none", "also send the metrics to tensorboard (event files in out/tensorboard) or wandb",
                             choices=("none", "tensorboard", "wandb"))
     eval_samples: int = option(3, "at each evaluation, greedy replies to the first N eval prompts (samples.jsonl)",
