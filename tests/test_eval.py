@@ -114,7 +114,7 @@ def setup(tmp_path_factory):
 
 
 def run_harness(model: str, model_args: str, task_dir: str, tasks, batch_size: int, limit=None):
-    from phi3lora.eval.command import task_manager  # importing phi3lora.eval registers "phi3lora"
+    from phi3lora.cli.eval import task_manager  # importing phi3lora.eval registers "phi3lora"
 
     # task_manager: one index of lm-eval's thousands of task YAMLs per process (the command's, cached)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
@@ -231,7 +231,7 @@ def test_without_lm_eval_the_chat_comparison_works_and_tasks_name_the_extra(setu
     --tasks is one line naming the extra to install."""
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS[:1])
     code = ("import sys; sys.modules['lm_eval'] = None\n"
-            "from phi3lora.eval import command\n"
+            "from phi3lora.cli import eval as command\n"
             "assert 'phi3lora.eval.harness' not in sys.modules\n"
             f"rc = command.main(['--model', {setup['base']!r}, '--device', 'cpu', '--data', {str(data)!r}, "
             "'--max-new-tokens', '2'])\n"

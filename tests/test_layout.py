@@ -30,6 +30,8 @@ ALLOWED = {
 
 def unit_of(module: str) -> str:
     """phi3lora.lora.inject -> lora; phi3lora.atomic -> atomic."""
+    if module.endswith(".__main__"):  # `python -m phi3lora.eval`: an entry point sits on top, as phi3lora/__main__.py
+        return "__main__"
     return module.split(".")[1] if module.count(".") else ""
 
 

@@ -26,11 +26,10 @@ import warnings
 import torch
 
 from phi3lora import console
-from phi3lora.cli.options import add_model_flags
+from phi3lora.cli.options import DEFAULT_MODEL, add_model_flags
 from phi3lora.console import ArgumentParser
 from phi3lora.phi3mini import Phi3, Tokenizer, default_stop_ids, generate, hub
 
-DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 # Phi-3's chat markers: a reply shown or kept in the history never contains them, even spelled out in plain text.
 MARKERS = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>")
 HELP = "commands: /reset (clear the history), /system TEXT (set the system message and reset), /exit"

@@ -6,6 +6,7 @@ import argparse
 
 from phi3lora.phi3mini import hub
 
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"  # chat's and eval's --model default
 MODEL_HELP = "Hub id, local checkpoint folder, or 'tiny' (built-in random demo model)"
 
 
