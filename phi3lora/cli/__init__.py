@@ -1,4 +1,4 @@
-"""The programs: `phi3lora train|chat|probe ...` (installed as a console command), `python -m phi3lora ...`, and
+"""The programs: `phi3lora train|chat|probe|serve ...` (installed as a console command), `python -m phi3lora ...`, and
 the repository's train.py, chat.py and probe.py, which call the same main() functions."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "fine-tune Phi-3 with LoRA on your chats",
     "chat": "talk to a model, with or without an adapter",
     "probe": "pictures of attention, the logit lens and an adapter's footprint for one prompt",
+    "serve": "an OpenAI-compatible server (many adapters in one batch) and a chat page",
 }
 
 

@@ -1,0 +1,108 @@
+"""Many LoRA adapters in one batch (Punica's BGMV, https://arxiv.org/abs/2310.18547): every LoRA-target Linear of
+the base model is wrapped so that y = base(x) + the gathered low-rank term, where each batch row uses its own
+adapter's A and B (or none: index -1, the base model's rows).
+
+Adapters are read with the project's own loaders (ours and PEFT's): each is injected into the base model, its
+factors are copied out, and the original modules are put back. A fused projection's per-part adapter
+(MergedLinear over qkv_proj or gate_up_proj) becomes one A (r·n_enabled, K) and its block-structured B
+(out, r·n_enabled) (`MergedLinear.full_B`), so x·Aᵀ·Bᵀ is exactly the layer's low-rank term.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from phi3lora import lora
+from phi3lora.kernels.reference import gathered_lora_reference
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A (r, K), B (M, r), scaling)
+
+
+class AdapterRows:
+    """The adapter index of each batch row for the next forward pass, shared by every wrapped module; the engine
+    sets it before each forward. ids (B,) long on the model's device; any: whether some row uses an adapter."""
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+        self.any = False
+
+    def set(self, ids: list[int], device) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.any = any(i >= 0 for i in ids)
+
+
+class MultiLoraLinear(nn.Module):
+    """base(x) + scaling[i]·(x·A[i]ᵀ)·B[i]ᵀ with i the row's adapter. A (L, R, K) and B (L, M, R) stack every
+    adapter's factors, ranks zero-padded to the largest R (zero columns add nothing); an adapter that does not
+    target this module has zeros here."""
+
+    def __init__(self, base: nn.Linear, rows: AdapterRows):
+        super().__init__()
+        self.base, self.rows = base, rows
+        w = base.weight
+        self.register_buffer("lora_A", w.new_zeros(0, 0, base.in_features))
+        self.register_buffer("lora_B", w.new_zeros(0, base.out_features, 0))
+        self.register_buffer("scaling", torch.zeros(0, device=w.device))
+        self.use_kernel = False  # the Triton gathered kernel (on CUDA it is used regardless)
+
+    def stack(self, factors: list[tuple[torch.Tensor, torch.Tensor, float] | None]) -> None:
+        """factors[i]: adapter i's (A (r, K), B (M, r), scaling), or None where it does not target this module."""
+        R = max([a.shape[0] for a, _, _ in filter(None, factors)], default=0)
+        L, K, M, w = len(factors), self.base.in_features, self.base.out_features, self.base.weight
+        A, B = w.new_zeros(L, R, K), w.new_zeros(L, M, R)  # (L, R, K), (L, M, R): zero-padded ranks
+        scaling = torch.zeros(L, device=w.device)
+        for i, f in enumerate(factors):
+            if f is not None:
+                a, b, s = f
+                A[i, :a.shape[0]], B[i, :, :b.shape[1]], scaling[i] = a, b, s
+        self.lora_A, self.lora_B, self.scaling = A, B, scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (B, T, M)
+        if not self.rows.any or self.lora_A.shape[1] == 0:
+            return y
+        Bsz, T, K = x.shape
+        ids = self.rows.ids.repeat_interleave(T)  # (B·T,): each token takes its row's adapter
+        if x.is_cuda or self.use_kernel:
+            from phi3lora.kernels import gathered_lora  # the Triton kernel, looked up only here
+            delta = gathered_lora(x.reshape(-1, K), self.lora_A, self.lora_B, ids, self.scaling)
+        else:
+            delta = gathered_lora_reference(x.reshape(-1, K), self.lora_A, self.lora_B, ids, self.scaling)
+        return y + delta.view(Bsz, T, -1)  # (B, T, M)
+
+
+def adapter_factors(model: nn.Module, load) -> Factors:
+    """Run load(model) (a project loader that injects LoRA layers and fills them), copy every layer's factors out,
+    and put the model's original modules back. Only Linear and MergedLinear adapters can be served."""
+    before = dict(model.named_modules())
+    load(model)
+    layers = lora.lora_layers(model)
+    try:
+        factors: Factors = {}
+        for name, m in layers:
+            if not isinstance(m, (lora.Linear, lora.MergedLinear)) or getattr(m, "fan_in_fan_out", False):
+                raise ValueError(f"{name}: a {type(m).__name__} adapter cannot be served (only Linear layers)")
+            if not m.has_lora:
+                continue
+            B = m.full_B() if isinstance(m, lora.MergedLinear) else m.lora_B  # (M, r·n_enabled) or (M, r)
+            factors[name] = (m.lora_A.detach().clone(), B.detach().clone(), float(m.scaling))
+        return factors
+    finally:
+        for name, _ in layers:  # the base modules again (they kept their own weight Parameters)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, before[name])
+        if hasattr(model, "lora_config"):
+            del model.lora_config
+
+
+def install(model: nn.Module, adapters: list[Factors]) -> AdapterRows:
+    """Wrap every module some adapter targets in a MultiLoraLinear holding all adapters (index = position in
+    `adapters`); returns the rows object the engine sets before each forward."""
+    rows = AdapterRows()
+    for name in sorted({n for f in adapters for n in f}):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        wrapped = MultiLoraLinear(getattr(owner, child), rows)
+        wrapped.stack([f.get(name) for f in adapters])
+        setattr(owner, child, wrapped)
+    return rows
