@@ -16,6 +16,8 @@ torch fallback):
   5. packed    bench/packed_attention.py --gpu: a LoRA step over packed rows of T 2k, 4k, 8k (sample-data lengths),
                8 layers of Phi-3-mini's shape: dense (B, 1, T, T) mask vs FlexAttention block mask vs unpacked and
                padded; tokens/s, peak memory, and the fraction of attention tiles the block mask skips
+  6. serve     bench/serve.py --device cuda: the serving engine on the tiny preset in bf16, 16 requests x 128 tokens
+               (base + 2 adapters mixed) one after another vs 4 and 16 at a time; tokens/s and time to first token
 A part starts only if the time left covers its planned share; what does not fit is listed as skipped, with the
 reason. The planned shares are estimates (no GPU run has timed them yet) and are labelled so in the output.
 Writes gpu_check.json (the parts' own JSON results included) and gpu_check.md (their tables) to the output folder.
@@ -35,8 +37,8 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90}
-PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "serve": 40}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "serve": 15}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -55,6 +57,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                       "--checkpointing", "on", "--no-longest", "--json-out", str(out / "train.json")],
             "packed": [py, "bench/packed_attention.py", "--seq", "256", "--steps", "1",
                        "--json-out", str(out / "packed.json")],
+            "serve": [py, "bench/serve.py", "--requests", "4", "--tokens", "4", "--concurrency", "1,4",
+                      "--json-out", str(out / "serve.json")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
@@ -67,6 +71,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                   "--budget-s", str(int(budget["train"] * 0.7)), "--json-out", str(out / "train.json")],
         "packed": [py, "bench/packed_attention.py", "--gpu", "--layers", "8", "--steps", "3",
                    "--budget-s", str(int(budget["packed"] * 0.6)), "--json-out", str(out / "packed.json")],
+        "serve": [py, "bench/serve.py", "--device", "cuda", "--dtype", "bfloat16", "--requests", "16", "--tokens",
+                  "128", "--json-out", str(out / "serve.json")],
     }
 
 
@@ -133,8 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed",
-                    help="comma list of tests, matmul, qlora, train, packed")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,serve",
+                    help="comma list of tests, matmul, qlora, train, packed, serve")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():

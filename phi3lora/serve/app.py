@@ -105,9 +105,12 @@ def create_app(engine: Engine, base_name: str, adapters: list[str]) -> FastAPI:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
+        if not isinstance(body.get("ignore_eos", False), bool):
+            raise APIError(400, "ignore_eos must be true or false", "ignore_eos")
         return Sampling(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-                        top_p=float(_number(body, "top_p", 1.0, 0, 1)), seed=_number(body, "seed", None, 0,
-                                                                                   2**63 - 1, integer=True), stop=stop)
+                        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
+                        seed=_number(body, "seed", None, 0, 2**63 - 1, integer=True), stop=stop,
+                        ignore_eos=body.get("ignore_eos", False))
 
     def pick_model(body: dict) -> int:
         name = body.get("model")

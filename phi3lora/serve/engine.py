@@ -36,6 +36,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens past stop ids (vLLM's option; benchmarks use it)
 
 
 class Request:
@@ -56,7 +57,7 @@ class Request:
     def push(self, token: int, stop_ids) -> None:
         """Take one sampled token: emit its text, finish on a stop id, a stop string or max_tokens."""
         self.tokens.append(token)
-        if token in stop_ids:
+        if token in stop_ids and not self.sampling.ignore_eos:
             return self.finish("stop")
         text = self.held + self.decoder.push(token)
         if len(self.tokens) >= self.sampling.max_tokens:

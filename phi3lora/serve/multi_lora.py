@@ -9,6 +9,9 @@ factors are copied out, and the original modules are put back. A fused projectio
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 
@@ -63,12 +66,21 @@ class MultiLoraLinear(nn.Module):
             return y
         Bsz, T, K = x.shape
         ids = self.rows.ids.repeat_interleave(T)  # (B·T,): each token takes its row's adapter
-        if x.is_cuda or self.use_kernel:
-            from phi3lora.kernels import gathered_lora  # the Triton kernel, looked up only here
-            delta = gathered_lora(x.reshape(-1, K), self.lora_A, self.lora_B, ids, self.scaling)
-        else:
-            delta = gathered_lora_reference(x.reshape(-1, K), self.lora_A, self.lora_B, ids, self.scaling)
+        op = triton_gathered_lora() if x.is_cuda or self.use_kernel else gathered_lora_reference
+        delta = op(x.reshape(-1, K), self.lora_A, self.lora_B, ids, self.scaling)  # (B·T, M)
         return y + delta.view(Bsz, T, -1)  # (B, T, M)
+
+
+@functools.cache
+def triton_gathered_lora():
+    """kernels.gathered_lora (Triton), looked up on first use; the torch reference, with a warning, where this
+    installation has no such kernel."""
+    try:
+        from phi3lora.kernels import gathered_lora
+        return gathered_lora
+    except ImportError as e:
+        warnings.warn(f"no Triton gathered-LoRA kernel ({e}): the torch reference runs instead", stacklevel=2)
+        return gathered_lora_reference
 
 
 def adapter_factors(model: nn.Module, load) -> Factors:
