@@ -12,14 +12,15 @@ from phi3lora import lora
 
 
 def make_adapter(path, seed=0, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), **lora_kw):
-    """An adapter for the small tiny model with random, non-zero lora_B (as tests/test_chat.py makes them)."""
+    """An adapter for the small tiny model with random, non-zero lora_B (as tests/test_chat.py makes them; an
+    Embedding's lora_A too)."""
     model = small_tiny(seed=0)
     config = lora.LoraConfig(r=lora_kw.pop("r", 4), lora_alpha=8, target_modules=list(targets), **lora_kw)
     lora.inject(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "embed_tokens.lora_A" in name:  # an Embedding's A starts at zero too
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     lora.save_adapter(model, path, config)
     return path

@@ -33,7 +33,8 @@ PROMPTS = ["hello", "what is lora?", "a much longer prompt that goes on for a wh
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-adapters")
-    a = make_adapter(root / "a", seed=1)
+    a = make_adapter(root / "a", seed=1, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens",
+                                                  "lm_head"))  # the demo's targets: embedding and head too
     b = make_adapter(root / "b", seed=2, targets=("qkv_proj", "down_proj"), r=2,
                      enable_lora=[True, False, True])  # fused qkv with per-part LoRA (q and v only), another rank
     return {"a": str(a), "b": str(b)}
@@ -259,3 +260,27 @@ def test_engine_rows_match_generate_when_the_window_cuts():
         engine.close()
     for ids, req in zip(prompts, out):
         assert req.tokens == generate(model, ids, req.sampling.max_tokens, stop_ids=sorted(engine.stop_ids))
+
+
+# ----- start-up errors: one line naming the problem, exit 2, before any port is opened ------------------------------
+def test_start_up_errors_are_clear(tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    from phi3lora.cli import serve
+
+    def never(*a, **kw):
+        raise AssertionError("the server started")
+    monkeypatch.setattr(uvicorn, "run", never)
+    model = small_tiny(seed=0, hidden_size=32, intermediate_size=96)  # an adapter for another shape
+    config = lora.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj"])
+    lora.inject(model, config)
+    lora.save_adapter(model, tmp_path / "other", config)
+    base = ["--model", small_tiny_dir(), "--device", "cpu"]
+    cases = [(["--adapter", "nope"], "NAME=DIR"),
+             (["--adapter", f"x={tmp_path / 'missing'}"], "missing"),
+             (["--adapter", f"x={tmp_path / 'other'}"], "shape"),
+             (["--adapter", f"base={tmp_path / 'other'}", "--name", "base"], "must differ")]
+    for extra, words in cases:
+        assert serve.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

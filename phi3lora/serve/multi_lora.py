@@ -39,19 +39,22 @@ class MultiLoraLinear(nn.Module):
     adapter's factors, ranks zero-padded to the largest R (zero columns add nothing); an adapter that does not
     target this module has zeros here."""
 
-    def __init__(self, base: nn.Linear, rows: AdapterRows):
+    def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
         self.base, self.rows = base, rows
         w = base.weight
-        self.register_buffer("lora_A", w.new_zeros(0, 0, base.in_features))
-        self.register_buffer("lora_B", w.new_zeros(0, base.out_features, 0))
+        self.register_buffer("lora_A", w.new_zeros(0, 0, self.sizes()[0]))
+        self.register_buffer("lora_B", w.new_zeros(0, self.sizes()[1], 0))
         self.register_buffer("scaling", torch.zeros(0, device=w.device))
         self.use_kernel = False  # the Triton gathered kernel (on CUDA it is used regardless)
+
+    def sizes(self) -> tuple[int, int]:
+        return self.base.in_features, self.base.out_features  # (K, M)
 
     def stack(self, factors: list[tuple[torch.Tensor, torch.Tensor, float] | None]) -> None:
         """factors[i]: adapter i's (A (r, K), B (M, r), scaling), or None where it does not target this module."""
         R = max([a.shape[0] for a, _, _ in filter(None, factors)], default=0)
-        L, K, M, w = len(factors), self.base.in_features, self.base.out_features, self.base.weight
+        (K, M), L, w = self.sizes(), len(factors), self.base.weight
         A, B = w.new_zeros(L, R, K), w.new_zeros(L, M, R)  # (L, R, K), (L, M, R): zero-padded ranks
         scaling = torch.zeros(L, device=w.device)
         for i, f in enumerate(factors):
@@ -71,6 +74,28 @@ class MultiLoraLinear(nn.Module):
         return y + delta.view(Bsz, T, -1)  # (B, T, M)
 
 
+class MultiLoraEmbedding(MultiLoraLinear):
+    """An embedding with many adapters: E[t] + scaling[i]·A[i][:, t]ᵀ·B[i]ᵀ (lora.Embedding's term, A (r, vocab)
+    looked up by token like the embedding itself)."""
+
+    def sizes(self) -> tuple[int, int]:
+        return self.base.num_embeddings, self.base.embedding_dim  # (vocab, M)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # x (B, T) token ids -> (B, T, M)
+        if not self.rows.any or self.lora_A.shape[1] == 0:
+            return y
+        tokens = x.reshape(-1)  # (N,)
+        ids = self.rows.ids.repeat_interleave(x.shape[1])  # (N,)
+        delta = torch.zeros(tokens.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)  # (N, M)
+        for i in ids.unique().tolist():
+            if i >= 0:
+                rows = (ids == i).nonzero().squeeze(-1)  # (n_i,)
+                xa = self.lora_A[i][:, tokens[rows]].t()  # (n_i, R): columns of A picked by token
+                delta[rows] = (xa @ self.lora_B[i].t()) * float(self.scaling[i])  # (n_i, M)
+        return y + delta.view_as(y)
+
+
 @functools.cache
 def triton_gathered_lora():
     """kernels.gathered_lora (Triton), looked up on first use; the torch reference, with a warning, where this
@@ -85,15 +110,17 @@ def triton_gathered_lora():
 
 def adapter_factors(model: nn.Module, load) -> Factors:
     """Run load(model) (a project loader that injects LoRA layers and fills them), copy every layer's factors out,
-    and put the model's original modules back. Only Linear and MergedLinear adapters can be served."""
+    and put the model's original modules back. Linear, MergedLinear and Embedding adapters can be served."""
     before = dict(model.named_modules())
     load(model)
     layers = lora.lora_layers(model)
     try:
         factors: Factors = {}
         for name, m in layers:
-            if not isinstance(m, (lora.Linear, lora.MergedLinear)) or getattr(m, "fan_in_fan_out", False):
-                raise ValueError(f"{name}: a {type(m).__name__} adapter cannot be served (only Linear layers)")
+            if not isinstance(m, (lora.Linear, lora.MergedLinear, lora.Embedding)) or getattr(m, "fan_in_fan_out",
+                                                                                                False):
+                raise ValueError(f"{name}: a {type(m).__name__} adapter cannot be served (only Linear, MergedLinear "
+                                 "and Embedding layers)")
             if not m.has_lora:
                 continue
             B = m.full_B() if isinstance(m, lora.MergedLinear) else m.lora_B  # (M, r·n_enabled) or (M, r)
@@ -114,7 +141,8 @@ def install(model: nn.Module, adapters: list[Factors]) -> AdapterRows:
     for name in sorted({n for f in adapters for n in f}):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        wrapped = MultiLoraLinear(getattr(owner, child), rows)
+        base = getattr(owner, child)
+        wrapped = (MultiLoraEmbedding if isinstance(base, nn.Embedding) else MultiLoraLinear)(base, rows)
         wrapped.stack([f.get(name) for f in adapters])
         setattr(owner, child, wrapped)
     return rows
