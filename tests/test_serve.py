@@ -211,6 +211,27 @@ def test_disconnected_stream_frees_its_row(server, client):
     assert not engine.running
 
 
+def test_disconnected_plain_request_frees_its_row(server):
+    """A client that goes away before a (non-streaming) reply is done: its row is freed long before max_tokens."""
+    import socket
+    from urllib.parse import urlparse
+
+    engine, url = server[1], urlparse(server[0])
+    body = json.dumps({"model": "base", "messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 20
+        while not engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (req,) = engine.running
+    deadline = time.monotonic() + 20
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.running and req.cancelled and len(req.tokens) < 900
+
+
 # ----- the pieces ---------------------------------------------------------------------------------------------------
 def test_gathered_layer_equals_each_adapters_lora_layers(adapters):
     """One batch, rows on the base and on each adapter, against the model with that adapter loaded alone."""

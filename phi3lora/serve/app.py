@@ -121,7 +121,7 @@ def create_app(engine: Engine, base_name: str, adapters: list[str]) -> FastAPI:
                            "model_not_found")
         return models[name]
 
-    async def run(body: dict, prompt_ids: list[int], chat: bool):
+    async def run(http: HTTPRequest, body: dict, prompt_ids: list[int], chat: bool):
         adapter = pick_model(body)
         params = sampling(body, len(prompt_ids))
         events: asyncio.Queue = asyncio.Queue()
@@ -146,9 +146,18 @@ def create_app(engine: Engine, base_name: str, adapters: list[str]) -> FastAPI:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(stream(req, events, meta, chat, include_usage), media_type="text/event-stream")
         try:
-            text, done = [], None
+            text, done, checked = [], None, loop.time()
             while done is None:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    event = None
+                if loop.time() - checked > 0.25:  # four times a second: is the client still there?
+                    checked = loop.time()
+                    if await http.is_disconnected():
+                        return None
+                if event is None:
+                    continue
                 if event[0] == "text":
                     text.append(event[1])
                 else:
@@ -213,7 +222,7 @@ def create_app(engine: Engine, base_name: str, adapters: list[str]) -> FastAPI:
             ids = tok.encode_chat(messages, add_generation_prompt=True)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise APIError(400, f"messages: {e}", "messages") from None
-        return await run(body, ids, chat=True)
+        return await run(request, body, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -228,6 +237,6 @@ def create_app(engine: Engine, base_name: str, adapters: list[str]) -> FastAPI:
             ids = list(prompt)  # token ids
         else:
             raise APIError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
-        return await run(body, ids, chat=False)
+        return await run(request, body, ids, chat=False)
 
     return app

@@ -138,8 +138,12 @@ class Engine:
                 r = self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait()
             except queue.Empty:
                 return
-            if not r.cancelled:
+            if r.cancelled:
+                continue
+            try:
                 self._prefill(r)
+            except Exception as e:  # this request fails alone; the batch goes on
+                r.emit(("error", f"{type(e).__name__}: {e}"))
 
     def _prefill(self, r: Request) -> None:
         P = len(r.prompt)
