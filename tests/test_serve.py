@@ -252,6 +252,26 @@ def test_gathered_layer_equals_each_adapters_lora_layers(adapters):
     assert (expect[1] - expect[0]).abs().max() > 1e-2  # the adapters do change the logits
 
 
+def test_triton_gathered_kernel_gives_the_reference_logits(adapters):
+    """With use_kernel (always on CUDA) the wrapped layers call kernels.gathered_lora; here under Triton's
+    interpreter, against the torch reference path."""
+    from phi3lora import kernels
+    if "gathered_lora" not in kernels.__all__:
+        pytest.skip("kernels.gathered_lora (the Triton gathered-LoRA kernel) is not in this checkout")
+    model = small_tiny(seed=0).eval()
+    factors = [multi_lora.adapter_factors(model, lambda m, d=d: lora.load_adapter(m, d)) for d in adapters.values()]
+    rows = multi_lora.install(model, factors)
+    rows.set([1, -1, 0], "cpu")
+    x = torch.randint(0, 32000, (3, 5))
+    with torch.no_grad():
+        ref = model(x)
+        for m in model.modules():
+            if isinstance(m, multi_lora.MultiLoraLinear):
+                m.use_kernel = True
+        got = model(x)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_engine_rows_match_generate_when_the_window_cuts():
     """A sliding window of 8 slots, prompts of different lengths joining at different steps: each row's tokens
     are generate()'s for its prompt alone."""
