@@ -21,6 +21,8 @@ torch fallback):
                and with the Triton gathered-LoRA kernels
   7. variants  bench/train_step.py --variants: our step with DoRA, LoRA+ and NEFTune against plain LoRA (seq 2048,
                batch 4, checkpointing on): step time and peak memory
+  8. serve     bench/serve.py --device cuda: the serving engine on the tiny preset in bf16, 16 requests x 128 tokens
+               (base + 2 adapters mixed) one after another vs 4 and 16 at a time; tokens/s and time to first token
 A part starts only if the time left covers its planned share; what does not fit is listed as skipped, with the
 reason. The planned shares are estimates (no GPU run has timed them yet) and are labelled so in the output.
 Writes gpu_check.json (the parts' own JSON results included) and gpu_check.md (their tables) to the output folder.
@@ -40,8 +42,10 @@ START = time.monotonic()  # the budget counts from here: imports and the environ
 ROOT = Path(__file__).resolve().parents[1]
 
 # planned share of the budget per part, in seconds: ESTIMATES, not measurements (nothing here has run on a GPU)
-PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40, "variants": 70}
-PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10, "variants": 20}
+PLAN_GPU = {"tests": 120, "matmul": 130, "qlora": 60, "train": 170, "packed": 90, "gathered": 40, "variants": 70,
+            "serve": 40}
+PLAN_CPU = {"tests": 10, "matmul": 10, "qlora": 10, "train": 20, "packed": 20, "gathered": 10, "variants": 20,
+            "serve": 15}
 
 
 def commands(cpu: bool, out: Path, budget: dict) -> dict:
@@ -64,6 +68,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
                          "--rep", "2", "--json-out", str(out / "gathered.json")],
             "variants": [py, "bench/train_step.py", "--variants", "plain,dora,loraplus,neftune", "--seq", "32",
                          "--steps", "1", "--warmup", "1", "--batch", "1", "--json-out", str(out / "variants.json")],
+            "serve": [py, "bench/serve.py", "--requests", "4", "--tokens", "4", "--concurrency", "1,4",
+                      "--json-out", str(out / "serve.json")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
@@ -82,6 +88,8 @@ def commands(cpu: bool, out: Path, budget: dict) -> dict:
         "variants": [py, "bench/train_step.py", "--variants", "plain,dora,loraplus,neftune", "--seq", "2048",
                      "--batch", "4", "--checkpointing", "on", "--budget-s", str(int(budget["variants"] * 0.7)),
                      "--json-out", str(out / "variants.json")],
+        "serve": [py, "bench/serve.py", "--device", "cuda", "--dtype", "bfloat16", "--requests", "16", "--tokens",
+                  "128", "--json-out", str(out / "serve.json")],
     }
 
 
@@ -148,8 +156,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--budget-s", type=float, default=None, help="never run longer (GPU default 480, CPU 120)")
     ap.add_argument("--cpu", action="store_true", help="the CPU smoke run: tiny shapes, Triton's interpreter")
-    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered,variants",
-                    help="comma list of tests, matmul, qlora, train, packed, gathered, variants")
+    ap.add_argument("--parts", default="tests,matmul,qlora,train,packed,gathered,variants,serve",
+                    help="comma list of tests, matmul, qlora, train, packed, gathered, variants, serve")
     args = ap.parse_args(argv)
     import torch
     if not args.cpu and not torch.cuda.is_available():

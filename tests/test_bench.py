@@ -132,7 +132,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in report["parts"].items()} == {"tests": "ok", "matmul": "ok", "qlora": "ok",
                                                                      "train": "ok", "packed": "ok", "gathered": "ok",
-                                                                     "variants": "ok"}
+                                                                     "variants": "ok", "serve": "ok"}
     assert report["elapsed_s"] <= report["budget_s"] and report["environment"]["device"] == "CPU"
     assert all(r["check_ok"] for r in report["parts"]["matmul"]["result"]["rows"])
     assert {r["system"] for r in report["parts"]["train"]["result"]["rows"]} == {"ours", "theirs"}
@@ -141,6 +141,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert all(r["step_s"] > 0 for r in variants)
     (qlora,) = report["parts"]["qlora"]["result"]["rows"]
     assert qlora["shape"] == "o" and max(qlora["err"].values()) < 1e-5
+    assert [r["concurrency"] for r in report["parts"]["serve"]["result"]["rows"]] == [1, 4]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "planned share (estimate)" in md and "## matmul" in md and "## train" in md
 

@@ -1,5 +1,5 @@
-"""The programs: `phi3lora train|chat|probe|eval ...` (installed as a console command), `python -m phi3lora ...`, and
-the repository's train.py, chat.py and probe.py, which call the same main() functions."""
+"""The programs: `phi3lora train|chat|probe|eval|serve ...` (installed as a console command), `python -m phi3lora
+...`, and the repository's train.py, chat.py and probe.py, which call the same main() functions."""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +10,7 @@ COMMANDS = {
     "chat": "talk to a model, with or without an adapter",
     "probe": "pictures of attention, the logit lens and an adapter's footprint for one prompt",
     "eval": "base vs adapter on your chats, and lm-evaluation-harness tasks",
+    "serve": "an OpenAI-compatible server (many adapters in one batch) and a chat page",
 }
 
 
