@@ -217,7 +217,7 @@ def _gather_launches(dtype, cap):
     for batch, (N, L) in GATHER_BATCHES.items():
         for R in (8, 16, 64):
             for K, M in LINEARS.values():
-                yield f"{batch} R={R}", N, K, M, R, L, mod.launch_meta(N, K, R, L)
+                yield f"{batch} R={R}", N, K, M, R, L, mod.launch_meta(N, K, R, L, fp32=dtype == "fp32")
 
 
 def gather_ci(dtype, cap, case, cfg):

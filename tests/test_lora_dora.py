@@ -210,9 +210,14 @@ def losses(out):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
 
 
-@pytest.mark.slow  # two CLI runs, about 30 s on two cores; the quick training check is in test_lora_init.py
-def test_training_with_dora_learns_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.slow  # two CLI runs each, about 30 s on two cores; the quick training check is in test_lora_init.py
+@pytest.mark.parametrize("variant", [["--use-dora"], ["--init-lora-weights", "pissa"],
+                                     ["--init-lora-weights", "olora", "--use-dora"]],
+                         ids=["dora", "pissa", "olora+dora"])
+def test_training_with_each_variant_learns_and_resumes_exactly(tmp_path, monkeypatch, variant):
+    # PiSSA / OLoRA: the resumed run re-runs the init on the fresh base (the same residual) before the saved A, B
     from phi3lora.cli import train
+    flags = [a for a in TINY if a != "--use-dora"] + variant
 
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in [("What is DoRA?", "Weight-decomposed LoRA."), ("Capital of France?", "Paris."),
@@ -220,11 +225,12 @@ def test_training_with_dora_learns_and_resumes_exactly(tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ref = tmp_path / "ref"
-    assert train.main(TINY + ["--data", str(data), "--out", str(ref)]) == 0
+    assert train.main(flags + ["--data", str(data), "--out", str(ref)]) == 0
     reference = losses(ref)
     assert len(reference) == 6 and reference[-1][1] < reference[0][1]  # it learns
     adapter = json.loads((ref / "adapter" / "adapter_config.json").read_text())
-    assert adapter["lora"]["use_dora"] is True
+    assert adapter["lora"]["use_dora"] is ("--use-dora" in variant)
+    assert adapter["lora"]["init_lora_weights"] == (variant[1] if variant[0] == "--init-lora-weights" else "kaiming")
     # Ctrl-C during step 4: saved after it, exit 130; --resume then gives the uninterrupted run bit for bit
     calls = {"n": 0}
     real = train.micro_step
@@ -236,8 +242,8 @@ def test_training_with_dora_learns_and_resumes_exactly(tmp_path, monkeypatch):
         return real(*args, **kw)
     monkeypatch.setattr(train, "micro_step", interrupting)
     out = tmp_path / "out"
-    assert train.main(TINY + ["--data", str(data), "--out", str(out)]) == 130
+    assert train.main(flags + ["--data", str(data), "--out", str(out)]) == 130
     assert losses(out) == reference[:4]
     monkeypatch.undo()
-    assert train.main(TINY + ["--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert train.main(flags + ["--data", str(data), "--out", str(out), "--resume"]) == 0
     assert losses(out) == reference

@@ -316,8 +316,15 @@ def test_start_up_errors_are_clear(tmp_path, capsys, monkeypatch):
     config = lora.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj"])
     lora.inject(model, config)
     lora.save_adapter(model, tmp_path / "other", config)
+    # variants that change more than a low-rank term: refused by name, not served wrongly
+    make_adapter(tmp_path / "dora", use_dora=True)
+    make_adapter(tmp_path / "pissa", targets=("o_proj",), init_lora_weights="pissa")
+    make_adapter(tmp_path / "saved", targets=("o_proj",), modules_to_save=("lm_head",))
     base = ["--model", small_tiny_dir(), "--device", "cpu"]
     cases = [(["--adapter", "nope"], "NAME=DIR"),
+             (["--adapter", f"d={tmp_path / 'dora'}"], "DoRA adapter (use_dora)"),
+             (["--adapter", f"p={tmp_path / 'pissa'}"], "--export-peft"),
+             (["--adapter", f"s={tmp_path / 'saved'}"], "lm_head: modules_to_save"),
              (["--adapter", f"x={tmp_path / 'missing'}"], "missing"),
              (["--adapter", f"x={tmp_path / 'other'}"], "shape"),
              (["--adapter", f"base={tmp_path / 'other'}", "--name", "base"], "must differ")]

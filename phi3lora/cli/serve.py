@@ -50,7 +50,7 @@ def build(args):
     try:
         from phi3lora.serve.app import create_app
     except ImportError as e:
-        raise ChatError(f"phi3lora serve needs FastAPI and uvicorn: pip install 'phi3lora[serve]' ({e})") from None
+        raise ChatError(f"phi3lora serve needs FastAPI and uvicorn: pip install 'phi3-lora[serve]' ({e})") from None
     from phi3lora.serve import multi_lora
     from phi3lora.serve.engine import Engine
 
@@ -60,6 +60,9 @@ def build(args):
         raise ChatError(str(e)) from None
     factors = []
     for name, folder in args.adapters:
+        why = multi_lora.unservable(folder)
+        if why:
+            raise ChatError(f"--adapter {name}={folder}: cannot be served: {why}")
         try:
             factors.append(multi_lora.adapter_factors(model, lambda m: load_adapter(m, folder, merge=False)))
         except ValueError as e:  # a layer kind the server cannot batch

@@ -167,16 +167,19 @@ def block_m_for(n_rows: int) -> int:
     return 16 if n_rows < 256 else 64
 
 
-def launch_meta(N: int, K: int, R: int, L: int) -> dict:
-    """Block sizes and the shrink's K split for a batch of N rows (tests/test_kernels_compile.py compiles these)."""
+def launch_meta(N: int, K: int, R: int, L: int, fp32: bool = False) -> dict:
+    """Block sizes and the shrink's K split for a batch of N rows (tests/test_kernels_compile.py compiles these).
+    fp32: fp32 inputs (IEEE FMA products, no tensor cores) get smaller K and N blocks (32, 32)."""
     if INTERPRET:
         meta = dict(_INTERPRET_META)
     else:
         block_r = min(64, max(16, 1 << (R - 1).bit_length()))                # rank chunk: 16 (tl.dot's minimum)..64
         bm = block_m_for(N)
         # 8 warps at BLOCK_M 64: the expand's (64, 128) fp32 accumulator next to xa's two halves reached 255
-        # registers and spilled on sm_80 at r 64 with 4 (tests/test_kernels_compile.py)
-        meta = dict(BLOCK_M=bm, BLOCK_K=128, BLOCK_N=128, BLOCK_R=block_r, num_warps=4 if bm == 16 else 8)
+        # registers and spilled on sm_80 at r 64 with 4 (tests/test_kernels_compile.py). fp32 inputs: with
+        # BLOCK_K 128 / BLOCK_N 128 the FMA path spilled on sm_80 (shrink at every prefill rank, expand at r 64)
+        block_k, block_n = (32, 32) if fp32 else (128, 128)
+        meta = dict(BLOCK_M=bm, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4 if bm == 16 else 8)
     T = -(-N // meta["BLOCK_M"]) + min(N, L + 1)                             # tiles (plan_tiles' bound)
     r_chunks = -(-R // meta["BLOCK_R"])
     k_blocks = -(-K // meta["BLOCK_K"])
@@ -221,7 +224,7 @@ def gathered_lora_triton(x, lora_A, lora_B, adapter_ids, scaling):
     out = torch.empty((N, M), dtype=torch.float32 if interpret_bf16 else out_dtype, device=x.device)
     if N == 0 or M == 0:
         return out.to(out_dtype)
-    meta = launch_meta(N, K, R, L)
+    meta = launch_meta(N, K, R, L, fp32=x.dtype == torch.float32)
     bm, bk, br, split, k_per_split = (meta[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_R", "SPLIT_K", "K_PER_SPLIT"))
     ids, perm, tiles = plan_tiles(adapter_ids, L, bm)
     T = tiles.numel()

@@ -10,13 +10,16 @@ factors are copied out, and the original modules are put back. A fused projectio
 from __future__ import annotations
 
 import functools
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from phi3lora import lora
 from phi3lora.kernels.reference import gathered_lora_reference
+from phi3lora.lora.layers import BASE_CHANGING
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A (r, K), B (M, r), scaling)
 
@@ -108,6 +111,30 @@ def triton_gathered_lora():
         return gathered_lora_reference
 
 
+def unservable(folder) -> str | None:
+    """Why the adapter in folder cannot share a batch with others, or None. Read from its adapter_config.json (ours
+    keeps the settings under "lora", peft's at the top) before anything is loaded, because these variants change
+    more than a low-rank term: DoRA rescales each row of the layer's whole output by its trained magnitude; PiSSA /
+    OLoRA rewrite the base weights to a residual; modules_to_save replace whole modules (lm_head) for every row."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the loader names what is wrong with the folder
+    settings = cfg.get("lora", cfg) if isinstance(cfg, dict) else {}
+    init = str(settings.get("init_lora_weights", "kaiming")).lower()
+    if settings.get("use_dora"):
+        return ("it is a DoRA adapter (use_dora): its magnitude rescales the whole output of each layer, which a "
+                "shared batch cannot do per row; merge it (train.py --merge) and serve the merged model")
+    if init.startswith(BASE_CHANGING):
+        return (f"init_lora_weights={init!r} rewrote the base weights to a residual; export it with train.py "
+                "--export-peft (a plain LoRA on the original base) and serve that folder")
+    if settings.get("modules_to_save"):
+        return (f"it trains whole modules ({', '.join(settings['modules_to_save'])}: modules_to_save), which would "
+                "change every row of the batch; merge it (train.py --merge) and serve the merged model")
+    return None
+
+
 def adapter_factors(model: nn.Module, load) -> Factors:
     """Run load(model) (a project loader that injects LoRA layers and fills them), copy every layer's factors out,
     and put the model's original modules back. Linear, MergedLinear and Embedding adapters can be served."""
@@ -123,6 +150,8 @@ def adapter_factors(model: nn.Module, load) -> Factors:
                                  "and Embedding layers)")
             if not m.has_lora:
                 continue
+            if getattr(m, "use_dora", False) or "lora_A_init" in m._buffers:  # unservable() says why, before loading
+                raise ValueError(f"{name}: a DoRA or PiSSA/OLoRA layer cannot be served in a shared batch")
             B = m.full_B() if isinstance(m, lora.MergedLinear) else m.lora_B  # (M, r·n_enabled) or (M, r)
             factors[name] = (m.lora_A.detach().clone(), B.detach().clone(), float(m.scaling))
         return factors
