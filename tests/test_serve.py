@@ -252,6 +252,7 @@ def test_gathered_layer_equals_each_adapters_lora_layers(adapters):
     assert (expect[1] - expect[0]).abs().max() > 1e-2  # the adapters do change the logits
 
 
+@pytest.mark.slow  # the tiny model's every projection through Triton's interpreter: ~30 s on 2 cores
 def test_triton_gathered_kernel_gives_the_reference_logits(adapters):
     """With use_kernel (always on CUDA) the wrapped layers call kernels.gathered_lora; here under Triton's
     interpreter, against the torch reference path."""
