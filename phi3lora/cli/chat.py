@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 
@@ -112,23 +111,13 @@ def load(args, stderr=None) -> tuple[Phi3, Tokenizer]:
 
 
 def load_adapter(model: Phi3, adapter_dir: str, merge: bool, stderr=None) -> None:
+    """lora's load_adapter_for_cli, its failure a ChatError."""
     from phi3lora import lora
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", lora.AdapterWarning)
-            lora.load_adapter(model, adapter_dir)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
-        raise ChatError(f"--adapter {adapter_dir}: {e}") from None
-    for w in caught:  # e.g. trained on another base model: one plain line, not Python's warning format
-        if issubclass(w.category, lora.AdapterWarning):
-            console.warn(str(w.message), file=stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    if merge:
-        # W + s·B·A is computed in fp32 inside each layer and cast once to W's dtype (a bf16 sum drifts:
-        # peft #1388); the model itself stays in its dtype, so merging needs no second copy of the weights
-        lora.merge(model)
+        lora.load_adapter_for_cli(model, adapter_dir, merge=merge, stderr=stderr)
+    except lora.AdapterError as e:
+        raise ChatError(str(e)) from None
 
 
 # ----- the conversation ------------------------------------------------------------------------------------------

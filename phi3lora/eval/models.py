@@ -3,10 +3,7 @@ adapter (ours or a PEFT folder, `lora.load_adapter`), as chat.py loads them. Eve
 naming the flag; an adapter trained on other base weights loads with the AdapterWarning line chat.py prints."""
 from __future__ import annotations
 
-import sys
-import warnings
 
-from phi3lora import console
 from phi3lora.phi3mini import Phi3, Tokenizer, hub
 
 
@@ -27,18 +24,10 @@ def load(model: str, adapter: str | None = None, device: str = "auto", dtype: st
 
 
 def load_adapter(model: Phi3, adapter_dir: str, merge: bool = False, stderr=None) -> None:
+    """lora's load_adapter_for_cli (as chat.py loads adapters), its failure an EvalError."""
     from phi3lora import lora
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", lora.AdapterWarning)
-            lora.load_adapter(model, adapter_dir)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
-        raise EvalError(f"--adapter {adapter_dir}: {e}") from None
-    for w in caught:  # trained on another base: one plain line, not Python's warning format
-        if issubclass(w.category, lora.AdapterWarning):
-            console.warn(str(w.message), file=stderr or sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    if merge:
-        lora.merge(model)
+        lora.load_adapter_for_cli(model, adapter_dir, merge=merge, stderr=stderr)
+    except lora.AdapterError as e:
+        raise EvalError(str(e)) from None

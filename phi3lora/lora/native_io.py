@@ -17,13 +17,17 @@ base_fingerprint) loads with an AdapterWarning. A folder holding a PEFT adapter 
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from torch import nn
 
-from .adapter_files import (CONFIG_NAME, MODEL_KEYS, AdapterError, base_fingerprint, check_base, install, model_info,
-                            read_json, read_tensors, save_tensors, write_adapter_dir)
-from .inject import LayerSpec, LoraConfig, lora_layers, saved_modules_state
+from phi3lora import console
+
+from .adapter_files import (CONFIG_NAME, MODEL_KEYS, AdapterError, AdapterWarning, base_fingerprint, check_base,
+                            install, model_info, read_json, read_tensors, save_tensors, write_adapter_dir)
+from .inject import LayerSpec, LoraConfig, lora_layers, merge as merge_layers, saved_modules_state
 from .peft_io import load_peft
 from .utils import lora_state_dict
 
@@ -101,3 +105,24 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
     install(model, specs, config, tensors, where, dir / WEIGHTS_NAME, context)
     check_base(where, meta, model)  # after the strict checks: a warning only for an adapter that fits
     return model
+
+
+def load_adapter_for_cli(model: nn.Module, dir, merge: bool = False, stderr=None) -> None:
+    """load_adapter as the programs (chat, eval, serve) use it: any failure becomes one AdapterError naming the
+    `--adapter` folder; an AdapterWarning (an adapter trained on other base weights) is printed as one plain
+    `warning:` line, not in Python's warning format. merge: fold the adapter into the weights afterwards."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AdapterWarning)
+            load_adapter(model, dir)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
+        raise AdapterError(f"--adapter {dir}: {e}") from None
+    for w in caught:
+        if issubclass(w.category, AdapterWarning):
+            console.warn(str(w.message), file=stderr or sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if merge:
+        # W + s·B·A is computed in fp32 inside each layer and cast once to W's dtype (a bf16 sum drifts:
+        # peft #1388); the model itself stays in its dtype, so merging needs no second copy of the weights
+        merge_layers(model)
